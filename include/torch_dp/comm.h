@@ -1,0 +1,72 @@
+#pragma once
+// comm: coalesced broadcast of tensors to devices and coalesced reduce-add of gradients back.
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace torch_dp {
+
+/// Copies `tensors` (all on one device) to each of `devices`: result[i][k] is tensors[k] on devices[i].
+/// On the tensors' own device the result holds the input tensors themselves. Other devices receive one flat
+/// buffer per dtype, so a broadcast costs one copy per device and dtype, not one per tensor. With grad mode on,
+/// copies of tensors that require grad are differentiable: their gradients are reduce-added onto the source.
+std::vector<std::vector<at::Tensor>> broadcast_coalesced(at::TensorList tensors, at::ArrayRef<c10::Device> devices);
+
+/// Sums inputs[i][k] over i onto `destination`: result[k] = sum_i inputs[i][k]. Tensors of one dtype are
+/// flattened into one buffer per device first, so the cross-device traffic is one copy per device and dtype.
+/// Built from differentiable operations, so it supports double backward.
+std::vector<at::Tensor> reduce_add_coalesced(
+    const std::vector<std::vector<at::Tensor>>& inputs,
+    c10::Device destination);
+
+namespace detail {
+
+/// Copies of some source tensors on one device, packed into one flat buffer per dtype (Note [Coalesced
+/// copies] in comm.cpp). refresh() copies again only what changed since the last refresh.
+class CoalescedCopies {
+ public:
+  CoalescedCopies(at::TensorList sources, c10::Device device);
+
+  /// Brings the copies up to date with `sources` (the same tensors, in the same order, as at construction):
+  /// a dtype group is copied again, in one copy, if any of its sources was written to (version counter),
+  /// re-pointed (data pointer) or any of its copies was written to. Returns false, copying nothing, when a
+  /// source changed shape, dtype, device or layout: the caller must build new CoalescedCopies.
+  bool refresh(at::TensorList sources);
+
+  const std::vector<at::Tensor>& copies() const { return copies_; }
+  c10::Device device() const { return device_; }
+
+ private:
+  struct Stamp {
+    const void* data = nullptr;
+    int64_t version = -1;
+  };
+  struct Group {
+    at::Tensor flat;                // empty for sparse sources, which are copied one by one
+    std::vector<size_t> members;    // indices into sources / copies_
+    int64_t flat_version = -1;      // the flat buffer's version after our last write
+  };
+  bool layout_matches(at::TensorList sources) const;
+
+  c10::Device device_;
+  std::vector<at::Tensor> copies_;
+  std::vector<Group> groups_;
+  std::vector<Stamp> stamps_;       // per source, as of the last refresh
+  std::vector<std::vector<int64_t>> sizes_;
+  std::vector<at::ScalarType> dtypes_;
+  std::vector<c10::Device> source_devices_;
+  std::vector<bool> strided_;
+};
+
+/// Gives `copies` (copies[j][k] a copy of sources[k] on some device) an autograd history: the result holds
+/// aliases of the copies whose gradients are reduce-added onto the sources' device (all sources on one
+/// device). Used by broadcast_coalesced and by the Replicator, which keeps its copies between calls.
+std::vector<std::vector<at::Tensor>> attach_broadcast_grad(
+    at::TensorList sources,
+    const std::vector<std::vector<at::Tensor>>& copies);
+
+} // namespace detail
+} // namespace torch_dp

@@ -1,0 +1,63 @@
+#pragma once
+// parallel_apply: run one task per replica on persistent worker threads.
+
+#include <c10/core/Device.h>
+#include <c10/util/ArrayRef.h>
+
+#include <cstddef>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace torch_dp {
+
+/// A pool of persistent worker threads, one per replica slot beyond the first (Note [Worker pool] in
+/// parallel_apply.cpp). Threads start on first use and live as long as the pool.
+class WorkerPool {
+ public:
+  WorkerPool();
+  ~WorkerPool();
+  WorkerPool(const WorkerPool&) = delete;
+  WorkerPool& operator=(const WorkerPool&) = delete;
+
+  /// Runs task(i) for every i in [0, n): task(0) on the calling thread, task(i) on worker thread i - 1.
+  /// Returns once every task has finished, with the exception each task threw (nullptr where none).
+  /// Safe to call from several threads at once; a call from inside one of this pool's tasks runs inline.
+  std::vector<std::exception_ptr> run(size_t n, const std::function<void(size_t)>& task);
+
+  /// Number of worker threads started so far.
+  size_t num_threads() const;
+
+ private:
+  struct State;
+  std::shared_ptr<State> state_;
+};
+
+/// A replica's failure, rethrown by parallel_apply after every replica finished.
+class ReplicaError : public std::runtime_error {
+ public:
+  ReplicaError(size_t replica, c10::Device device, std::exception_ptr original);
+  size_t replica() const { return replica_; }
+  c10::Device device() const { return device_; }
+  /// The exception the replica threw.
+  std::exception_ptr original() const { return original_; }
+
+ private:
+  size_t replica_;
+  c10::Device device_;
+  std::exception_ptr original_;
+};
+
+/// Runs task(i) for each replica i, each under the caller's thread-local state (grad mode, inference mode,
+/// autocast and its dtype, ...), with devices[i] as the current device and the caller's current stream for
+/// devices[i] as the current stream. After every task finished, the first failure (lowest i) is rethrown as
+/// a ReplicaError.
+void parallel_apply(WorkerPool& pool, at::ArrayRef<c10::Device> devices, const std::function<void(size_t)>& task);
+
+/// How a device is named in error messages: "cpu" for the CPU, the index for accelerators (as PyTorch does).
+std::string device_label(c10::Device device);
+
+} // namespace torch_dp

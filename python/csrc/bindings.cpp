@@ -1,0 +1,210 @@
+// torch_dp._C: a thin pybind11 layer over the public C++ API, plus DictWatch, which only Python needs.
+
+#include <torch_dp/comm.h>
+#include <torch_dp/gather.h>
+#include <torch_dp/parallel_apply.h>
+#include <torch_dp/replicate.h>
+#include <torch_dp/scatter.h>
+
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <optional>
+#include <utility>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+// Note [Watching a module tree]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// Replicas are kept between forwards, yet whatever the user changes on the module between forwards must reach
+// them: a replaced submodule or parameter, a plain attribute, train()/eval(). All of that lives in a module's
+// __dict__ and its _parameters, _buffers and _modules dicts. DictWatch remembers, for a list of dicts, every
+// (key, value) pair by identity and says whether any dict changed since: a C++ walk over a few thousand
+// pointers, where rebuilding replicas in Python (what PyTorch does every forward) costs milliseconds. It holds
+// references to what it remembers, so an identity cannot be reused by a new object while it watches.
+class DictWatch {
+ public:
+  explicit DictWatch(py::list dicts) {
+    for (auto item : dicts) {
+      if (!PyDict_Check(item.ptr())) {
+        throw py::type_error("DictWatch watches dicts only");
+      }
+      dicts_.push_back(py::reinterpret_borrow<py::dict>(item));
+    }
+    retake();
+  }
+
+  void retake() {
+    snapshots_.clear();
+    snapshots_.reserve(dicts_.size());
+    for (const auto& d : dicts_) {
+      std::vector<std::pair<py::object, py::object>> entries;
+      entries.reserve(static_cast<size_t>(PyDict_Size(d.ptr())));
+      Py_ssize_t pos = 0;
+      PyObject* key = nullptr;
+      PyObject* value = nullptr;
+      while (PyDict_Next(d.ptr(), &pos, &key, &value)) {
+        entries.emplace_back(py::reinterpret_borrow<py::object>(key), py::reinterpret_borrow<py::object>(value));
+      }
+      snapshots_.push_back(std::move(entries));
+    }
+  }
+
+  bool unchanged() const {
+    for (size_t i = 0; i < dicts_.size(); ++i) {
+      PyObject* d = dicts_[i].ptr();
+      const auto& entries = snapshots_[i];
+      if (static_cast<size_t>(PyDict_Size(d)) != entries.size()) {
+        return false;
+      }
+      Py_ssize_t pos = 0;
+      PyObject* key = nullptr;
+      PyObject* value = nullptr;
+      size_t n = 0;
+      while (PyDict_Next(d, &pos, &key, &value)) {
+        if (key != entries[n].first.ptr() || value != entries[n].second.ptr()) {
+          return false;
+        }
+        ++n;
+      }
+    }
+    return true;
+  }
+
+  size_t num_dicts() const { return dicts_.size(); }
+
+ private:
+  std::vector<py::dict> dicts_;
+  std::vector<std::vector<std::pair<py::object, py::object>>> snapshots_;
+};
+
+} // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "torch_dp's C++ engine: scatter, gather, coalesced broadcast, persistent replicas and workers";
+
+  m.def(
+      "chunk_sizes",
+      [](int64_t size, int64_t num_chunks) {
+        HANDLE_TH_ERRORS
+        return torch_dp::chunk_sizes(size, num_chunks);
+        END_HANDLE_TH_ERRORS_PYBIND
+      },
+      py::arg("size"), py::arg("num_chunks"));
+
+  m.def(
+      "scatter",
+      [](const at::Tensor& input, const std::vector<c10::Device>& devices,
+         const std::optional<std::vector<int64_t>>& sizes, int64_t dim) {
+        HANDLE_TH_ERRORS
+        return torch_dp::scatter(input, devices, sizes, dim);
+        END_HANDLE_TH_ERRORS_PYBIND
+      },
+      py::arg("input"), py::arg("devices"), py::arg("sizes") = py::none(), py::arg("dim") = 0);
+
+  m.def(
+      "gather",
+      [](const std::vector<at::Tensor>& tensors, c10::Device destination, int64_t dim) {
+        HANDLE_TH_ERRORS
+        return torch_dp::gather(tensors, destination, dim);
+        END_HANDLE_TH_ERRORS_PYBIND
+      },
+      py::arg("tensors"), py::arg("destination"), py::arg("dim") = 0);
+
+  m.def(
+      "broadcast_coalesced",
+      [](const std::vector<at::Tensor>& tensors, const std::vector<c10::Device>& devices) {
+        HANDLE_TH_ERRORS
+        return torch_dp::broadcast_coalesced(tensors, devices);
+        END_HANDLE_TH_ERRORS_PYBIND
+      },
+      py::arg("tensors"), py::arg("devices"));
+
+  m.def(
+      "reduce_add_coalesced",
+      [](const std::vector<std::vector<at::Tensor>>& inputs, c10::Device destination) {
+        HANDLE_TH_ERRORS
+        return torch_dp::reduce_add_coalesced(inputs, destination);
+        END_HANDLE_TH_ERRORS_PYBIND
+      },
+      py::arg("inputs"), py::arg("destination"));
+
+  py::class_<torch_dp::Replicator>(m, "Replicator")
+      .def(py::init<>())
+      .def(
+          "set_sources",
+          [](torch_dp::Replicator& self, std::vector<at::Tensor> params, std::vector<at::Tensor> buffers) {
+            HANDLE_TH_ERRORS
+            self.set_sources(std::move(params), std::move(buffers));
+            END_HANDLE_TH_ERRORS_PYBIND
+          },
+          py::arg("params"), py::arg("buffers"))
+      .def(
+          "check_device",
+          [](const torch_dp::Replicator& self, c10::Device expected) {
+            HANDLE_TH_ERRORS
+            self.check_device(expected);
+            END_HANDLE_TH_ERRORS_PYBIND
+          },
+          py::arg("expected"))
+      .def(
+          "replicate",
+          // Returns, per slot, its tensors, or None where the slot's tensors are the objects returned last time.
+          [](torch_dp::Replicator& self, const std::vector<c10::Device>& devices, size_t num_slots,
+             bool differentiable) {
+            HANDLE_TH_ERRORS
+            auto slots = self.replicate(devices, num_slots, differentiable);
+            std::vector<std::optional<std::vector<at::Tensor>>> result(slots.size());
+            for (size_t j = 0; j < slots.size(); ++j) {
+              if (self.changed()[j]) {
+                result[j] = std::move(slots[j]);
+              }
+            }
+            return result;
+            END_HANDLE_TH_ERRORS_PYBIND
+          },
+          py::arg("devices"), py::arg("num_slots"), py::arg("differentiable"))
+      .def_property_readonly("num_params", &torch_dp::Replicator::num_params)
+      .def_property_readonly("num_buffers", &torch_dp::Replicator::num_buffers);
+
+  py::class_<torch_dp::WorkerPool>(m, "WorkerPool")
+      .def(py::init<>())
+      .def_property_readonly("num_threads", &torch_dp::WorkerPool::num_threads);
+
+  m.def(
+      "parallel_apply",
+      // fn(i) runs replica i; it is expected to catch its own Python exceptions (torch_dp.parallel does, to
+      // re-raise them the way PyTorch does). Anything that escapes is re-raised here after all replicas ran.
+      [](torch_dp::WorkerPool& pool, const std::vector<c10::Device>& devices, const py::function& fn) {
+        std::exception_ptr failure;
+        {
+          py::gil_scoped_release no_gil;
+          const std::function<void(size_t)> task = [&fn](size_t i) {
+            py::gil_scoped_acquire gil;
+            fn(i);
+          };
+          try {
+            torch_dp::parallel_apply(pool, devices, task);
+          } catch (const torch_dp::ReplicaError& e) {
+            failure = e.original();
+          } catch (...) {
+            failure = std::current_exception();
+          }
+        }
+        if (failure) {
+          HANDLE_TH_ERRORS
+          std::rethrow_exception(failure);
+          END_HANDLE_TH_ERRORS_PYBIND
+        }
+      },
+      py::arg("pool"), py::arg("devices"), py::arg("fn"));
+
+  py::class_<DictWatch>(m, "DictWatch")
+      .def(py::init<py::list>(), py::arg("dicts"))
+      .def("unchanged", &DictWatch::unchanged)
+      .def("retake", &DictWatch::retake)
+      .def_property_readonly("num_dicts", &DictWatch::num_dicts);
+}

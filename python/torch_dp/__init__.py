@@ -1,0 +1,45 @@
+"""torch_dp: a faster drop-in for torch.nn.DataParallel, built on a C++ engine.
+
+    model = torch_dp.DataParallel(model)              # instead of torch.nn.DataParallel(model)
+    model = torch_dp.DataParallel(model, ["cpu"] * 4) # four CPU replicas, no GPU needed
+"""
+
+import torch
+
+try:
+    from torch_dp._build_info import TORCH_DP_VERSION as __version__, TORCH_VERSION as _BUILT_AGAINST
+except ImportError as error:  # pragma: no cover - only without a build
+    raise ImportError(
+        "torch_dp's compiled part is missing: install it with `pip install --no-build-isolation .` "
+        "or build it in place with `bash scripts/test.sh` (see README.md)"
+    ) from error
+
+# A C++ extension only works with the torch it was compiled against: fail with a clear message, not with an
+# undefined-symbol error from the dynamic loader.
+if torch.__version__ != _BUILT_AGAINST:
+    raise ImportError(
+        f"torch_dp was built against torch {_BUILT_AGAINST}, but torch {torch.__version__} is installed. "
+        "Rebuild torch_dp against the installed torch: `pip install --no-build-isolation --no-deps "
+        "--force-reinstall .` in the torch_dp source tree (or `bash scripts/test.sh` for an in-place build)."
+    )
+
+from torch_dp import _C  # noqa: E402
+from torch_dp.data_parallel import DataParallel  # noqa: E402
+from torch_dp.parallel import (  # noqa: E402
+    data_parallel,
+    gather,
+    parallel_apply,
+    replicate,
+    scatter,
+    scatter_kwargs,
+)
+
+__all__ = [
+    "DataParallel",
+    "data_parallel",
+    "gather",
+    "parallel_apply",
+    "replicate",
+    "scatter",
+    "scatter_kwargs",
+]

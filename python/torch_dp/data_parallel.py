@@ -1,0 +1,172 @@
+"""torch_dp.DataParallel: a drop-in for torch.nn.DataParallel on torch_dp's C++ engine."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional, TypeVar
+
+import torch
+from torch._utils import _get_all_device_indices
+from torch.nn.parallel.data_parallel import _check_balance
+
+from torch_dp import _C
+from torch_dp.parallel import (
+    DeviceLike,
+    _accelerator_type,
+    _as_device,
+    _as_output_device,
+    _parallel_apply,
+    _public_id,
+    _Replicas,
+    _scatter_kwargs,
+    gather,
+    replicate,
+)
+
+__all__ = ["DataParallel"]
+
+T = TypeVar("T", bound=torch.nn.Module)
+
+
+class _Engine:
+    """What a DataParallel keeps between forwards: its replicas and its worker threads. Not part of the
+    module's state: dropped by pickling and deepcopy, rebuilt on the next forward."""
+
+    def __init__(self) -> None:
+        self.replicas = _Replicas()
+        self.pool = _C.WorkerPool()
+
+
+class DataParallel(torch.nn.DataParallel):
+    r"""Implements data parallelism at the module level, like :class:`torch.nn.DataParallel`, whose
+    signature, attributes, ``state_dict`` keys and results it keeps (``isinstance(dp, torch.nn.DataParallel)``
+    holds).
+
+    The input is split along ``dim`` into one chunk per device (``torch.chunk`` rule), the module runs on each
+    chunk in a replica, and the outputs are concatenated on ``output_device``. Unlike PyTorch's version,
+    replicas and worker threads persist between forwards: a replica's parameters are the module's own where
+    they live on the same device, and copies elsewhere are refreshed only when they changed. Anything changed on
+    ``dp.module`` between forwards (weights, submodules, attributes, train/eval, hooks, dtype) is seen by the
+    next forward.
+
+    ``device_ids`` entries may be ints, strings or ``torch.device`` objects, including ``"cpu"``: with
+    ``device_ids=["cpu"] * 4`` four replicas run on CPU threads. Repeated ids run several replicas on one
+    device. Without an accelerator and without ``"cpu"`` entries the module is called directly, as upstream.
+    """
+
+    def __init__(
+        self,
+        module: T,
+        device_ids: Optional[Sequence[DeviceLike]] = None,
+        output_device: Optional[DeviceLike] = None,
+        dim: int = 0,
+    ) -> None:
+        torch.nn.Module.__init__(self)  # nn.DataParallel.__init__ would reject CPU devices
+        torch._C._log_api_usage_once("torch_dp.DataParallel")
+        self._engine: Optional[_Engine] = None
+        accelerator = _accelerator_type()
+        if accelerator is None and not _names_cpu(device_ids):
+            # No accelerator: call the module directly, as torch.nn.DataParallel does.
+            self.module = module
+            self.device_ids = []
+            return
+        if device_ids is None:
+            device_ids = _get_all_device_indices()
+        if isinstance(device_ids, (str, int, torch.device)):
+            raise TypeError(f"device_ids must be a sequence of devices, but got a single device {device_ids!r}")
+        if len(device_ids) == 0:
+            raise ValueError("device_ids is empty: give at least one device, e.g. device_ids=[0] or ['cpu']")
+        if not isinstance(dim, int) or isinstance(dim, bool):
+            raise TypeError(f"dim must be an int, but got {type(dim).__name__}: {dim!r}")
+        devices = [_as_device(d, accelerator) for d in device_ids]
+        if output_device is None:
+            output_device = _public_id(devices[0])
+        self._output_device_obj = _checked_output_device(output_device)
+        self.dim = dim
+        self.module = module
+        self.device_ids = [_public_id(d) for d in devices]
+        self.output_device = output_device if isinstance(output_device, int) else _public_id(self._output_device_obj)
+        self.src_device_obj = devices[0]
+        self._devices = devices
+        if accelerator == "cuda" and all(d.type == "cuda" for d in devices):
+            _check_balance(self.device_ids)
+        if len(devices) == 1:
+            self.module.to(self.src_device_obj)
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        with torch.autograd.profiler.record_function("DataParallel.forward"):
+            if not self.device_ids:
+                return self.module(*inputs, **kwargs)
+            engine = self._get_engine()
+            with engine.replicas.lock:
+                engine.replicas.sync(self.module, self._devices)
+                engine.replicas.check_device(self.src_device_obj)
+                inputs, module_kwargs = self.scatter(inputs, kwargs, self.device_ids)
+                # For forward functions without any inputs, an empty list and dict are passed.
+                if not inputs and not module_kwargs:
+                    inputs, module_kwargs = ((),), ({},)
+                if len(self.device_ids) == 1:
+                    return self.module(*inputs[0], **module_kwargs[0])
+                replicas = self.replicate(self.module, self.device_ids[: len(inputs)])
+                outputs = self.parallel_apply(replicas, inputs, module_kwargs)
+            return self.gather(outputs, self.output_device)
+
+    # The four steps are methods, as upstream, so subclasses can override any of them.
+
+    def replicate(self, module: T, device_ids: Sequence[DeviceLike]) -> list[T]:
+        if module is not self.module or not self._is_prefix(device_ids):
+            return replicate(module, device_ids, not torch.is_grad_enabled())
+        engine = self._get_engine()
+        engine.replicas.sync(module, self._devices)
+        return engine.replicas.get(len(device_ids), differentiable=torch.is_grad_enabled())
+
+    def scatter(
+        self, inputs: tuple[Any, ...], kwargs: Optional[dict[str, Any]], device_ids: Sequence[DeviceLike]
+    ) -> Any:
+        devices = self._devices if self._is_prefix(device_ids) and len(device_ids) == len(self._devices) else None
+        if devices is None:
+            devices = [_as_device(d, _accelerator_type()) for d in device_ids]
+        return _scatter_kwargs(tuple(inputs), kwargs or {}, devices, self.dim)
+
+    def parallel_apply(self, replicas: Sequence[T], inputs: Sequence[Any], kwargs: Any) -> list[Any]:
+        return _parallel_apply(replicas, inputs, kwargs, self._devices[: len(replicas)], self._get_engine().pool)
+
+    def gather(self, outputs: Any, output_device: DeviceLike) -> Any:
+        if output_device is self.output_device and not (isinstance(output_device, int) and output_device == -1):
+            output_device = self._output_device_obj
+        return gather(outputs, output_device, dim=self.dim)
+
+    # ---- internals ------------------------------------------------------------------------------------------
+
+    def _get_engine(self) -> _Engine:
+        if self._engine is None:
+            self._engine = _Engine()
+        return self._engine
+
+    def _is_prefix(self, device_ids: Sequence[DeviceLike]) -> bool:
+        ids = self.device_ids
+        return len(device_ids) <= len(ids) and all(a is b or a == b for a, b in zip(device_ids, ids))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_engine"] = None  # threads and caches are rebuilt on the next forward
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._engine = None
+
+
+def _names_cpu(device_ids: Optional[Sequence[DeviceLike]]) -> bool:
+    if device_ids is None or isinstance(device_ids, (str, int, torch.device)):
+        return False
+    for d in device_ids:
+        if (isinstance(d, str) and d.split(":")[0] == "cpu") or (isinstance(d, torch.device) and d.type == "cpu"):
+            return True
+    return False
+
+
+def _checked_output_device(output_device: DeviceLike) -> torch.device:
+    if isinstance(output_device, int) and not isinstance(output_device, bool) and output_device == -1:
+        return torch.device("cpu")  # upstream's way of saying CPU; gather warns that it is deprecated
+    return _as_device(output_device, _accelerator_type())

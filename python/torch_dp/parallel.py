@@ -1,0 +1,435 @@
+"""The functional forms, with torch.nn.parallel's signatures: scatter, scatter_kwargs, gather, replicate,
+parallel_apply and data_parallel. The work happens in torch_dp._C; this module maps Python structures onto
+tensor lists with torch.utils._pytree and keeps replicas and worker threads alive between calls."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+import weakref
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+import torch
+import torch.utils._pytree as pytree
+from torch._utils import ExceptionWrapper, _get_available_device_type
+
+from torch_dp import _C
+
+__all__ = ["scatter", "scatter_kwargs", "gather", "replicate", "parallel_apply", "data_parallel"]
+
+DeviceLike = Union[int, str, torch.device]
+
+
+# ---- devices -----------------------------------------------------------------------------------------------
+
+def _accelerator_type() -> Optional[str]:
+    """The accelerator PyTorch's DataParallel would use (None without one; MPS is not supported, as upstream)."""
+    device_type = _get_available_device_type()
+    return None if device_type == "mps" else device_type
+
+
+def _as_device(device: DeviceLike, accelerator: Optional[str]) -> torch.device:
+    """One entry of device_ids as a torch.device with an index (CPU has none), or a clear error."""
+    if isinstance(device, torch.device):
+        result = device
+    elif isinstance(device, str):
+        try:
+            result = torch.device(device)
+        except RuntimeError as error:
+            raise ValueError(f"invalid device {device!r}: {error}") from None
+    elif isinstance(device, int) and not isinstance(device, bool):
+        if device < 0:
+            raise ValueError(
+                f"invalid device index {device}: device indices must be non-negative (use 'cpu' for the CPU)"
+            )
+        if accelerator is None:
+            raise ValueError(
+                f"device index {device} was given, but no accelerator is available; use 'cpu' entries "
+                "(for example device_ids=['cpu', 'cpu']) to run replicas on the CPU"
+            )
+        result = torch.device(accelerator, device)
+    else:
+        raise TypeError(
+            "a device must be an int index, a string such as 'cuda:0' or 'cpu', or a torch.device, "
+            f"but got {type(device).__name__}: {device!r}"
+        )
+    if result.type == "cpu":
+        return torch.device("cpu")
+    backend = getattr(torch, result.type, None)
+    if backend is None or not hasattr(backend, "device_count") or not backend.is_available():
+        raise ValueError(f"device {result} is not available on this machine")
+    index = result.index if result.index is not None else backend.current_device()
+    count = backend.device_count()
+    if index >= count:
+        raise ValueError(
+            f"device {result.type}:{index} does not exist: this machine has {count} {result.type} device(s), "
+            f"indices 0 to {count - 1}"
+        )
+    return torch.device(result.type, index)
+
+
+def _as_devices(devices: Sequence[DeviceLike]) -> list[torch.device]:
+    if isinstance(devices, (str, int, torch.device)):
+        raise TypeError(f"expected a sequence of devices, but got a single device {devices!r}")
+    accelerator = _accelerator_type()
+    return [_as_device(d, accelerator) for d in devices]
+
+
+def _as_output_device(device: Optional[DeviceLike]) -> torch.device:
+    """gather's target: an index, -1 (the CPU, deprecated upstream), a string or a torch.device."""
+    if device is None:
+        accelerator = _accelerator_type()
+        if accelerator is None:
+            return torch.device("cpu")
+        return torch.device(accelerator, getattr(torch, accelerator).current_device())
+    if isinstance(device, int) and not isinstance(device, bool) and device == -1:
+        warnings.warn(
+            'Using -1 to represent CPU tensor is deprecated. Please use a device object or string instead, '
+            'e.g., "cpu".',
+            FutureWarning,
+            stacklevel=3,
+        )
+        return torch.device("cpu")
+    return _as_device(device, _accelerator_type())
+
+
+def _label(device: torch.device) -> str:
+    """How PyTorch names a replica's device in 'Caught X in replica i on device d.': the index, or cpu."""
+    return "cpu" if device.type == "cpu" else str(device.index)
+
+
+def _public_id(device: torch.device) -> Union[int, torch.device]:
+    """device_ids entries as nn.DataParallel stores them: int indices; CPU entries stay torch.device('cpu')."""
+    return device if device.type == "cpu" else device.index
+
+
+# ---- scatter -----------------------------------------------------------------------------------------------
+
+def _describe_counts(obj: Any, devices: list[torch.device], dim: int) -> str:
+    parts = []
+    for path, leaf in pytree.tree_flatten_with_path(obj)[0]:
+        if isinstance(leaf, torch.Tensor):
+            where = pytree.keystr(path) or "input"
+            size = leaf.size(dim) if leaf.dim() > 0 else "a scalar"
+            chunks = len(_C.chunk_sizes(leaf.size(dim), len(devices))) if leaf.dim() > 0 else "-"
+            parts.append(f"{where}: {size} along dim {dim} -> {chunks} chunks")
+    return "; ".join(parts)
+
+
+def _split_tree(obj: Any, devices: list[torch.device], dim: int) -> Optional[list[Any]]:
+    """obj once per replica, its tensors chunked; None when obj holds no tensor."""
+    leaves, spec = pytree.tree_flatten(obj)
+    positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+    if not positions:
+        return None
+    chunked = [_C.scatter(leaves[i], devices, None, dim) for i in positions]
+    count = len(chunked[0])
+    if any(len(chunks) != count for chunks in chunked):
+        # nn.DataParallel silently drops the extra chunks here; a wrong batch is worse than an error.
+        raise ValueError(
+            "DataParallel scatters every tensor argument along dim "
+            f"{dim}, and these give different numbers of chunks over {len(devices)} devices: "
+            f"{_describe_counts(obj, devices, dim)}. Give all tensor arguments the same size along dim {dim}."
+        )
+    replicas = []
+    for r in range(count):
+        replica_leaves = list(leaves)
+        for i, chunks in zip(positions, chunked):
+            replica_leaves[i] = chunks[r]
+        replicas.append(pytree.tree_unflatten(replica_leaves, spec))
+    return replicas
+
+
+def _scatter_kwargs(inputs: tuple, kwargs: dict, devices: list[torch.device], dim: int) -> tuple[tuple, tuple]:
+    if not kwargs and inputs and all(isinstance(x, torch.Tensor) for x in inputs):
+        chunked = [_C.scatter(x, devices, None, dim) for x in inputs]
+        count = len(chunked[0])
+        if any(len(chunks) != count for chunks in chunked):
+            _split_tree((inputs, kwargs), devices, dim)  # raises the descriptive error
+        return tuple(zip(*chunked)), tuple({} for _ in range(count))
+    split = _split_tree((inputs, kwargs), devices, dim)
+    if split is None:
+        # No tensors: every replica gets the same objects (one replica for a call without arguments).
+        count = len(devices) if (inputs or kwargs) else 0
+        split = [(inputs, kwargs)] * count
+    return tuple(tuple(args) for args, _ in split), tuple(kw for _, kw in split)
+
+
+def scatter_kwargs(
+    inputs: tuple[Any, ...],
+    kwargs: Optional[dict[str, Any]],
+    target_gpus: Sequence[DeviceLike],
+    dim: int = 0,
+) -> tuple[tuple[Any, ...], tuple[dict[str, Any], ...]]:
+    """Splits positional and keyword arguments into one (args, kwargs) pair per replica.
+
+    Tensors anywhere in the nested structure (tuple, list, dict, namedtuple and any pytree-registered type)
+    are chunked along ``dim`` like ``torch.chunk``; other values are passed to every replica as they are."""
+    inputs = tuple(inputs) if inputs is not None else ()
+    return _scatter_kwargs(inputs, kwargs or {}, _as_devices(target_gpus), dim)
+
+
+def scatter(inputs: Any, target_gpus: Sequence[DeviceLike], dim: int = 0) -> Any:
+    """Splits ``inputs`` across devices: a tuple of chunks for a tensor, else a list with one copy of the
+    structure per device, its tensors chunked."""
+    devices = _as_devices(target_gpus)
+    if isinstance(inputs, torch.Tensor):
+        return tuple(_C.scatter(inputs, devices, None, dim))
+    split = _split_tree(inputs, devices, dim)
+    return split if split is not None else [inputs for _ in devices]
+
+
+# ---- gather ------------------------------------------------------------------------------------------------
+
+def gather(outputs: Sequence[Any], target_device: Optional[DeviceLike], dim: int = 0) -> Any:
+    """Concatenates the replicas' outputs on ``target_device`` along ``dim``, keeping their structure."""
+    if len(outputs) == 0:
+        raise ValueError("gather: expected the outputs of at least one replica, but got none")
+    target = _as_output_device(target_device)
+    if isinstance(outputs[0], torch.Tensor):
+        for i, out in enumerate(outputs):
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(
+                    f"gather: replica 0 returned a tensor but replica {i} returned {type(out).__name__}; "
+                    "every replica must return the same structure"
+                )
+        return _C.gather(list(outputs), target, dim)
+    first, spec = pytree.tree_flatten(outputs[0])
+    columns = [[leaf] for leaf in first]
+    for i, out in enumerate(outputs[1:], start=1):
+        leaves, other = pytree.tree_flatten(out)
+        if other != spec:
+            raise ValueError(
+                f"gather: replica {i} returned a different structure than replica 0 (dicts must have the same "
+                f"keys, sequences the same length): replica 0 gave {spec}, replica {i} gave {other}"
+            )
+        for column, leaf in zip(columns, leaves):
+            column.append(leaf)
+    gathered = []
+    paths = None
+    for position, column in enumerate(columns):
+        leaf = column[0]
+        if isinstance(leaf, torch.Tensor) and all(isinstance(x, torch.Tensor) for x in column):
+            gathered.append(_C.gather(column, target, dim))
+        elif leaf is None:
+            gathered.append(None)
+        else:
+            if paths is None:
+                paths = [pytree.keystr(p) for p, _ in pytree.tree_flatten_with_path(outputs[0])[0]]
+            kinds = sorted({type(x).__name__ for x in column})
+            raise TypeError(
+                f"gather: the replicas' outputs hold {' and '.join(kinds)} values at output{paths[position]}; "
+                "DataParallel can only gather tensors (and None). Return a tensor there, e.g. torch.tensor(x)."
+            )
+    return pytree.tree_unflatten(gathered, spec)
+
+
+# ---- replicate ---------------------------------------------------------------------------------------------
+
+class _Replicas:
+    """Persistent replicas of one module over a list of devices (Note [Persistent replicas] in replicate.cpp,
+    Note [Watching a module tree] in bindings.cpp).
+
+    Replica modules are built with ``Module._replicate_for_data_parallel`` (as PyTorch does, so modules that
+    customise it, such as RNNs, keep working) once, and again only when the module tree changed. Their tensors
+    come from the C++ Replicator on every call and are written into the replicas only when they changed."""
+
+    def __init__(self) -> None:
+        self._replicator = _C.Replicator()
+        self._module: Optional[torch.nn.Module] = None
+        self._devices: Optional[list[torch.device]] = None
+        self._watch: Optional[Any] = None
+        self._slots: list[list[torch.nn.Module]] = []
+        self._targets: list[list[tuple[dict, str, int]]] = []  # per slot: (dict, key, source index)
+        self._modules: list[torch.nn.Module] = []
+        # One forward at a time: the replicas are shared state. threading.Lock releases the GIL while it
+        # waits, so a waiting thread cannot starve the replicas' workers of the GIL.
+        self.lock = threading.Lock()
+
+    def sync(self, module: torch.nn.Module, devices: list[torch.device]) -> None:
+        """Rebuilds the replicas if the module, the devices or anything in the module tree changed."""
+        if module is not self._module or devices != self._devices or self._watch is None or not self._watch.unchanged():
+            self._build(module, devices)
+
+    def check_device(self, expected: torch.device) -> None:
+        self._replicator.check_device(expected)
+
+    def get(self, count: int, differentiable: bool) -> list[torch.nn.Module]:
+        """The root replica of each of the first ``count`` slots, with up-to-date tensors."""
+        slots = self._replicator.replicate(self._devices, count, differentiable)
+        changed = False
+        for j, tensors in enumerate(slots):
+            if tensors is None:
+                continue
+            changed = True
+            for target, key, index in self._targets[j]:
+                target[key] = tensors[index]
+            for replica in self._slots[j]:
+                # RNNs cache their weights in a list; rebuild it from the tensors just installed.
+                if hasattr(replica, "_flat_weights_names") and hasattr(replica, "_init_flat_weights"):
+                    replica._init_flat_weights()
+        if changed or self._watch is None:
+            self._watch_all()
+        return [slot[0] for slot in self._slots[:count]]
+
+    def _build(self, module: torch.nn.Module, devices: list[torch.device]) -> None:
+        modules = list(module.modules())
+        position = {id(m): i for i, m in enumerate(modules)}
+        params = list(module.parameters())
+        buffers = list(module.buffers())
+        source = {id(p): i for i, p in enumerate(params)}
+        source.update({id(b): len(params) + i for i, b in enumerate(buffers)})
+        self._replicator.set_sources(params, buffers)
+        self._slots, self._targets = [], []
+        for _ in devices:
+            copies = [m._replicate_for_data_parallel() for m in modules]
+            targets = []
+            for m, replica in zip(modules, copies):
+                replica.__dict__["_modules"] = {
+                    name: None if child is None else copies[position[id(child)]] for name, child in m._modules.items()
+                }
+                replica_params = dict(m._parameters)
+                replica_buffers = dict(m._buffers)
+                replica.__dict__["_parameters"] = replica_params
+                replica.__dict__["_buffers"] = replica_buffers
+                targets += [(replica_params, k, source[id(p)]) for k, p in m._parameters.items() if p is not None]
+                targets += [(replica_buffers, k, source[id(b)]) for k, b in m._buffers.items() if b is not None]
+            self._slots.append(copies)
+            self._targets.append(targets)
+        self._module, self._devices, self._modules, self._watch = module, list(devices), modules, None
+
+    def _watch_all(self) -> None:
+        dicts = []
+        for m in self._modules + [r for slot in self._slots for r in slot]:
+            dicts += [m.__dict__, m._parameters, m._buffers, m._modules]
+        self._watch = _C.DictWatch(dicts)
+
+
+def replicate(network: torch.nn.Module, devices: Sequence[DeviceLike], detach: bool = False) -> list[torch.nn.Module]:
+    """One replica of ``network`` per device. Replicas on the network's own device share its parameters;
+    elsewhere they hold copies whose gradients flow back to the network (unless ``detach``)."""
+    if not devices:
+        return []
+    targets = _as_devices(devices)
+    replicas = _Replicas()
+    replicas.sync(network, targets)
+    return replicas.get(len(targets), differentiable=not detach)
+
+
+# ---- parallel_apply ----------------------------------------------------------------------------------------
+
+_shared_pool: Optional[Any] = None
+_shared_pool_lock = threading.Lock()
+
+
+def _default_pool() -> Any:
+    global _shared_pool
+    with _shared_pool_lock:
+        if _shared_pool is None:
+            _shared_pool = _C.WorkerPool()
+        return _shared_pool
+
+
+def _device_of(inputs: Any) -> torch.device:
+    for leaf in pytree.tree_leaves(inputs):
+        if isinstance(leaf, torch.Tensor):
+            return leaf.device
+    accelerator = _accelerator_type()
+    if accelerator is None:
+        return torch.device("cpu")
+    return torch.device(accelerator, getattr(torch, accelerator).current_device())
+
+
+def _parallel_apply(modules, inputs, kwargs_tup, devices: list[torch.device], pool) -> list[Any]:
+    results: list[Any] = [None] * len(modules)
+    labels = [_label(d) for d in devices]
+
+    def run_replica(i: int) -> None:
+        try:
+            args = inputs[i]
+            if not isinstance(args, (list, tuple)):
+                args = (args,)  # a lone tensor is one argument, not a sequence to unpack
+            results[i] = modules[i](*args, **kwargs_tup[i])
+        except BaseException:
+            results[i] = ExceptionWrapper(where=f"in replica {i} on device {labels[i]}")
+
+    _C.parallel_apply(pool, devices, run_replica)
+    for result in results:
+        if isinstance(result, ExceptionWrapper):
+            result.reraise()
+    return results
+
+
+def parallel_apply(
+    modules: Sequence[torch.nn.Module],
+    inputs: Sequence[Any],
+    kwargs_tup: Optional[Sequence[dict[str, Any]]] = None,
+    devices: Optional[Sequence[Optional[DeviceLike]]] = None,
+) -> list[Any]:
+    """Runs ``modules[i](*inputs[i], **kwargs_tup[i])`` for every i on persistent worker threads, each with
+    the caller's grad mode, inference mode and autocast state, on devices[i] and its current stream."""
+    if len(modules) != len(inputs):
+        raise ValueError(f"The number of modules {len(modules)} is not equal to the number of inputs {len(inputs)}")
+    if kwargs_tup is None:
+        kwargs_tup = ({},) * len(modules)
+    elif len(kwargs_tup) != len(modules):
+        raise ValueError(
+            f"The number of modules {len(modules)} is not equal to the number of kwargs_tup {len(kwargs_tup)}"
+        )
+    if devices is None:
+        targets = [_device_of(x) for x in inputs]
+    else:
+        if len(devices) != len(modules):
+            raise ValueError(f"The number of modules {len(modules)} is not equal to the number of devices {len(devices)}")
+        accelerator = _accelerator_type()
+        targets = [_device_of(x) if d is None else _as_device(d, accelerator) for d, x in zip(devices, inputs)]
+    if not modules:
+        return []
+    return _parallel_apply(modules, inputs, kwargs_tup, targets, _default_pool())
+
+
+# ---- data_parallel -----------------------------------------------------------------------------------------
+
+_functional_replicas: "weakref.WeakKeyDictionary[torch.nn.Module, _Replicas]" = weakref.WeakKeyDictionary()
+_functional_lock = threading.Lock()
+
+
+def data_parallel(
+    module: torch.nn.Module,
+    inputs: Any,
+    device_ids: Optional[Sequence[DeviceLike]] = None,
+    output_device: Optional[DeviceLike] = None,
+    dim: int = 0,
+    module_kwargs: Optional[dict[str, Any]] = None,
+) -> Any:
+    """Evaluates ``module(*inputs, **module_kwargs)`` in parallel across ``device_ids``, like
+    ``torch.nn.parallel.data_parallel``. Replicas are cached per module between calls."""
+    if not isinstance(inputs, tuple):
+        inputs = (inputs,) if inputs is not None else ()
+    accelerator = _accelerator_type()
+    if device_ids is None:
+        if accelerator is None:
+            raise RuntimeError("device type could not be determined")
+        device_ids = list(range(getattr(torch, accelerator).device_count()))
+    if len(device_ids) == 0:
+        raise ValueError("device_ids is empty: give at least one device")
+    devices = [_as_device(d, accelerator) for d in device_ids]
+    if output_device is None:
+        output_device = _public_id(devices[0])
+    with _functional_lock:
+        replicas = _functional_replicas.get(module)
+        if replicas is None:
+            replicas = _functional_replicas[module] = _Replicas()
+    with replicas.lock:
+        replicas.sync(module, devices)
+        replicas.check_device(devices[0])
+        inputs, kwargs = _scatter_kwargs(inputs, module_kwargs or {}, devices, dim)
+        if not inputs and not kwargs:
+            inputs, kwargs = ((),), ({},)
+        if len(devices) == 1:
+            return module(*inputs[0], **kwargs[0])
+        modules = replicas.get(len(inputs), differentiable=torch.is_grad_enabled())
+        outputs = _parallel_apply(modules, inputs, kwargs, devices[: len(inputs)], _default_pool())
+    return gather(outputs, output_device, dim)
+

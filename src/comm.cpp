@@ -1,0 +1,362 @@
+#include <torch_dp/comm.h>
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <map>
+
+// Note [Coalesced copies]
+// ~~~~~~~~~~~~~~~~~~~~~~~
+// A model has hundreds of small tensors; copying them one by one costs a kernel launch (and on the way back a
+// reduction) each. CoalescedCopies lays the copies of all sources of one dtype end to end in one flat buffer
+// on the target device, each copy a view of it. Refreshing a group is then one `cat` into the flat buffer (on
+// the source's device) or one `cat` plus one copy (across devices). A group is refreshed only when it is stale:
+// a source was written to (its version counter moved), a source was re-pointed at other memory (`.data = ...`
+// keeps the version but changes the data pointer), or one of the copies was written to (the copies are views of
+// the flat buffer, so they share its version counter). Inference tensors have no version counter; a group with
+// one is copied on every refresh.
+
+namespace torch_dp {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+int64_t version_of(const at::Tensor& t) {
+  if (t.is_inference()) {
+    return -2;  // never matches: always stale
+  }
+  return static_cast<int64_t>(t._version());
+}
+
+c10::Device common_device(at::TensorList tensors, const char* what) {
+  TORCH_CHECK(!tensors.empty(), what, ": expected at least one tensor");
+  const auto device = tensors[0].device();
+  for (size_t k = 1; k < tensors.size(); ++k) {
+    TORCH_CHECK(
+        tensors[k].device() == device, what, ": expected all tensors on one device, but tensor 0 is on ",
+        device.str(), " and tensor ", k, " is on ", tensors[k].device().str());
+  }
+  return device;
+}
+
+// Gradients of broadcast copies, reduce-added onto the sources' device (Note [Broadcast grad] below).
+struct BroadcastFunction : public torch::autograd::Function<BroadcastFunction> {
+  static variable_list forward(
+      AutogradContext* ctx,
+      at::TensorList sources,
+      const std::vector<std::vector<at::Tensor>>& copies) {
+    const auto device = sources[0].device();
+    ctx->saved_data["device_type"] = static_cast<int64_t>(device.type());
+    ctx->saved_data["device_index"] = static_cast<int64_t>(device.index());
+    ctx->saved_data["num_sources"] = static_cast<int64_t>(sources.size());
+    variable_list out;
+    out.reserve(copies.size() * sources.size());
+    for (const auto& slot : copies) {
+      for (const auto& copy : slot) {
+        // A fresh alias per call: the cached copy itself never gets a grad_fn.
+        out.push_back(copy.detach());
+      }
+    }
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const c10::Device device(
+        static_cast<c10::DeviceType>(ctx->saved_data["device_type"].toInt()),
+        static_cast<c10::DeviceIndex>(ctx->saved_data["device_index"].toInt()));
+    const auto num_sources = static_cast<size_t>(ctx->saved_data["num_sources"].toInt());
+    std::vector<std::vector<at::Tensor>> per_slot;
+    for (size_t start = 0; start < grads.size(); start += num_sources) {
+      per_slot.emplace_back(grads.begin() + start, grads.begin() + start + num_sources);
+    }
+    auto result = reduce_add_coalesced(per_slot, device);
+    result.emplace_back();  // copies
+    return result;
+  }
+};
+
+} // namespace
+
+// Note [Broadcast grad]
+// ~~~~~~~~~~~~~~~~~~~~~
+// Copies on other devices are made without autograd (they are cached between calls). Each call wraps them in
+// one BroadcastFunction node whose inputs are the sources and whose outputs are fresh aliases of the copies, so
+// the gradients of every replica's copies meet in one node and are reduce-added onto the source device in
+// coalesced buckets. The backward is written with differentiable ops, so double backward works.
+
+std::vector<std::vector<at::Tensor>> broadcast_coalesced(at::TensorList tensors, at::ArrayRef<c10::Device> devices) {
+  std::vector<std::vector<at::Tensor>> result(devices.size());
+  if (tensors.empty()) {
+    return result;
+  }
+  const auto source = common_device(tensors, "broadcast_coalesced");
+  std::vector<size_t> cross;  // devices that get copies
+  {
+    at::NoGradGuard no_grad;
+    for (size_t i = 0; i < devices.size(); ++i) {
+      if (devices[i] == source) {
+        result[i] = tensors.vec();
+      } else {
+        detail::CoalescedCopies copies(tensors, devices[i]);
+        copies.refresh(tensors);
+        result[i] = copies.copies();
+        cross.push_back(i);
+      }
+    }
+  }
+  if (!c10::GradMode::is_enabled() || cross.empty()) {
+    return result;
+  }
+  std::vector<size_t> needs_grad;
+  for (size_t k = 0; k < tensors.size(); ++k) {
+    if (tensors[k].requires_grad()) {
+      needs_grad.push_back(k);
+    }
+  }
+  if (needs_grad.empty()) {
+    return result;
+  }
+  std::vector<at::Tensor> sources;
+  for (auto k : needs_grad) {
+    sources.push_back(tensors[k]);
+  }
+  std::vector<std::vector<at::Tensor>> copies;
+  for (auto i : cross) {
+    std::vector<at::Tensor> slot;
+    for (auto k : needs_grad) {
+      slot.push_back(result[i][k]);
+    }
+    copies.push_back(std::move(slot));
+  }
+  auto with_grad = detail::attach_broadcast_grad(sources, copies);
+  for (size_t c = 0; c < cross.size(); ++c) {
+    for (size_t n = 0; n < needs_grad.size(); ++n) {
+      result[cross[c]][needs_grad[n]] = with_grad[c][n];
+    }
+  }
+  return result;
+}
+
+std::vector<at::Tensor> reduce_add_coalesced(
+    const std::vector<std::vector<at::Tensor>>& inputs,
+    c10::Device destination) {
+  TORCH_CHECK(!inputs.empty(), "reduce_add_coalesced: expected tensors from at least one device");
+  const size_t count = inputs[0].size();
+  for (size_t i = 1; i < inputs.size(); ++i) {
+    TORCH_CHECK(
+        inputs[i].size() == count, "reduce_add_coalesced: expected ", count, " tensors from every device (as from "
+        "device 0), but got ", inputs[i].size(), " from device ", i);
+  }
+  std::vector<at::Tensor> result(count);
+  // Group the dense tensors by dtype; sparse tensors are summed one by one.
+  std::map<at::ScalarType, std::vector<size_t>> groups;
+  for (size_t k = 0; k < count; ++k) {
+    const at::Tensor* first = nullptr;
+    for (const auto& per_device : inputs) {
+      const auto& t = per_device[k];
+      if (!t.defined()) {
+        continue;
+      }
+      if (first == nullptr) {
+        first = &t;
+        continue;
+      }
+      TORCH_CHECK(
+          t.sizes() == first->sizes() && t.scalar_type() == first->scalar_type(),
+          "reduce_add_coalesced: tensor ", k, " has shape ", t.sizes(), " and dtype ", t.scalar_type(),
+          " on one device but shape ", first->sizes(), " and dtype ", first->scalar_type(), " on another");
+    }
+    if (first == nullptr) {
+      continue;  // no device produced this gradient
+    }
+    bool dense = true;
+    for (const auto& per_device : inputs) {
+      dense = dense && (!per_device[k].defined() || per_device[k].layout() == c10::kStrided);
+    }
+    if (dense) {
+      groups[first->scalar_type()].push_back(k);
+      continue;
+    }
+    at::Tensor sum;
+    for (const auto& per_device : inputs) {
+      if (per_device[k].defined()) {
+        auto moved = per_device[k].to(destination);
+        sum = sum.defined() ? sum + moved : moved;
+      }
+    }
+    result[k] = sum;
+  }
+  for (const auto& [dtype, members] : groups) {
+    at::Tensor sum;
+    for (const auto& per_device : inputs) {
+      std::vector<at::Tensor> flat_parts;
+      bool any = false;
+      for (auto k : members) {
+        const auto& t = per_device[k];
+        any = any || t.defined();
+      }
+      if (!any) {
+        continue;
+      }
+      for (auto k : members) {
+        const auto& t = per_device[k];
+        if (t.defined()) {
+          flat_parts.push_back(t.reshape({-1}));
+        } else {
+          // Shape from another device's gradient: an unused tensor contributes zeros.
+          for (const auto& other : inputs) {
+            if (other[k].defined()) {
+              flat_parts.push_back(at::zeros({other[k].numel()}, other[k].options()));
+              break;
+            }
+          }
+        }
+      }
+      auto flat = flat_parts.size() == 1 ? flat_parts[0] : at::cat(flat_parts);
+      auto moved = flat.to(destination);
+      sum = sum.defined() ? sum + moved : moved;
+    }
+    int64_t offset = 0;
+    for (auto k : members) {
+      at::Tensor shape_source;
+      for (const auto& per_device : inputs) {
+        if (per_device[k].defined()) {
+          shape_source = per_device[k];
+          break;
+        }
+      }
+      const int64_t numel = shape_source.numel();
+      result[k] = sum.narrow(0, offset, numel).view(shape_source.sizes());
+      offset += numel;
+    }
+  }
+  return result;
+}
+
+namespace detail {
+
+CoalescedCopies::CoalescedCopies(at::TensorList sources, c10::Device device) : device_(device) {
+  c10::InferenceMode not_inference(false);
+  at::NoGradGuard no_grad;
+  c10::OptionalDeviceGuard guard;
+  if (!device.is_cpu()) {
+    guard.reset_device(device);
+  }
+  const size_t n = sources.size();
+  copies_.resize(n);
+  stamps_.resize(n);
+  std::map<at::ScalarType, std::vector<size_t>> by_dtype;
+  for (size_t k = 0; k < n; ++k) {
+    const auto& s = sources[k];
+    sizes_.push_back(s.sizes().vec());
+    dtypes_.push_back(s.scalar_type());
+    source_devices_.push_back(s.device());
+    strided_.push_back(s.layout() == c10::kStrided);
+    if (strided_.back()) {
+      by_dtype[s.scalar_type()].push_back(k);
+    } else {
+      groups_.push_back(Group{at::Tensor(), {k}, -1});
+    }
+  }
+  for (const auto& [dtype, members] : by_dtype) {
+    int64_t total = 0;
+    for (auto k : members) {
+      total += sources[k].numel();
+    }
+    Group group{at::empty({total}, at::TensorOptions().dtype(dtype).device(device)), members, -1};
+    int64_t offset = 0;
+    for (auto k : members) {
+      const int64_t numel = sources[k].numel();
+      copies_[k] = group.flat.narrow(0, offset, numel).view(sources[k].sizes());
+      offset += numel;
+    }
+    groups_.push_back(std::move(group));
+  }
+}
+
+bool CoalescedCopies::layout_matches(at::TensorList sources) const {
+  if (sources.size() != sizes_.size()) {
+    return false;
+  }
+  for (size_t k = 0; k < sources.size(); ++k) {
+    const auto& s = sources[k];
+    if (s.scalar_type() != dtypes_[k] || s.device() != source_devices_[k] ||
+        (s.layout() == c10::kStrided) != strided_[k] || s.sizes() != c10::IntArrayRef(sizes_[k])) {
+      return false;
+    }
+  }
+  return true;
+}
+
+bool CoalescedCopies::refresh(at::TensorList sources) {
+  if (!layout_matches(sources)) {
+    return false;
+  }
+  c10::InferenceMode not_inference(false);
+  at::NoGradGuard no_grad;
+  c10::OptionalDeviceGuard guard;
+  if (!device_.is_cpu()) {
+    guard.reset_device(device_);
+  }
+  for (auto& group : groups_) {
+    if (!group.flat.defined()) {
+      const auto k = group.members[0];
+      copies_[k] = sources[k].to(device_);  // sparse: a new copy every time
+      continue;
+    }
+    bool stale = group.flat_version < 0 || version_of(group.flat) != group.flat_version;
+    for (auto k : group.members) {
+      const auto& s = sources[k];
+      stale = stale || stamps_[k].data != s.const_data_ptr() || version_of(s) != stamps_[k].version ||
+          stamps_[k].version < 0;
+    }
+    if (!stale) {
+      continue;
+    }
+    if (group.members.size() == 1) {
+      const auto k = group.members[0];
+      copies_[k].copy_(sources[k], /*non_blocking=*/true);
+    } else {
+      std::vector<at::Tensor> parts;
+      parts.reserve(group.members.size());
+      for (auto k : group.members) {
+        parts.push_back(sources[k].reshape({-1}));
+      }
+      if (source_devices_[group.members[0]] == device_) {
+        at::cat_out(group.flat, parts, 0);
+      } else {
+        group.flat.copy_(at::cat(parts, 0), /*non_blocking=*/true);
+      }
+    }
+    for (auto k : group.members) {
+      stamps_[k] = Stamp{sources[k].const_data_ptr(), version_of(sources[k])};
+    }
+    group.flat_version = version_of(group.flat);
+  }
+  return true;
+}
+
+std::vector<std::vector<at::Tensor>> attach_broadcast_grad(
+    at::TensorList sources,
+    const std::vector<std::vector<at::Tensor>>& copies) {
+  common_device(sources, "broadcast");
+  for (const auto& slot : copies) {
+    TORCH_CHECK(
+        slot.size() == sources.size(), "broadcast: expected ", sources.size(), " copies per device, got ",
+        slot.size());
+  }
+  auto flat = BroadcastFunction::apply(sources, copies);
+  std::vector<std::vector<at::Tensor>> result(copies.size());
+  for (size_t j = 0; j < copies.size(); ++j) {
+    result[j].assign(flat.begin() + j * sources.size(), flat.begin() + (j + 1) * sources.size());
+  }
+  return result;
+}
+
+} // namespace detail
+} // namespace torch_dp

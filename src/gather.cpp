@@ -1,0 +1,137 @@
+#include <torch_dp/gather.h>
+
+#include "autograd_functions.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+namespace torch_dp {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor concatenate_on(const std::vector<at::Tensor>& inputs, c10::Device destination, int64_t dim) {
+  bool all_on_destination = true;
+  for (const auto& t : inputs) {
+    all_on_destination = all_on_destination && t.device() == destination;
+  }
+  if (all_on_destination) {
+    return at::cat(inputs, dim);
+  }
+  // Keep the first input's memory format (channels_last survives a gather) unless the inputs disagree.
+  auto format = inputs[0].suggest_memory_format();
+  for (const auto& t : inputs) {
+    if (t.suggest_memory_format() != format) {
+      format = c10::MemoryFormat::Contiguous;
+    }
+  }
+  auto shape = inputs[0].sizes().vec();
+  shape[dim] = 0;
+  for (const auto& t : inputs) {
+    shape[dim] += t.size(dim);
+  }
+  c10::OptionalDeviceGuard guard;
+  if (!destination.is_cpu()) {
+    guard.reset_device(destination);
+  }
+  auto out = at::empty(shape, inputs[0].options().device(destination).memory_format(format));
+  // A copy to the CPU must be synchronous: the caller reads the result right away.
+  const bool non_blocking = !destination.is_cpu();
+  int64_t offset = 0;
+  for (const auto& t : inputs) {
+    out.narrow(dim, offset, t.size(dim)).copy_(t, non_blocking);
+    offset += t.size(dim);
+  }
+  return out;
+}
+
+struct GatherFunction : public torch::autograd::Function<GatherFunction> {
+  static variable_list forward(
+      AutogradContext* ctx, at::TensorList inputs, c10::Device destination, int64_t dim) {
+    std::vector<c10::Device> devices;
+    std::vector<int64_t> sizes;
+    for (const auto& t : inputs) {
+      devices.push_back(t.device());
+      sizes.push_back(t.size(dim));
+    }
+    ctx->saved_data["device_types"] = detail::device_types(devices);
+    ctx->saved_data["device_indices"] = detail::device_indices(devices);
+    ctx->saved_data["sizes"] = sizes;
+    ctx->saved_data["dim"] = dim;
+    return {concatenate_on(inputs.vec(), destination, dim)};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto devices = detail::devices_from(
+        ctx->saved_data["device_types"].toIntVector(), ctx->saved_data["device_indices"].toIntVector());
+    const auto sizes = ctx->saved_data["sizes"].toIntVector();
+    const int64_t dim = ctx->saved_data["dim"].toInt();
+    auto result = detail::scatter_function(grads[0], devices, sizes, dim);
+    result.emplace_back();  // destination
+    result.emplace_back();  // dim
+    return result;
+  }
+};
+
+} // namespace
+
+at::Tensor gather(at::TensorList tensors, c10::Device destination, int64_t dim) {
+  TORCH_CHECK(!tensors.empty(), "gather: expected at least one tensor to gather from");
+  TORCH_CHECK(
+      destination.is_cpu() || destination.has_index(), "gather: destination device ", destination.str(),
+      " has no index; give an accelerator destination an index");
+  std::vector<at::Tensor> inputs(tensors.begin(), tensors.end());
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    TORCH_CHECK(inputs[i].defined(), "gather: tensor at index ", i, " is undefined");
+  }
+  bool all_scalars = true;
+  for (const auto& t : inputs) {
+    all_scalars = all_scalars && t.dim() == 0;
+  }
+  if (all_scalars && dim == 0) {
+    TORCH_WARN(
+        "Was asked to gather along dimension 0, but all input tensors were scalars; will instead unsqueeze "
+        "and return a vector.");
+    for (auto& t : inputs) {
+      t = t.view({1});
+    }
+  }
+  const auto& first = inputs[0];
+  TORCH_CHECK(first.dim() > 0, "gather: cannot concatenate 0-dim tensors along dim ", dim,
+              "; tensor at index 0 is a scalar");
+  dim = c10::maybe_wrap_dim(dim, first.dim());
+  for (size_t i = 1; i < inputs.size(); ++i) {
+    const auto& t = inputs[i];
+    TORCH_CHECK(
+        t.dim() == first.dim(), "gather: expected all tensors to have the same number of dimensions, but tensor at "
+        "index ", i, " has ", t.dim(), " (shape ", t.sizes(), ") and tensor at index 0 has ", first.dim(),
+        " (shape ", first.sizes(), ")");
+    TORCH_CHECK(
+        t.scalar_type() == first.scalar_type(), "gather: expected all tensors to have the same dtype, but tensor at "
+        "index ", i, " is ", t.scalar_type(), " and tensor at index 0 is ", first.scalar_type());
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      if (d != dim) {
+        TORCH_CHECK(
+            t.size(d) == first.size(d), "gather: tensor at index ", i, " has invalid shape ", t.sizes(),
+            ", but expected the shape of tensor 0, ", first.sizes(), ", in every dimension but dim ", dim);
+      }
+    }
+  }
+  if (inputs.size() == 1 && first.device() == destination) {
+    return first;
+  }
+  // TensorList, not std::vector: autograd only tracks tensors it sees as Tensor or TensorList arguments.
+  return GatherFunction::apply(at::TensorList(inputs), destination, dim)[0];
+}
+
+namespace detail {
+
+at::Tensor gather_function(const std::vector<at::Tensor>& inputs, c10::Device destination, int64_t dim) {
+  return GatherFunction::apply(at::TensorList(inputs), destination, dim)[0];
+}
+
+} // namespace detail
+} // namespace torch_dp

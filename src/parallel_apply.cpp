@@ -1,0 +1,250 @@
+#include <torch_dp/parallel_apply.h>
+
+#include <ATen/ThreadLocalState.h>
+#include <c10/core/Stream.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Type.h>
+
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <optional>
+#include <thread>
+
+#include <unistd.h>
+
+// Note [Worker pool]
+// ~~~~~~~~~~~~~~~~~~
+// PyTorch's parallel_apply starts one Python thread per replica on every forward and joins them; starting and
+// joining threads costs more than a small model's whole forward. A WorkerPool keeps its threads: worker i
+// waits on its own queue, so a run() hands task i to worker i - 1 (one lock and one notify) and runs task 0
+// on the calling thread, which would otherwise sit idle. Each run() waits on its own latch, so several threads
+// can share a pool; a run() from inside one of the pool's own tasks (a nested DataParallel) runs inline, since
+// waiting for a busy worker from that worker would deadlock.
+//
+// After fork() only the forking thread exists in the child, and the pool's mutexes may be held by threads that
+// are gone. run() notices the new process id and starts a fresh set of workers; the parent's bookkeeping is
+// deliberately leaked in the child, as nothing there can be safely joined or unlocked.
+
+namespace torch_dp {
+namespace {
+
+struct Latch {
+  explicit Latch(size_t count) : remaining(count) {}
+  void count_down() {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (--remaining == 0) {
+      done.notify_all();
+    }
+  }
+  void wait() {
+    std::unique_lock<std::mutex> lock(mutex);
+    done.wait(lock, [&] { return remaining == 0; });
+  }
+  std::mutex mutex;
+  std::condition_variable done;
+  size_t remaining;
+};
+
+struct Job {
+  const std::function<void(size_t)>* task = nullptr;
+  size_t index = 0;
+  std::exception_ptr* error = nullptr;
+  Latch* latch = nullptr;
+};
+
+thread_local const void* current_pool = nullptr;
+
+} // namespace
+
+struct WorkerPool::State {
+  struct Worker {
+    std::thread thread;
+    std::mutex mutex;
+    std::condition_variable wake;
+    std::deque<Job> jobs;
+    bool stop = false;
+  };
+
+  ~State() {
+    for (auto& worker : workers) {
+      std::lock_guard<std::mutex> lock(worker->mutex);
+      worker->stop = true;
+      worker->wake.notify_one();
+    }
+    for (auto& worker : workers) {
+      if (!worker->thread.joinable()) {
+        continue;
+      }
+      if (worker->thread.get_id() == std::this_thread::get_id()) {
+        worker->thread.detach();  // the pool died inside its own task; that thread exits after the task
+      } else {
+        worker->thread.join();
+      }
+    }
+  }
+
+  static void loop(State* state, Worker* worker) {
+    current_pool = state;
+    for (;;) {
+      Job job;
+      {
+        std::unique_lock<std::mutex> lock(worker->mutex);
+        worker->wake.wait(lock, [&] { return worker->stop || !worker->jobs.empty(); });
+        if (worker->jobs.empty()) {
+          return;
+        }
+        job = worker->jobs.front();
+        worker->jobs.pop_front();
+      }
+      try {
+        (*job.task)(job.index);
+      } catch (...) {
+        *job.error = std::current_exception();
+      }
+      job.latch->count_down();
+    }
+  }
+
+  std::mutex mutex;  // guards `workers`
+  std::vector<std::unique_ptr<Worker>> workers;
+  const pid_t pid = getpid();
+};
+
+WorkerPool::WorkerPool() : state_(std::make_shared<State>()) {}
+
+WorkerPool::~WorkerPool() {
+  if (state_ && state_->pid != getpid()) {
+    new std::shared_ptr<State>(std::move(state_));  // forked child: see Note [Worker pool]
+  }
+}
+
+size_t WorkerPool::num_threads() const {
+  if (state_->pid != getpid()) {
+    return 0;
+  }
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return state_->workers.size();
+}
+
+std::vector<std::exception_ptr> WorkerPool::run(size_t n, const std::function<void(size_t)>& task) {
+  std::vector<std::exception_ptr> errors(n);
+  if (state_->pid != getpid()) {
+    new std::shared_ptr<State>(std::move(state_));  // forked child: see Note [Worker pool]
+    state_ = std::make_shared<State>();
+  }
+  auto run_inline = [&](size_t i) {
+    try {
+      task(i);
+    } catch (...) {
+      errors[i] = std::current_exception();
+    }
+  };
+  if (n <= 1 || current_pool == state_.get()) {
+    for (size_t i = 0; i < n; ++i) {
+      run_inline(i);
+    }
+    return errors;
+  }
+  State* state = state_.get();
+  std::vector<State::Worker*> workers;
+  {
+    std::lock_guard<std::mutex> lock(state->mutex);
+    while (state->workers.size() < n - 1) {
+      auto worker = std::make_unique<State::Worker>();
+      worker->thread = std::thread(&State::loop, state, worker.get());
+      state->workers.push_back(std::move(worker));
+    }
+    for (size_t i = 0; i + 1 < n; ++i) {
+      workers.push_back(state->workers[i].get());
+    }
+  }
+  Latch latch(n - 1);
+  for (size_t i = 1; i < n; ++i) {
+    auto* worker = workers[i - 1];
+    {
+      std::lock_guard<std::mutex> lock(worker->mutex);
+      worker->jobs.push_back(Job{&task, i, &errors[i], &latch});
+    }
+    worker->wake.notify_one();
+  }
+  run_inline(0);
+  latch.wait();
+  return errors;
+}
+
+std::string device_label(c10::Device device) {
+  if (device.is_cpu()) {
+    return "cpu";
+  }
+  return device.has_index() ? std::to_string(device.index()) : device.str();
+}
+
+namespace {
+
+std::string describe(const std::exception_ptr& error, std::string& type) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const c10::Error& e) {
+    type = c10::demangle(typeid(e).name());
+    return e.what_without_backtrace();
+  } catch (const std::exception& e) {
+    type = c10::demangle(typeid(e).name());
+    return e.what();
+  } catch (...) {
+    type = "unknown exception";
+    return "(not a std::exception)";
+  }
+}
+
+std::string replica_message(size_t replica, c10::Device device, const std::exception_ptr& original) {
+  std::string type;
+  const auto what = describe(original, type);
+  return "Caught " + type + " in replica " + std::to_string(replica) + " on device " + device_label(device) +
+      ".\nOriginal error: " + what;
+}
+
+} // namespace
+
+ReplicaError::ReplicaError(size_t replica, c10::Device device, std::exception_ptr original)
+    : std::runtime_error(replica_message(replica, device, original)),
+      replica_(replica),
+      device_(device),
+      original_(std::move(original)) {}
+
+void parallel_apply(WorkerPool& pool, at::ArrayRef<c10::Device> devices, const std::function<void(size_t)>& task) {
+  const size_t n = devices.size();
+  // Threads do not inherit thread-local state: capture the caller's (grad mode, inference mode, autocast
+  // state and dtype, dispatch keys, ...) and its current stream per device, and install them in each worker.
+  const at::ThreadLocalState tls;
+  const auto caller = std::this_thread::get_id();
+  std::vector<std::optional<c10::Stream>> streams(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (!devices[i].is_cpu()) {
+      TORCH_CHECK(devices[i].has_index(), "parallel_apply: device ", devices[i].str(), " has no index");
+      c10::impl::VirtualGuardImpl impl(devices[i].type());
+      streams[i] = impl.getStream(devices[i]);
+    }
+  }
+  const std::function<void(size_t)> run_replica = [&](size_t i) {
+    std::optional<at::ThreadLocalStateGuard> tls_guard;
+    if (std::this_thread::get_id() != caller) {
+      tls_guard.emplace(tls);
+    }
+    c10::OptionalStreamGuard stream_guard;
+    if (streams[i]) {
+      stream_guard.reset_stream(*streams[i]);
+    }
+    task(i);
+  };
+  auto errors = pool.run(n, run_replica);
+  for (size_t i = 0; i < n; ++i) {
+    if (errors[i]) {
+      throw ReplicaError(i, devices[i], errors[i]);
+    }
+  }
+}
+
+} // namespace torch_dp

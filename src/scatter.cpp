@@ -1,0 +1,145 @@
+#include <torch_dp/scatter.h>
+
+#include "autograd_functions.h"
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <numeric>
+#include <string>
+
+namespace torch_dp {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct ScatterFunction : public torch::autograd::Function<ScatterFunction> {
+  static variable_list forward(
+      AutogradContext* ctx,
+      const at::Tensor& input,
+      const std::vector<c10::Device>& devices,
+      const std::vector<int64_t>& sizes,
+      int64_t dim) {
+    ctx->saved_data["input_device_type"] = static_cast<int64_t>(input.device().type());
+    ctx->saved_data["input_device_index"] = static_cast<int64_t>(input.device().index());
+    ctx->saved_data["dim"] = dim;
+    auto chunks = input.split_with_sizes(sizes, dim);
+    for (size_t i = 0; i < chunks.size(); ++i) {
+      if (devices[i] != input.device()) {
+        // Allocate under the target's guard so the copy is ordered on that device's current stream.
+        c10::OptionalDeviceGuard guard;
+        if (!devices[i].is_cpu()) {
+          guard.reset_device(devices[i]);
+        }
+        chunks[i] = chunks[i].to(
+            chunks[i].options().device(devices[i]), /*non_blocking=*/true, /*copy=*/false,
+            c10::MemoryFormat::Preserve);
+      }
+    }
+    return chunks;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const c10::Device input_device(
+        static_cast<c10::DeviceType>(ctx->saved_data["input_device_type"].toInt()),
+        static_cast<c10::DeviceIndex>(ctx->saved_data["input_device_index"].toInt()));
+    const int64_t dim = ctx->saved_data["dim"].toInt();
+    return {detail::gather_function(grads, input_device, dim), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+} // namespace
+
+std::vector<int64_t> chunk_sizes(int64_t size, int64_t num_chunks) {
+  TORCH_CHECK(num_chunks > 0, "chunk_sizes: the number of chunks must be positive, but got ", num_chunks);
+  TORCH_CHECK(size >= 0, "chunk_sizes: the size must be non-negative, but got ", size);
+  if (size == 0) {
+    return std::vector<int64_t>(num_chunks, 0);
+  }
+  const int64_t split = (size + num_chunks - 1) / num_chunks;
+  std::vector<int64_t> sizes;
+  for (int64_t left = size; left > 0; left -= split) {
+    sizes.push_back(std::min(split, left));
+  }
+  return sizes;
+}
+
+std::vector<at::Tensor> scatter(
+    const at::Tensor& input,
+    at::ArrayRef<c10::Device> devices,
+    const std::optional<std::vector<int64_t>>& sizes,
+    int64_t dim) {
+  TORCH_CHECK(input.defined(), "scatter: expected a tensor, but got an undefined tensor");
+  TORCH_CHECK(!devices.empty(), "scatter: expected at least one device to scatter to");
+  TORCH_CHECK(
+      input.dim() > 0,
+      "scatter: cannot split a 0-dim (scalar) tensor along dim ", dim,
+      "; DataParallel splits tensor inputs along the batch dimension, so pass tensors with at least one dimension");
+  dim = c10::maybe_wrap_dim(dim, input.dim());
+  const int64_t length = input.size(dim);
+  std::vector<int64_t> split;
+  if (sizes) {
+    TORCH_CHECK(
+        sizes->size() == devices.size(),
+        "scatter: expected one chunk size per device, but got ", sizes->size(), " chunk sizes for ",
+        devices.size(), " devices");
+    for (size_t i = 0; i < sizes->size(); ++i) {
+      TORCH_CHECK((*sizes)[i] >= 0, "scatter: chunk sizes must be non-negative, but chunk ", i, " has size ",
+                  (*sizes)[i]);
+    }
+    const int64_t total = std::accumulate(sizes->begin(), sizes->end(), int64_t{0});
+    TORCH_CHECK(
+        total == length, "scatter: the chunk sizes add up to ", total, " but the tensor has ", length,
+        " elements along dim ", dim, " (sizes ", c10::IntArrayRef(*sizes), ", tensor shape ", input.sizes(), ")");
+    split = *sizes;
+  } else {
+    split = chunk_sizes(length, static_cast<int64_t>(devices.size()));
+  }
+  std::vector<c10::Device> used(devices.begin(), devices.begin() + split.size());
+  for (const auto& device : used) {
+    TORCH_CHECK(
+        device.is_cpu() || device.has_index(), "scatter: device ", device.str(),
+        " has no index; give every accelerator device an index");
+  }
+  return ScatterFunction::apply(input, used, split, dim);
+}
+
+namespace detail {
+
+std::vector<at::Tensor> scatter_function(
+    const at::Tensor& input, const std::vector<c10::Device>& devices, const std::vector<int64_t>& sizes, int64_t dim) {
+  return ScatterFunction::apply(input, devices, sizes, dim);
+}
+
+std::vector<int64_t> device_types(const std::vector<c10::Device>& devices) {
+  std::vector<int64_t> out;
+  out.reserve(devices.size());
+  for (const auto& d : devices) {
+    out.push_back(static_cast<int64_t>(d.type()));
+  }
+  return out;
+}
+
+std::vector<int64_t> device_indices(const std::vector<c10::Device>& devices) {
+  std::vector<int64_t> out;
+  out.reserve(devices.size());
+  for (const auto& d : devices) {
+    out.push_back(static_cast<int64_t>(d.index()));
+  }
+  return out;
+}
+
+std::vector<c10::Device> devices_from(c10::ArrayRef<int64_t> types, c10::ArrayRef<int64_t> indices) {
+  std::vector<c10::Device> out;
+  out.reserve(types.size());
+  for (size_t i = 0; i < types.size(); ++i) {
+    out.emplace_back(static_cast<c10::DeviceType>(types[i]), static_cast<c10::DeviceIndex>(indices[i]));
+  }
+  return out;
+}
+
+} // namespace detail
+} // namespace torch_dp
