@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Installs what building and testing torch_dp needs, where it is missing: a C++ toolchain, CMake, Ninja,
+# ccache and Catch2 (Debian/Ubuntu packages), and torch, pytest and hypothesis (pip). Sourced by the
+# scripts that build; safe to run again.
+set -euo pipefail
+
+missing_packages=()
+command -v cmake >/dev/null 2>&1 || missing_packages+=(cmake)
+command -v ninja >/dev/null 2>&1 || missing_packages+=(ninja-build)
+command -v g++ >/dev/null 2>&1 || missing_packages+=(g++)
+command -v ccache >/dev/null 2>&1 || missing_packages+=(ccache)
+if [ ! -e /usr/include/catch2/catch.hpp ] && [ ! -e /usr/include/catch2/catch_test_macros.hpp ]; then
+  missing_packages+=(catch2)
+fi
+if [ ${#missing_packages[@]} -gt 0 ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "ensure_deps: installing ${missing_packages[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing_packages[@]}" >/dev/null
+  else
+    echo "ensure_deps: please install ${missing_packages[*]}" >&2
+    exit 1
+  fi
+fi
+
+PYTHON=${PYTHON:-python3}
+# torch: keep whatever torch is installed (a CUDA build on a GPU machine); else the pinned CPU build.
+if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+  echo "ensure_deps: installing torch==2.13.0"
+  "$PYTHON" -m pip install -q torch==2.13.0
+fi
+for module in pytest hypothesis; do
+  if ! "$PYTHON" -c "import $module" >/dev/null 2>&1; then
+    echo "ensure_deps: installing $module"
+    "$PYTHON" -m pip install -q "$module"
+  fi
+done

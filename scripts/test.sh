@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Every test: installs what is missing, builds once (scripts/build.sh), then runs ctest (C++), the installed-
+# package C++ example, and pytest (Python).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/build.sh
+PYTHON=${PYTHON:-python3}
+ctest --test-dir build --output-on-failure
+PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m pytest tests/python -q -p no:cacheprovider
