@@ -307,13 +307,16 @@ bool CoalescedCopies::refresh(at::TensorList sources) {
     if (!group.flat.defined()) {
       const auto k = group.members[0];
       copies_[k] = sources[k].to(device_);  // sparse: a new copy every time
+      if (!aliases_.empty()) {
+        aliases_[k].set_data(copies_[k]);
+      }
       continue;
     }
     bool stale = group.flat_version < 0 || version_of(group.flat) != group.flat_version;
     for (auto k : group.members) {
       const auto& s = sources[k];
       stale = stale || stamps_[k].data != s.const_data_ptr() || version_of(s) != stamps_[k].version ||
-          stamps_[k].version < 0;
+          stamps_[k].version < 0 || (!aliases_.empty() && version_of(aliases_[k]) != alias_versions_[k]);
     }
     if (!stale) {
       continue;
@@ -335,10 +338,29 @@ bool CoalescedCopies::refresh(at::TensorList sources) {
     }
     for (auto k : group.members) {
       stamps_[k] = Stamp{sources[k].const_data_ptr(), version_of(sources[k])};
+      if (!aliases_.empty()) {
+        alias_versions_[k] = version_of(aliases_[k]);
+      }
     }
     group.flat_version = version_of(group.flat);
   }
   return true;
+}
+
+void CoalescedCopies::bind(std::vector<at::Tensor> aliases) {
+  TORCH_CHECK(
+      aliases.size() == copies_.size(), "CoalescedCopies::bind: expected ", copies_.size(), " tensors, got ",
+      aliases.size());
+  c10::InferenceMode not_inference(false);
+  at::NoGradGuard no_grad;
+  alias_versions_.assign(aliases.size(), -1);
+  for (size_t k = 0; k < aliases.size(); ++k) {
+    if (copies_[k].defined()) {
+      aliases[k].set_data(copies_[k]);
+    }
+    alias_versions_[k] = version_of(aliases[k]);
+  }
+  aliases_ = std::move(aliases);
 }
 
 std::vector<std::vector<at::Tensor>> attach_broadcast_grad(

@@ -36,6 +36,11 @@ class CoalescedCopies {
   /// source changed shape, dtype, device or layout: the caller must build new CoalescedCopies.
   bool refresh(at::TensorList sources);
 
+  /// Makes `aliases` (tensors the caller owns, such as a replica module's parameters, one per source) share
+  /// the copies' memory (set_data), and treats a write through any of them as a change that the next refresh
+  /// undoes. Call again after building new CoalescedCopies.
+  void bind(std::vector<at::Tensor> aliases);
+
   const std::vector<at::Tensor>& copies() const { return copies_; }
   c10::Device device() const { return device_; }
 
@@ -55,6 +60,8 @@ class CoalescedCopies {
   std::vector<at::Tensor> copies_;
   std::vector<Group> groups_;
   std::vector<Stamp> stamps_;       // per source, as of the last refresh
+  std::vector<at::Tensor> aliases_; // see bind(); empty when unbound
+  std::vector<int64_t> alias_versions_;
   std::vector<std::vector<int64_t>> sizes_;
   std::vector<at::ScalarType> dtypes_;
   std::vector<c10::Device> source_devices_;

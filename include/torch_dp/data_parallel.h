@@ -1,0 +1,272 @@
+#pragma once
+// data_parallel: torch_dp::DataParallel, a torch::nn module that runs the module it wraps in parallel over
+// devices, and torch_dp::data_parallel, a drop-in for torch::nn::parallel::data_parallel.
+
+#include <torch_dp/gather.h>
+#include <torch_dp/parallel_apply.h>
+#include <torch_dp/scatter.h>
+
+#include <ATen/core/ivalue.h>
+#include <torch/arg.h>
+#include <torch/nn/cloneable.h>
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/any.h>
+#include <torch/nn/modules/container/sequential.h>
+#include <torch/nn/pimpl.h>
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace torch_dp {
+
+/// Options for DataParallel.
+struct DataParallelOptions {
+  DataParallelOptions() = default;
+  /* implicit */ DataParallelOptions(std::vector<c10::Device> devices) : devices_(std::move(devices)) {}
+
+  /// The replicas' devices, repeats allowed (several replicas per device) and CPU allowed. Empty: every
+  /// accelerator device; without any accelerator, forward calls the module directly.
+  TORCH_ARG(std::vector<c10::Device>, devices);
+  /// Where the outputs are gathered; default devices[0].
+  TORCH_ARG(std::optional<c10::Device>, output_device) = std::nullopt;
+  /// The dimension inputs are split along and outputs concatenated along.
+  TORCH_ARG(int64_t, dim) = 0;
+  /// Rows per device instead of torch.chunk's split (one per device, adding up to the batch).
+  TORCH_ARG(std::optional<std::vector<int64_t>>, chunk_sizes) = std::nullopt;
+};
+
+namespace detail {
+
+struct ReplicaSet;  // persistent replicas and workers, data_parallel.cpp
+
+/// The wrapped module and a way to call its forward: through AnyModule, or, for nn::Sequential (which
+/// AnyModule cannot hold, its forward being a template), through Sequential's own forward.
+class ModuleCaller {
+ public:
+  ModuleCaller() = default;
+  explicit ModuleCaller(torch::nn::AnyModule any) : any_(std::move(any)) {}
+  explicit ModuleCaller(std::shared_ptr<torch::nn::SequentialImpl> sequential) : sequential_(std::move(sequential)) {}
+
+  template <typename ModuleType>
+  static ModuleCaller of(std::shared_ptr<ModuleType> module) {
+    if constexpr (std::is_base_of_v<torch::nn::SequentialImpl, ModuleType>) {
+      return ModuleCaller(std::static_pointer_cast<torch::nn::SequentialImpl>(std::move(module)));
+    } else {
+      return ModuleCaller(torch::nn::AnyModule(std::move(module)));
+    }
+  }
+
+  std::shared_ptr<torch::nn::Module> ptr() const { return sequential_ ? sequential_ : any_.ptr(); }
+  bool empty() const { return !sequential_ && any_.is_empty(); }
+  ModuleCaller clone(const std::optional<c10::Device>& device) const;
+
+  template <typename ReturnType, typename... ArgumentTypes>
+  ReturnType forward(const ArgumentTypes&... arguments) {
+    if (sequential_) {
+      return sequential_->forward<ReturnType>(arguments...);
+    }
+    return any_.forward<ReturnType>(arguments...);
+  }
+
+ private:
+  torch::nn::AnyModule any_;
+  std::shared_ptr<torch::nn::SequentialImpl> sequential_;
+};
+
+/// How one forward splits its arguments: devices, sizes and dim, and how many replicas it runs.
+struct SplitPlan {
+  std::vector<c10::Device> devices;
+  std::optional<std::vector<int64_t>> sizes;
+  int64_t dim = 0;
+  int64_t count = -1;  // replicas, from the first split argument; -1 until then
+};
+
+std::vector<at::Tensor> split_tensor(const at::Tensor& tensor, SplitPlan& plan);
+std::vector<c10::IValue> split_ivalue(const c10::IValue& value, SplitPlan& plan);
+c10::IValue gather_ivalues(const std::vector<c10::IValue>& outputs, c10::Device destination, int64_t dim);
+
+/// Marks a forward argument that every replica receives as it is.
+struct Unsplit {};
+
+/// Per-replica copies of one forward argument: tensors (alone or inside IValues) are split, anything else
+/// (ints, options, strings) is given to every replica as it is.
+template <typename T>
+auto split_argument(const T& value, SplitPlan& plan) {
+  if constexpr (std::is_same_v<T, at::Tensor>) {
+    return split_tensor(value, plan);
+  } else if constexpr (std::is_same_v<T, c10::IValue>) {
+    return split_ivalue(value, plan);
+  } else {
+    return Unsplit{};
+  }
+}
+
+/// Replica i's value of an argument: its chunk, or the argument itself.
+template <typename T, typename PerReplica>
+const T& replica_argument(const T& original, const PerReplica& per_replica, size_t i) {
+  if constexpr (std::is_same_v<PerReplica, Unsplit>) {
+    return original;
+  } else {
+    return per_replica[i];
+  }
+}
+
+template <typename T>
+struct IsTensorTuple : std::false_type {};
+template <typename... Ts>
+struct IsTensorTuple<std::tuple<Ts...>> : std::bool_constant<(std::is_same_v<Ts, at::Tensor> && ...)> {};
+
+/// Gathers the replicas' outputs: a Tensor, std::vector<Tensor>, std::tuple of Tensors, or an IValue holding
+/// tensors inside tuples, lists and dicts.
+template <typename ReturnType>
+ReturnType gather_outputs(std::vector<ReturnType>& outputs, c10::Device destination, int64_t dim) {
+  if constexpr (std::is_same_v<ReturnType, at::Tensor>) {
+    return gather(outputs, destination, dim);
+  } else if constexpr (std::is_same_v<ReturnType, c10::IValue>) {
+    return gather_ivalues(outputs, destination, dim);
+  } else if constexpr (std::is_same_v<ReturnType, std::vector<at::Tensor>> || IsTensorTuple<ReturnType>::value) {
+    std::vector<c10::IValue> values;
+    values.reserve(outputs.size());
+    for (auto& output : outputs) {
+      values.emplace_back(std::move(output));
+    }
+    return gather_ivalues(values, destination, dim).template to<ReturnType>();
+  } else {
+    static_assert(
+        std::is_same_v<ReturnType, at::Tensor>,
+        "DataParallel gathers Tensor, std::vector<Tensor>, std::tuple<Tensor...> or IValue outputs");
+  }
+}
+
+} // namespace detail
+
+/// Data parallelism for LibTorch: the input is split along `dim` into one chunk per device, the wrapped module
+/// runs on each chunk in a replica on persistent worker threads, and the outputs are concatenated on
+/// `output_device`.
+///
+/// Unlike torch::nn::parallel::data_parallel, replicas are built once (with clone()) and kept: the replica on
+/// the module's own device is the module itself, others share its parameters' memory where they are on the
+/// same device, and copies elsewhere are refreshed only when the parameters changed. Gradients reach the
+/// wrapped module's parameters, BatchNorm statistics follow PyTorch's rule (the first replica's updates are
+/// kept), grad mode and autocast reach the workers, and a failing replica is rethrown as a ReplicaError that
+/// names it. The wrapped module must be Cloneable when several replicas are used.
+class DataParallelImpl : public torch::nn::Cloneable<DataParallelImpl> {
+ public:
+  explicit DataParallelImpl(detail::ModuleCaller module, DataParallelOptions options = {});
+
+  explicit DataParallelImpl(torch::nn::AnyModule module, DataParallelOptions options = {})
+      : DataParallelImpl(detail::ModuleCaller(std::move(module)), std::move(options)) {}
+
+  template <typename ModuleType>
+  explicit DataParallelImpl(std::shared_ptr<ModuleType> module, DataParallelOptions options = {})
+      : DataParallelImpl(detail::ModuleCaller::of(std::move(module)), std::move(options)) {}
+
+  template <typename ModuleType>
+  explicit DataParallelImpl(torch::nn::ModuleHolder<ModuleType> module, DataParallelOptions options = {})
+      : DataParallelImpl(detail::ModuleCaller::of(module.ptr()), std::move(options)) {}
+
+  void reset() override;
+
+  /// A DataParallel around a clone of the wrapped module (its replicas are built anew on first use).
+  std::shared_ptr<torch::nn::Module> clone(const std::optional<c10::Device>& device = std::nullopt) const override;
+
+  void pretty_print(std::ostream& stream) const override;
+
+  /// The common case: one tensor in, one tensor out.
+  at::Tensor forward(const at::Tensor& input) { return forward_as<at::Tensor>(input); }
+
+  /// The general case. Tensor arguments, and tensors inside IValue arguments, are split; other arguments are
+  /// given to every replica as they are. Each replica calls the wrapped module's forward with its arguments,
+  /// which must return ReturnType: a Tensor, std::vector<Tensor>, std::tuple of Tensors, or an IValue of tensors
+  /// inside tuples, lists and dicts. The outputs are gathered on the output device.
+  template <typename ReturnType = at::Tensor, typename... ArgumentTypes>
+  ReturnType forward_as(const ArgumentTypes&... arguments);
+
+  /// The wrapped module (registered as the submodule "module", so parameters are named "module.<name>").
+  std::shared_ptr<torch::nn::Module> module() const { return module_.ptr(); }
+
+  DataParallelOptions options;
+
+  /// The devices forward uses (the options' devices, or every accelerator device); empty means a direct call.
+  const std::vector<c10::Device>& devices() const { return devices_; }
+  c10::Device output_device() const;
+
+ private:
+  /// Ensures replicas for the first `count` devices are current and returns them (Note [C++ replicas]).
+  std::vector<detail::ModuleCaller*> replicas(size_t count);
+  WorkerPool& pool();
+  std::unique_lock<std::mutex> lock();
+
+  detail::ModuleCaller module_;
+  std::vector<c10::Device> devices_;
+  std::shared_ptr<detail::ReplicaSet> replica_set_;
+};
+
+TORCH_MODULE(DataParallel);
+
+template <typename ReturnType, typename... ArgumentTypes>
+ReturnType DataParallelImpl::forward_as(const ArgumentTypes&... arguments) {
+  if (devices_.empty()) {
+    return module_.forward<ReturnType>(arguments...);
+  }
+  auto guard = lock();
+  detail::SplitPlan plan{devices_, options.chunk_sizes(), options.dim(), -1};
+  auto split = std::make_tuple(detail::split_argument(arguments, plan)...);
+  // Without tensor arguments, every device runs one replica on the same arguments.
+  const size_t count = plan.count < 0 ? devices_.size() : static_cast<size_t>(plan.count);
+  auto modules = replicas(count);
+  std::vector<std::optional<ReturnType>> results(count);
+  std::vector<c10::Device> used(devices_.begin(), devices_.begin() + count);
+  parallel_apply(pool(), used, [&](size_t i) {
+    results[i] = std::apply(
+        [&](const auto&... per_replica) {
+          return modules[i]->template forward<ReturnType>(detail::replica_argument(arguments, per_replica, i)...);
+        },
+        split);
+  });
+  guard.unlock();
+  std::vector<ReturnType> outputs;
+  outputs.reserve(count);
+  for (auto& result : results) {
+    outputs.push_back(std::move(*result));
+  }
+  return detail::gather_outputs<ReturnType>(outputs, output_device(), options.dim());
+}
+
+/// A drop-in for torch::nn::parallel::data_parallel with the same signature, on torch_dp's engine: replicas
+/// are kept per module between calls instead of cloned on every call, and the module is not moved.
+template <typename ModuleType>
+at::Tensor data_parallel(
+    ModuleType module,
+    at::Tensor input,
+    std::optional<std::vector<c10::Device>> devices = std::nullopt,
+    std::optional<c10::Device> output_device = std::nullopt,
+    int64_t dim = 0);
+
+namespace detail {
+/// The cached DataParallel for a module (weakly keyed by the module), made or updated for these options.
+DataParallel cached_data_parallel(const ModuleCaller& module, const DataParallelOptions& options);
+} // namespace detail
+
+template <typename ModuleType>
+at::Tensor data_parallel(
+    ModuleType module,
+    at::Tensor input,
+    std::optional<std::vector<c10::Device>> devices,
+    std::optional<c10::Device> output_device,
+    int64_t dim) {
+  DataParallelOptions options;
+  if (devices) {
+    options.devices(*devices);
+  }
+  options.output_device(output_device).dim(dim);
+  return detail::cached_data_parallel(detail::ModuleCaller::of(module.ptr()), options)->forward(input);
+}
+
+} // namespace torch_dp
