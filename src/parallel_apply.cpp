@@ -218,8 +218,10 @@ void parallel_apply(WorkerPool& pool, at::ArrayRef<c10::Device> devices, const s
   const size_t n = devices.size();
   // Threads do not inherit thread-local state: capture the caller's (grad mode, inference mode, autocast
   // state and dtype, dispatch keys, ...) and its current stream per device, and install them in each worker.
+  // The guard is also taken where a replica runs on the calling thread (replica 0, or a single replica): it
+  // restores the caller's state afterwards, so a forward that changes it (torch.set_grad_enabled(False)) does
+  // not leak into the caller, just as with PyTorch's throw-away threads.
   const at::ThreadLocalState tls;
-  const auto caller = std::this_thread::get_id();
   std::vector<std::optional<c10::Stream>> streams(n);
   for (size_t i = 0; i < n; ++i) {
     if (!devices[i].is_cpu()) {
@@ -229,10 +231,7 @@ void parallel_apply(WorkerPool& pool, at::ArrayRef<c10::Device> devices, const s
     }
   }
   const std::function<void(size_t)> run_replica = [&](size_t i) {
-    std::optional<at::ThreadLocalStateGuard> tls_guard;
-    if (std::this_thread::get_id() != caller) {
-      tls_guard.emplace(tls);
-    }
+    const at::ThreadLocalStateGuard tls_guard(tls);
     c10::OptionalStreamGuard stream_guard;
     if (streams[i]) {
       stream_guard.reset_stream(*streams[i]);

@@ -106,18 +106,24 @@ def _public_id(device: torch.device) -> Union[int, torch.device]:
 
 # ---- scatter -----------------------------------------------------------------------------------------------
 
-def _describe_counts(obj: Any, devices: list[torch.device], dim: int) -> str:
+def _describe_counts(obj: Any, devices: list[torch.device], dim: int, roots: Optional[tuple[str, ...]] = None) -> str:
     parts = []
     for path, leaf in pytree.tree_flatten_with_path(obj)[0]:
         if isinstance(leaf, torch.Tensor):
-            where = pytree.keystr(path) or "input"
+            if roots is not None and path:
+                # (args, kwargs) from scatter_kwargs: name the argument, not its position in that pair.
+                where = roots[path[0].idx] + pytree.keystr(path[1:])
+            else:
+                where = pytree.keystr(path) or "input"
             size = leaf.size(dim) if leaf.dim() > 0 else "a scalar"
             chunks = len(_C.chunk_sizes(leaf.size(dim), len(devices))) if leaf.dim() > 0 else "-"
             parts.append(f"{where}: {size} along dim {dim} -> {chunks} chunks")
     return "; ".join(parts)
 
 
-def _split_tree(obj: Any, devices: list[torch.device], dim: int) -> Optional[list[Any]]:
+def _split_tree(
+    obj: Any, devices: list[torch.device], dim: int, roots: Optional[tuple[str, ...]] = None
+) -> Optional[list[Any]]:
     """obj once per replica, its tensors chunked; None when obj holds no tensor."""
     leaves, spec = pytree.tree_flatten(obj)
     positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
@@ -130,7 +136,7 @@ def _split_tree(obj: Any, devices: list[torch.device], dim: int) -> Optional[lis
         raise ValueError(
             "DataParallel scatters every tensor argument along dim "
             f"{dim}, and these give different numbers of chunks over {len(devices)} devices: "
-            f"{_describe_counts(obj, devices, dim)}. Give all tensor arguments the same size along dim {dim}."
+            f"{_describe_counts(obj, devices, dim, roots)}. Give all tensor arguments the same size along dim {dim}."
         )
     replicas = []
     for r in range(count):
@@ -141,14 +147,17 @@ def _split_tree(obj: Any, devices: list[torch.device], dim: int) -> Optional[lis
     return replicas
 
 
+_ARGS_KWARGS = ("args", "kwargs")
+
+
 def _scatter_kwargs(inputs: tuple, kwargs: dict, devices: list[torch.device], dim: int) -> tuple[tuple, tuple]:
     if not kwargs and inputs and all(isinstance(x, torch.Tensor) for x in inputs):
         chunked = [_C.scatter(x, devices, None, dim) for x in inputs]
         count = len(chunked[0])
         if any(len(chunks) != count for chunks in chunked):
-            _split_tree((inputs, kwargs), devices, dim)  # raises the descriptive error
+            _split_tree((inputs, kwargs), devices, dim, _ARGS_KWARGS)  # raises the descriptive error
         return tuple(zip(*chunked)), tuple({} for _ in range(count))
-    split = _split_tree((inputs, kwargs), devices, dim)
+    split = _split_tree((inputs, kwargs), devices, dim, _ARGS_KWARGS)
     if split is None:
         # No tensors: every replica gets the same objects (one replica for a call without arguments).
         count = len(devices) if (inputs or kwargs) else 0
@@ -190,7 +199,7 @@ def gather(outputs: Sequence[Any], target_device: Optional[DeviceLike], dim: int
     if isinstance(outputs[0], torch.Tensor):
         for i, out in enumerate(outputs):
             if not isinstance(out, torch.Tensor):
-                raise TypeError(
+                raise ValueError(  # a different structure, as in the pytree branch below
                     f"gather: replica 0 returned a tensor but replica {i} returned {type(out).__name__}; "
                     "every replica must return the same structure"
                 )

@@ -1,0 +1,236 @@
+"""torch_dp.scatter / torch_dp.scatter_kwargs: torch.chunk sizes, nested structures, views, errors, gradients."""
+
+import collections
+
+import pytest
+import torch
+
+import torch_dp
+
+Pair = collections.namedtuple("Pair", ["tensor", "label"])
+
+
+def cpus(n):
+    return ["cpu"] * n
+
+
+# ---- chunk sizes ---------------------------------------------------------------------------------------------
+
+CHUNK_TABLE = [
+    (30, 2, [15, 15]),
+    (30, 3, [10, 10, 10]),
+    (30, 4, [8, 8, 8, 6]),
+    (30, 8, [4, 4, 4, 4, 4, 4, 4, 2]),  # seven of 4 and one of 2: torch.chunk, not an even split
+    (10, 4, [3, 3, 3, 1]),
+    (10, 8, [2, 2, 2, 2, 2]),  # five of 2: only five replicas
+    (6, 4, [2, 2, 2]),  # three chunks of 2: the fourth device idles
+    (5, 4, [2, 2, 1]),
+    (2, 4, [1, 1]),
+    (1, 4, [1]),
+]
+
+
+@pytest.mark.parametrize("rows,devices,sizes", CHUNK_TABLE, ids=[f"{r}on{d}" for r, d, _ in CHUNK_TABLE])
+def test_chunk_table(rows, devices, sizes):
+    x = torch.randn(rows, 3)
+    chunks = torch_dp.scatter(x, cpus(devices))
+    assert isinstance(chunks, tuple)
+    assert [c.shape[0] for c in chunks] == sizes
+    assert all(c.shape[1:] == x.shape[1:] for c in chunks)
+    torch.testing.assert_close(torch.cat(chunks), x, rtol=0, atol=0)
+    # scatter_kwargs gives one (args, kwargs) pair per chunk
+    args, kwargs = torch_dp.scatter_kwargs((x,), {}, cpus(devices))
+    assert [a[0].shape[0] for a in args] == sizes
+    assert kwargs == tuple({} for _ in sizes)
+
+
+def test_chunk_sizes_follow_torch_chunk():
+    for rows in range(0, 18):
+        for devices in range(1, 9):
+            x = torch.randn(rows, 2)
+            expected = [c.shape[0] for c in torch.chunk(x, devices)]
+            assert [c.shape[0] for c in torch_dp.scatter(x, cpus(devices))] == expected, (rows, devices)
+
+
+@pytest.mark.parametrize("dim", [2, -1])
+def test_scatter_along_other_dim(dim):
+    x = torch.randn(3, 10, 2).transpose(1, 2)  # non-contiguous, split along the last dim
+    chunks = torch_dp.scatter(x, cpus(4), dim=dim)
+    assert [c.shape[-1] for c in chunks] == [3, 3, 3, 1]
+    torch.testing.assert_close(torch.cat(chunks, dim=-1), x, rtol=0, atol=0)
+
+
+def test_non_contiguous_input():
+    x = torch.randn(5, 12).t()
+    chunks = torch_dp.scatter(x, cpus(3))
+    assert [c.shape[0] for c in chunks] == [4, 4, 4]
+    torch.testing.assert_close(torch.cat(chunks), x, rtol=0, atol=0)
+
+
+# ---- views ---------------------------------------------------------------------------------------------------
+
+def test_chunks_on_the_same_device_are_views():
+    x = torch.randn(30, 3, dtype=torch.float64)
+    chunks = torch_dp.scatter(x, cpus(4))
+    offset = 0
+    for chunk in chunks:
+        assert chunk.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+        assert chunk.data_ptr() == x.data_ptr() + offset * x.stride(0) * x.element_size()
+        offset += chunk.shape[0]
+    # writing through a chunk writes the input
+    chunks[2][0, 0] = 1234.5
+    assert x[16, 0].item() == 1234.5
+
+
+def test_kwargs_chunks_are_views_too():
+    x = torch.randn(8, 2)
+    _, kwargs = torch_dp.scatter_kwargs((), {"x": x}, cpus(4))
+    assert [kw["x"].data_ptr() - x.data_ptr() for kw in kwargs] == [i * 2 * 2 * x.element_size() for i in range(4)]
+
+
+# ---- nested structures ---------------------------------------------------------------------------------------
+
+def test_nested_args_keep_types_and_pass_leaves_by_identity():
+    x = torch.randn(8, 3)
+    y = torch.randn(8)
+    marker = object()
+    text = "unchanged"
+    inputs = (x, [y, text], {"tensor": x, "object": marker, "number": 7}, Pair(y, "label"), None)
+    replicas = torch_dp.scatter(inputs, cpus(4))
+    assert isinstance(replicas, list) and len(replicas) == 4
+    for i, replica in enumerate(replicas):
+        rows = slice(2 * i, 2 * i + 2)
+        assert type(replica) is tuple and len(replica) == 5
+        torch.testing.assert_close(replica[0], x[rows], rtol=0, atol=0)
+        assert type(replica[1]) is list
+        torch.testing.assert_close(replica[1][0], y[rows], rtol=0, atol=0)
+        assert replica[1][1] is text
+        assert type(replica[2]) is dict and list(replica[2]) == ["tensor", "object", "number"]
+        torch.testing.assert_close(replica[2]["tensor"], x[rows], rtol=0, atol=0)
+        assert replica[2]["object"] is marker
+        assert replica[2]["number"] == 7
+        assert type(replica[3]) is Pair
+        torch.testing.assert_close(replica[3].tensor, y[rows], rtol=0, atol=0)
+        assert replica[3].label == "label"
+        assert replica[4] is None
+
+
+def test_ordered_dict_keeps_its_type():
+    x = torch.randn(4, 2)
+    replicas = torch_dp.scatter(collections.OrderedDict([("b", x), ("a", 1)]), cpus(2))
+    assert [type(r) for r in replicas] == [collections.OrderedDict] * 2
+    assert [list(r) for r in replicas] == [["b", "a"]] * 2
+
+
+def test_structure_without_tensors_goes_to_every_device():
+    marker = [1, 2]
+    replicas = torch_dp.scatter(marker, cpus(3))
+    assert len(replicas) == 3 and all(r is marker for r in replicas)
+    args, kwargs = torch_dp.scatter_kwargs((marker,), {"flag": True}, cpus(3))
+    assert len(args) == 3 and all(a[0] is marker for a in args)
+    assert kwargs == ({"flag": True},) * 3
+
+
+def test_no_arguments_give_no_replicas():
+    assert torch_dp.scatter_kwargs((), {}, cpus(4)) == ((), ())
+    assert torch_dp.scatter_kwargs((), None, cpus(4)) == ((), ())
+
+
+def test_scatter_kwargs_splits_args_and_kwargs():
+    x = torch.randn(10, 3)
+    mask = torch.randn(10) > 0
+    marker = object()
+    args, kwargs = torch_dp.scatter_kwargs((x, "mode"), {"mask": mask, "extra": marker}, cpus(4))
+    assert isinstance(args, tuple) and isinstance(kwargs, tuple)
+    assert len(args) == len(kwargs) == 4
+    bounds = [(0, 3), (3, 6), (6, 9), (9, 10)]
+    for (lo, hi), a, kw in zip(bounds, args, kwargs):
+        assert type(a) is tuple and len(a) == 2
+        torch.testing.assert_close(a[0], x[lo:hi], rtol=0, atol=0)
+        assert a[1] == "mode"
+        assert set(kw) == {"mask", "extra"}
+        assert torch.equal(kw["mask"], mask[lo:hi])
+        assert kw["extra"] is marker
+
+
+def test_kwargs_only():
+    x = torch.randn(6, 2)
+    args, kwargs = torch_dp.scatter_kwargs((), {"x": x}, cpus(4))
+    assert args == ((), (), ())
+    assert [kw["x"].shape[0] for kw in kwargs] == [2, 2, 2]
+
+
+# ---- errors --------------------------------------------------------------------------------------------------
+
+def test_different_chunk_counts_raise_naming_both_tensors():
+    with pytest.raises(ValueError) as info:
+        torch_dp.scatter_kwargs((torch.randn(30, 3),), {"y": torch.randn(6)}, cpus(4))
+    message = str(info.value)
+    assert "args[0]: 30 along dim 0 -> 4 chunks" in message
+    assert "kwargs['y']: 6 along dim 0 -> 3 chunks" in message
+
+
+def test_different_chunk_counts_in_positional_args_raise():
+    with pytest.raises(ValueError, match=r"args\[0\]: 8 .* -> 4 chunks; args\[1\]: 2 .* -> 2 chunks"):
+        torch_dp.scatter_kwargs((torch.randn(8, 3), torch.randn(2, 3)), {}, cpus(4))
+    with pytest.raises(ValueError, match=r"\[0\]: 8 along dim 0 -> 4 chunks; \[1\]\['a'\]: 2 along dim 0"):
+        torch_dp.scatter((torch.randn(8), {"a": torch.randn(2)}), cpus(4))
+
+
+def test_different_sizes_with_equal_chunk_counts_are_fine():
+    args, _ = torch_dp.scatter_kwargs((torch.randn(8, 1), torch.randn(7, 1)), {}, cpus(4))
+    assert [(a[0].shape[0], a[1].shape[0]) for a in args] == [(2, 2), (2, 2), (2, 2), (2, 1)]
+
+
+def test_zero_dim_tensor_raises():
+    with pytest.raises(RuntimeError, match="0-dim"):
+        torch_dp.scatter(torch.tensor(1.0), cpus(2))
+    with pytest.raises(RuntimeError, match="0-dim"):
+        torch_dp.scatter_kwargs((torch.randn(4, 2),), {"scale": torch.tensor(2.0)}, cpus(2))
+
+
+def test_no_devices_raise():
+    with pytest.raises(RuntimeError, match="at least one device"):
+        torch_dp.scatter(torch.randn(4), [])
+
+
+@pytest.mark.parametrize(
+    "devices,error",
+    [(["cpu", -1], ValueError), (["cpu", 1.5], TypeError), ("cpu", TypeError), (["nonsense"], ValueError)],
+    ids=["negative", "float", "single-string", "unknown-name"],
+)
+def test_invalid_devices_raise(devices, error):
+    with pytest.raises(error):
+        torch_dp.scatter(torch.randn(4, 2), devices)
+    with pytest.raises(error):
+        torch_dp.scatter_kwargs((torch.randn(4, 2),), {}, devices)
+
+
+# ---- autograd ------------------------------------------------------------------------------------------------
+
+def test_chunks_carry_autograd_history():
+    x = torch.randn(6, 2, requires_grad=True)
+    chunks = torch_dp.scatter(x, cpus(3))
+    assert all(c.requires_grad and c.grad_fn is not None for c in chunks)
+    weights = [1.0, 10.0, 100.0]
+    sum(w * c.sum() for w, c in zip(weights, chunks)).backward()
+    expected = torch.tensor([1.0, 1.0, 10.0, 10.0, 100.0, 100.0]).unsqueeze(1).expand(6, 2)
+    torch.testing.assert_close(x.grad, expected)
+
+
+@pytest.mark.parametrize("devices", [1, 3, 4, 8])
+def test_gradcheck_scatter(devices):
+    x = torch.randn(10, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: torch_dp.scatter(t, cpus(devices)), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: torch_dp.scatter(t, cpus(devices)), (x,))
+
+
+def test_gradcheck_scatter_kwargs_nested():
+    x = torch.randn(7, 2, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(7, dtype=torch.float64, requires_grad=True)
+
+    def fn(a, b):
+        args, kwargs = torch_dp.scatter_kwargs(([a, "tag"],), {"b": {"inner": b}}, cpus(3), dim=0)
+        return tuple(arg[0][0] * (i + 1) for i, arg in enumerate(args)) + tuple(kw["b"]["inner"] for kw in kwargs)
+
+    assert torch.autograd.gradcheck(fn, (x, y))
