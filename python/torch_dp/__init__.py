@@ -24,7 +24,7 @@ if torch.__version__ != _BUILT_AGAINST:
     )
 
 from torch_dp import _C  # noqa: E402
-from torch_dp.data_parallel import DataParallel  # noqa: E402
+from torch_dp.data_parallel import DataParallel, is_patched, patch, unpatch  # noqa: E402
 from torch_dp.parallel import (  # noqa: E402
     data_parallel,
     gather,
@@ -38,8 +38,11 @@ __all__ = [
     "DataParallel",
     "data_parallel",
     "gather",
+    "is_patched",
     "parallel_apply",
+    "patch",
     "replicate",
     "scatter",
     "scatter_kwargs",
+    "unpatch",
 ]

@@ -23,7 +23,7 @@ from torch_dp.parallel import (
     replicate,
 )
 
-__all__ = ["DataParallel"]
+__all__ = ["DataParallel", "patch", "unpatch", "is_patched"]
 
 T = TypeVar("T", bound=torch.nn.Module)
 
@@ -170,3 +170,45 @@ def _checked_output_device(output_device: DeviceLike) -> torch.device:
     if isinstance(output_device, int) and not isinstance(output_device, bool) and output_device == -1:
         return torch.device("cpu")  # upstream's way of saying CPU; gather warns that it is deprecated
     return _as_device(output_device, _accelerator_type())
+
+
+# ---- patching torch.nn.DataParallel ------------------------------------------------------------------------
+
+_originals: dict[str, Any] = {}
+
+
+def _patch_targets() -> list[tuple[Any, str, Any]]:
+    import sys
+
+    from torch_dp.parallel import data_parallel as functional_data_parallel
+
+    data_parallel_module = sys.modules["torch.nn.parallel.data_parallel"]
+    return [
+        (torch.nn, "DataParallel", DataParallel),
+        (torch.nn.parallel, "DataParallel", DataParallel),
+        (torch.nn.parallel, "data_parallel", functional_data_parallel),
+        (data_parallel_module, "DataParallel", DataParallel),
+        (data_parallel_module, "data_parallel", functional_data_parallel),
+    ]
+
+
+def patch() -> None:
+    """Makes ``torch.nn.DataParallel`` (and ``torch.nn.parallel.data_parallel``) resolve to torch_dp, for code
+    that builds its DataParallel internally, such as Hugging Face's Trainer. ``unpatch()`` undoes it."""
+    for owner, name, replacement in _patch_targets():
+        key = f"{owner.__name__}.{name}"
+        if key not in _originals:
+            _originals[key] = getattr(owner, name)
+        setattr(owner, name, replacement)
+
+
+def unpatch() -> None:
+    """Restores what ``patch()`` replaced."""
+    for owner, name, _ in _patch_targets():
+        key = f"{owner.__name__}.{name}"
+        if key in _originals:
+            setattr(owner, name, _originals.pop(key))
+
+
+def is_patched() -> bool:
+    return bool(_originals)

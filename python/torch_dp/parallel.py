@@ -236,6 +236,21 @@ def gather(outputs: Sequence[Any], target_device: Optional[DeviceLike], dim: int
 
 # ---- replicate ---------------------------------------------------------------------------------------------
 
+class _ReplicaZeroGrad:
+    """A replica's zero_grad: upstream's warning, and no effect. Replicas share the module's parameters, so
+    Module.zero_grad would clear the module's gradients, where upstream's replicas (whose parameters are
+    copies) leave them alone."""
+
+    def __call__(self, set_to_none: bool = True) -> None:
+        warnings.warn(
+            "Calling .zero_grad() from a module created with nn.DataParallel() has no effect. "
+            "The parameters are copied (in a differentiable manner) from the original module. "
+            "This means they are not leaf nodes in autograd and so don't accumulate gradients. "
+            "If you need gradients in your forward method, consider using autograd.grad instead.",
+            stacklevel=2,
+        )
+
+
 class _Replicas:
     """Persistent replicas of one module over a list of devices (Note [Persistent replicas] in replicate.cpp,
     Note [Watching a module tree] in bindings.cpp).
@@ -293,6 +308,8 @@ class _Replicas:
         self._slots, self._targets = [], []
         for _ in devices:
             copies = [m._replicate_for_data_parallel() for m in modules]
+            for replica in copies:
+                replica.__dict__["zero_grad"] = _ReplicaZeroGrad()
             targets = []
             for m, replica in zip(modules, copies):
                 replica.__dict__["_modules"] = {

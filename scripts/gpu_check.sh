@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The GPU check: one command for a GPU machine. Builds torch_dp there against that machine's torch, runs the
+# C++ tests (CUDA ones included), the Python tests including the parity suite against torch.nn.DataParallel,
+# compute-sanitizer over the CUDA C++ tests, and the benchmarks; writes logs and summary.json into OUTDIR
+# (the first argument, else $OUT, else ./gpu_check_out) and prints a short table last. Budget: < 6 minutes.
+#
+#   bash scripts/gpu_check.sh [OUTDIR]
+#   GPU_CHECK_SKIP=sanitizer,bench_cpp bash scripts/gpu_check.sh   # leave steps out
+set -uo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+outdir=${1:-${OUT:-$root/gpu_check_out}}
+mkdir -p "$outdir"
+PYTHON=${PYTHON:-python3}
+skip=",${GPU_CHECK_SKIP:-},"
+export PYTHONUNBUFFERED=1
+jobs=$(nproc 2>/dev/null || echo 4)
+results=()   # "name|status|seconds|detail"
+
+step() {  # step NAME TIMEOUT_S COMMAND...: runs COMMAND with a time limit, its output in OUTDIR/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  if [[ $skip == *",$name,"* ]]; then
+    results+=("$name|skipped|0|GPU_CHECK_SKIP")
+    return 0
+  fi
+  local start=$SECONDS
+  timeout "$limit" "$@" >"$outdir/$name.log" 2>&1
+  local rc=$?
+  local status=ok
+  [ $rc -eq 0 ] || status="FAILED(rc=$rc)"
+  [ $rc -eq 124 ] && status="TIMEOUT(${limit}s)"
+  results+=("$name|$status|$((SECONDS - start))|$(tail -n 1 "$outdir/$name.log" | cut -c1-90)")
+  return $rc
+}
+
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: none"
+  "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'devices', torch.cuda.device_count())"
+} >"$outdir/machine.txt" 2>&1
+
+torch_prefix=$("$PYTHON" -c "import torch; print(torch.utils.cmake_prefix_path)")
+step configure 240 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  -DTORCH_DP_BUILD_TESTS=ON -DTORCH_DP_BUILD_PYTHON=ON -DTORCH_DP_BUILD_BENCHMARKS=ON \
+  -DTORCH_DP_PYTHON_OUTPUT_DIR="$root/python/torch_dp" -DPython3_EXECUTABLE="$(command -v "$PYTHON")" \
+  -DCMAKE_PREFIX_PATH="$torch_prefix"
+step build 300 cmake --build build-gpu -j "$jobs"
+built=$?
+tests_bin=build-gpu/tests/cpp/torch_dp_tests
+export PYTHONPATH="$root/python${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ $built -eq 0 ]; then
+  step ctest 120 ctest --test-dir build-gpu --output-on-failure
+  step pytest 240 "$PYTHON" -m pytest tests/python -q -p no:cacheprovider -m "not slow" \
+    --junitxml="$outdir/pytest.xml"
+  if command -v compute-sanitizer >/dev/null 2>&1; then
+    step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 1 "$tests_bin" "[cuda]"
+    step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 1 "$tests_bin" "[cuda]"
+  else
+    results+=("memcheck|skipped|0|no compute-sanitizer" "racecheck|skipped|0|no compute-sanitizer")
+  fi
+  step bench_py 300 "$PYTHON" benchmarks/bench_dp.py --device cuda --json "$outdir/bench_py.json"
+  if [ -x build-gpu/benchmarks/bench_cpp ]; then
+    step bench_cpp 200 build-gpu/benchmarks/bench_cpp --devices 0,0 --json "$outdir/bench_cpp_2.json"
+    step bench_cpp4 200 build-gpu/benchmarks/bench_cpp --devices 0,0,0,0 --json "$outdir/bench_cpp_4.json"
+  else
+    results+=("bench_cpp|skipped|0|not built")
+  fi
+fi
+
+# summary.json and the table
+"$PYTHON" - "$outdir" "${results[@]}" <<'PY'
+import json, sys
+outdir, rows = sys.argv[1], [r.split("|", 3) for r in sys.argv[2:]]
+summary = {"machine": open(f"{outdir}/machine.txt").read().strip().splitlines(),
+           "steps": [{"name": n, "status": s, "seconds": int(t), "last_line": d} for n, s, t, d in rows]}
+json.dump(summary, open(f"{outdir}/summary.json", "w"), indent=2)
+print("\n".join(summary["machine"]))
+print(f"{'step':<12} {'status':<16} {'s':>5}  last line")
+for n, s, t, d in rows:
+    print(f"{n:<12} {s:<16} {t:>5}  {d}")
+PY
+for row in "${results[@]}"; do
+  case "$row" in *"|FAILED"*|*"|TIMEOUT"*) exit 1 ;; esac
+done
+exit 0

@@ -1,0 +1,697 @@
+"""Parity with torch.nn.DataParallel, side by side.
+
+Each case runs the same model, inputs and optimizer steps through torch_dp.DataParallel and a reference, and
+compares outputs, input gradients, parameter gradients, buffers after each step and parameters after the
+optimizer steps. The reference is torch.nn.DataParallel itself on a GPU (device_ids [0, 0], [0, 0, 0, 0] and
+every GPU when there are several), and on the CPU PyTorch's semantics computed by hand (ChunkedReference: the
+module run chunk by chunk, replica 0 updating the module's buffers and the other replicas updating copies).
+The cases follow PyTorch's own DataParallel tests (test/distributed/test_data_parallel.py).
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import gc
+import io
+import warnings
+import weakref
+from typing import Any, Callable, NamedTuple
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+import torch_dp
+
+CUDA = torch.cuda.is_available()
+
+
+# ---- the reference ----------------------------------------------------------------------------------------
+
+def _reference_split(args: tuple, kwargs: dict, count: int, dim: int) -> list[tuple[tuple, dict]]:
+    """torch.nn.DataParallel's scatter, written independently of torch_dp: tensors chunked with torch.chunk."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    chunked = {i: torch.chunk(x, count, dim) for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)}
+    if not chunked:
+        return [(args, kwargs)] * (count if (args or kwargs) else 1)
+    replicas = min(len(c) for c in chunked.values())
+    result = []
+    for r in range(replicas):
+        replica_leaves = [chunked[i][r] if i in chunked else x for i, x in enumerate(leaves)]
+        result.append(pytree.tree_unflatten(replica_leaves, spec))
+    return result
+
+
+def _reference_gather(outputs: list, dim: int) -> Any:
+    first, spec = pytree.tree_flatten(outputs[0])
+    columns = [pytree.tree_flatten(out)[0] for out in outputs]
+    gathered = []
+    for position, leaf in enumerate(first):
+        column = [c[position] for c in columns]
+        if leaf is None:
+            gathered.append(None)
+        elif all(t.dim() == 0 for t in column) and dim == 0:
+            gathered.append(torch.stack(column))
+        else:
+            gathered.append(torch.cat(column, dim))
+    return pytree.tree_unflatten(gathered, spec)
+
+
+class ChunkedReference(nn.Module):
+    """torch.nn.DataParallel's semantics on one device, computed by hand: chunk i runs through the module with
+    its own parameters; replica 0 uses (and updates) the module's buffers, replica i > 0 copies of them."""
+
+    def __init__(self, module: nn.Module, count: int, dim: int = 0) -> None:
+        super().__init__()
+        self.module, self.count, self.dim = module, count, dim
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        outputs = []
+        for i, (a, k) in enumerate(_reference_split(args, kwargs, self.count, self.dim)):
+            if i == 0:
+                outputs.append(self.module(*a, **k))
+            else:
+                buffers = {name: b.clone() for name, b in self.module.named_buffers()}
+                outputs.append(torch.func.functional_call(self.module, buffers, a, k))
+        if len(outputs) == 1 and self.count == 1:
+            return outputs[0]
+        return _reference_gather(outputs, self.dim)
+
+
+def _device_lists() -> list[tuple[str, list]]:
+    """(id, device_ids) pairs: CPU replica lists here; repeated and distinct GPUs on a GPU machine."""
+    lists = [("cpu1", ["cpu"]), ("cpu2", ["cpu"] * 2), ("cpu3", ["cpu"] * 3), ("cpu4", ["cpu"] * 4)]
+    if CUDA:
+        lists += [("cuda00", [0, 0]), ("cuda0000", [0, 0, 0, 0])]
+        if torch.cuda.device_count() > 1:
+            lists.append(("cuda_all", list(range(torch.cuda.device_count()))))
+    return lists
+
+
+DEVICE_LISTS = _device_lists()
+MULTI = [(name, ids) for name, ids in DEVICE_LISTS if len(ids) > 1]
+
+
+def _device_of(device_ids: list) -> torch.device:
+    return torch.device("cpu") if device_ids[0] == "cpu" else torch.device("cuda", device_ids[0])
+
+
+def _reference(module: nn.Module, device_ids: list, **kwargs: Any) -> nn.Module:
+    if device_ids[0] == "cpu":
+        return ChunkedReference(module, len(device_ids), kwargs.get("dim", 0))
+    return nn.DataParallel(module, device_ids, **kwargs)
+
+
+# ---- the harness ------------------------------------------------------------------------------------------
+
+def _clone_inputs(tree: Any) -> Any:
+    return pytree.tree_map(
+        lambda x: x.detach().clone().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x, tree
+    )
+
+
+def _assert_trees_close(actual: Any, expected: Any, what: str, **tol: Any) -> None:
+    a_leaves, a_spec = pytree.tree_flatten(actual)
+    e_leaves, e_spec = pytree.tree_flatten(expected)
+    assert a_spec == e_spec, f"{what}: structure {a_spec} != {e_spec}"
+    for a, e in zip(a_leaves, e_leaves):
+        if isinstance(e, torch.Tensor):
+            assert isinstance(a, torch.Tensor), what
+            assert a.dtype == e.dtype and a.shape == e.shape and a.device == e.device, (
+                f"{what}: {a.dtype}{tuple(a.shape)}@{a.device} != {e.dtype}{tuple(e.shape)}@{e.device}"
+            )
+            torch.testing.assert_close(a, e, msg=lambda m: f"{what}: {m}", **tol)
+        else:
+            assert a == e, what
+
+
+def _grad(p: torch.Tensor) -> Any:
+    if p.grad is None:
+        return None
+    return p.grad.to_dense() if p.grad.is_sparse else p.grad
+
+
+def _loss(output: Any) -> torch.Tensor:
+    leaves = [x for x in pytree.tree_leaves(output) if isinstance(x, torch.Tensor) and x.requires_grad]
+    return sum((x.float().pow(2).sum() if x.is_floating_point() else x.abs().pow(2).sum()) for x in leaves)
+
+
+def compare(
+    make_model: Callable[[], nn.Module],
+    make_inputs: Callable[[torch.device], tuple[tuple, dict]],
+    device_ids: list,
+    steps: int = 3,
+    lr: float = 0.1,
+    dp_kwargs: dict | None = None,
+    tol: dict | None = None,
+    backward: bool = True,
+) -> None:
+    """Runs `steps` forward/backward/SGD steps through torch_dp and the reference and compares everything."""
+    dp_kwargs = dp_kwargs or {}
+    tol = tol or {}
+    device = _device_of(device_ids)
+    torch.manual_seed(0)
+    model = make_model().to(device)
+    ours_module, ref_module = copy.deepcopy(model), copy.deepcopy(model)
+    ours = torch_dp.DataParallel(ours_module, device_ids, **dp_kwargs)
+    ref = _reference(ref_module, device_ids, **dp_kwargs)
+    ours_opt = torch.optim.SGD(ours_module.parameters(), lr=lr)
+    ref_opt = torch.optim.SGD(ref_module.parameters(), lr=lr)
+    for step in range(steps):
+        torch.manual_seed(100 + step)
+        args, kwargs = make_inputs(device)
+        ours_args, ref_args = _clone_inputs((args, kwargs)), _clone_inputs((args, kwargs))
+        ours_out = ours(*ours_args[0], **ours_args[1])
+        ref_out = ref(*ref_args[0], **ref_args[1])
+        _assert_trees_close(ours_out, ref_out, f"step {step} outputs", **tol)
+        if backward:
+            ours_opt.zero_grad()
+            ref_opt.zero_grad()
+            _loss(ours_out).backward()
+            _loss(ref_out).backward()
+            ours_in = [x.grad for x in pytree.tree_leaves(ours_args) if isinstance(x, torch.Tensor) and x.requires_grad]
+            ref_in = [x.grad for x in pytree.tree_leaves(ref_args) if isinstance(x, torch.Tensor) and x.requires_grad]
+            _assert_trees_close(ours_in, ref_in, f"step {step} input grads", **tol)
+            _assert_trees_close(
+                [_grad(p) for p in ours_module.parameters()],
+                [_grad(p) for p in ref_module.parameters()],
+                f"step {step} parameter grads",
+                **tol,
+            )
+            ours_opt.step()
+            ref_opt.step()
+        _assert_trees_close(list(ours_module.buffers()), list(ref_module.buffers()), f"step {step} buffers", **tol)
+    _assert_trees_close(list(ours_module.parameters()), list(ref_module.parameters()), "parameters after the steps", **tol)
+
+
+def _x(device: torch.device, *shape: int, dtype: torch.dtype = torch.double, grad: bool = True) -> torch.Tensor:
+    return torch.randn(*shape, dtype=dtype, device=device).requires_grad_(grad)
+
+
+# ---- models -----------------------------------------------------------------------------------------------
+
+class MultiInput(nn.Module):
+    """Nested positional inputs, a float and keyword arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 4)
+        self.b = nn.Linear(3, 4)
+
+    def forward(self, pair, scale, *, extra=None, offsets=None):
+        x, (y,) = pair
+        out = self.a(x) * scale + self.b(y)
+        if extra is not None:
+            out = out + extra["shift"]
+        if offsets is not None:
+            out = out + sum(offsets)
+        return out
+
+
+class Pair(NamedTuple):
+    first: torch.Tensor
+    second: torch.Tensor
+
+
+class NestedOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return [
+            (h, h.sin()),
+            collections.OrderedDict([("relu", h.relu()), ("tanh", h.tanh())]),
+            Pair(h * 2, h.cos()),
+            {"none": None, "sum": h + 1},
+        ]
+
+
+class ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x)).relu()
+        return self.fc(h.mean((2, 3)))
+
+
+class BufferWithGrad(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.register_buffer("scale", torch.rand(4).requires_grad_())
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.scale = self.scale.detach().requires_grad_()  # .double() / .to() must leave the buffer a leaf
+        return self
+
+    def forward(self, x):
+        return self.fc(x) * self.scale
+
+
+class LSTMModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(5, 7, batch_first=True)
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.lstm.flatten_parameters()
+        return self.lstm(x)[0]
+
+
+class SparseEmbedding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 4, sparse=True)
+
+    def forward(self, idx):
+        return self.emb(idx)
+
+
+class ComplexLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, dtype=torch.cdouble))
+
+    def forward(self, x):
+        return (x.to(torch.cdouble) @ self.w).real
+
+
+class ParamContainers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.plist = nn.ParameterList([nn.Parameter(torch.randn(4, 4)) for _ in range(2)])
+        self.pdict = nn.ParameterDict({"a": nn.Parameter(torch.randn(4)), "b": nn.Parameter(torch.randn(4))})
+
+    def forward(self, x):
+        for p in self.plist:
+            x = x @ p
+        return x * self.pdict["a"] + self.pdict["b"]
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+
+
+# ---- cases ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,device_ids", DEVICE_LISTS)
+def test_mlp(name, device_ids):
+    compare(_mlp, lambda d: ((_x(d, 30, 6),), {}), device_ids)
+
+
+@pytest.mark.parametrize("name,device_ids", MULTI)
+def test_multiple_nested_inputs_floats_and_kwargs(name, device_ids):
+    def inputs(d):
+        pair = (_x(d, 12, 6), [_x(d, 12, 3)])
+        return (pair, 0.5), {"extra": {"shift": _x(d, 12, 4)}, "offsets": [_x(d, 12, 4), _x(d, 12, 4)]}
+
+    compare(lambda: MultiInput().double(), inputs, device_ids)
+
+
+@pytest.mark.parametrize("empty", [[], {}, ()], ids=["list", "dict", "tuple"])
+@pytest.mark.parametrize("name,device_ids", MULTI)
+def test_kwargs_only_with_empty_values(name, device_ids, empty):
+    class KwargsOnly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, *, data, other):
+            assert other == empty and type(other) is type(empty)
+            return self.fc(data)
+
+    compare(lambda: KwargsOnly().double(), lambda d: ((), {"data": _x(d, 8, 4), "other": empty}), device_ids)
+
+
+@pytest.mark.parametrize("name,device_ids", MULTI)
+def test_zero_argument_forward(name, device_ids):
+    class NoInputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, dtype=torch.double))
+
+        def forward(self):
+            return self.w * 2
+
+    compare(NoInputs, lambda d: ((), {}), device_ids)
+
+
+@pytest.mark.parametrize("name,device_ids", MULTI)
+def test_nested_outputs_keep_their_types(name, device_ids):
+    compare(lambda: NestedOutputs().double(), lambda d: ((_x(d, 10, 4),), {}), device_ids)
+    dp = torch_dp.DataParallel(NestedOutputs().to(_device_of(device_ids)), device_ids)
+    out = dp(torch.randn(10, 4, device=_device_of(device_ids)))
+    assert isinstance(out, list) and isinstance(out[0], tuple)
+    assert type(out[1]) is collections.OrderedDict and list(out[1]) == ["relu", "tanh"]
+    assert type(out[2]) is Pair
+    assert out[3]["none"] is None
+
+
+@pytest.mark.parametrize("name,device_ids", MULTI)
+def test_batch_smaller_than_replicas(name, device_ids):
+    compare(_mlp, lambda d: ((_x(d, len(device_ids) - 1, 6),), {}), device_ids)
+
+
+@pytest.mark.parametrize("name,device_ids", MULTI)
+def test_buffers_that_require_grad(name, device_ids):
+    compare(lambda: BufferWithGrad().double(), lambda d: ((_x(d, 9, 4),), {}), device_ids)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("name,device_ids", DEVICE_LISTS)
+def test_batchnorm_running_stats(name, device_ids, mode):
+    def model():
+        m = ConvBN().double()
+        return m.train() if mode == "train" else m.eval()
+
+    compare(model, lambda d: ((_x(d, 12, 3, 6, 6),), {}), device_ids)
+
+
+@pytest.mark.parametrize("name,device_ids", MULTI)
+def test_lstm_flatten_parameters_under_no_grad(name, device_ids):
+    compare(lambda: LSTMModel().double(), lambda d: ((_x(d, 6, 4, 5),), {}), device_ids)
+
+
+@pytest.mark.parametrize("name,device_ids", MULTI)
+def test_sparse_embedding_gradients(name, device_ids):
+    compare(SparseEmbedding, lambda d: ((torch.randint(0, 20, (12, 3), device=d),), {}), device_ids)
+
+
+@pytest.mark.parametrize("name,device_ids", MULTI)
+def test_channels_last_layers_and_gradient_layouts(name, device_ids):
+    def model():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)).double().to(
+            memory_format=torch.channels_last
+        )
+
+    def inputs(d):
+        return (_x(d, 8, 3, 7, 7).detach().to(memory_format=torch.channels_last).requires_grad_(),), {}
+
+    compare(model, inputs, device_ids)
+    device = _device_of(device_ids)
+    ours_module = model().to(device)
+    ours = torch_dp.DataParallel(ours_module, device_ids)
+    out = ours(inputs(device)[0][0])
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    out.sum().backward()
+    ref_module = copy.deepcopy(ours_module)
+    ref_module.zero_grad(set_to_none=True)
+    ref_module(inputs(device)[0][0]).sum().backward()
+    for ours_p, ref_p in zip(ours_module.parameters(), ref_module.parameters()):
+        assert ours_p.grad.stride() == ref_p.grad.stride()
+
+
+@pytest.mark.parametrize("name,device_ids", MULTI)
+def test_complex_parameters(name, device_ids):
+    compare(ComplexLinear, lambda d: ((_x(d, 10, 4),), {}), device_ids)
+
+
+@pytest.mark.parametrize("name,device_ids", MULTI)
+def test_parameter_list_and_dict(name, device_ids):
+    compare(lambda: ParamContainers().double(), lambda d: ((_x(d, 10, 4),), {}), device_ids)
+
+
+@pytest.mark.parametrize("name,device_ids", MULTI)
+def test_double_backward(name, device_ids):
+    device = _device_of(device_ids)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double().to(device)
+    ours_module, ref_module = copy.deepcopy(model), copy.deepcopy(model)
+    ours, ref = torch_dp.DataParallel(ours_module, device_ids), _reference(ref_module, device_ids)
+    x = _x(device, 10, 4)
+    grads = []
+    for wrapper, module in ((ours, ours_module), (ref, ref_module)):
+        xi = x.detach().clone().requires_grad_()
+        (gx,) = torch.autograd.grad(wrapper(xi).sum(), xi, create_graph=True)
+        params = list(module.parameters())
+        gp = torch.autograd.grad(gx.pow(2).sum(), params, allow_unused=True, materialize_grads=True)
+        grads.append((gx.detach(), gp))
+    _assert_trees_close(grads[0], grads[1], "double backward")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name,device_ids", MULTI)
+def test_autocast(name, device_ids, dtype):
+    device = _device_of(device_ids)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).to(device)
+    ours_module, ref_module = copy.deepcopy(model), copy.deepcopy(model)
+    ours, ref = torch_dp.DataParallel(ours_module, device_ids), _reference(ref_module, device_ids)
+    x = torch.randn(12, 8, device=device)
+    with torch.autocast(device.type, dtype=dtype):
+        ours_out, ref_out = ours(x), ref(x)
+    assert ours_out.dtype == dtype
+    _assert_trees_close(ours_out, ref_out, "autocast outputs")
+    ours_out.float().sum().backward()
+    ref_out.float().sum().backward()
+    # Reduced-precision products summed in another order: compare at that precision.
+    _assert_trees_close(
+        [p.grad for p in ours_module.parameters()],
+        [p.grad for p in ref_module.parameters()],
+        "autocast grads",
+        rtol=2e-2,
+        atol=2e-2,
+    )
+
+
+@pytest.mark.parametrize("name,device_ids", MULTI)
+def test_lazy_linear_is_rejected_with_pytorchs_error(name, device_ids):
+    dp = torch_dp.DataParallel(nn.Sequential(nn.LazyLinear(3)).to(_device_of(device_ids)), device_ids)
+    with pytest.raises(RuntimeError, match="Modules with uninitialized parameters can't be used with `DataParallel`"):
+        dp(torch.randn(6, 5, device=_device_of(device_ids)))
+
+
+@pytest.mark.parametrize("name,device_ids", MULTI)
+def test_zero_grad_in_a_replica_warns(name, device_ids):
+    class ZeroGradInForward(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            self.zero_grad()
+            return self.fc(x)
+
+    module = ZeroGradInForward().to(_device_of(device_ids))
+    module.fc.weight.grad = torch.ones_like(module.fc.weight)
+    dp = torch_dp.DataParallel(module, device_ids)
+    with pytest.warns(UserWarning, match=r"Calling \.zero_grad\(\) from a module created with nn\.DataParallel\(\)"):
+        dp(torch.randn(6, 3, device=_device_of(device_ids)))
+    # As upstream, zero_grad inside a replica has no effect on the module's gradients.
+    assert torch.equal(module.fc.weight.grad, torch.ones_like(module.fc.weight))
+
+
+@pytest.mark.parametrize("name,device_ids", MULTI)
+def test_no_reference_cycles_after_forward(name, device_ids):
+    device = _device_of(device_ids)
+    dp = torch_dp.DataParallel(_mlp().to(device), device_ids)
+    x = torch.randn(8, 6, dtype=torch.double, device=device, requires_grad=True)
+    dp(x).sum().backward()  # replicas and threads exist now
+    gc.collect()
+    gc.disable()
+    try:
+        before = gc.get_count()
+        out = dp(x)
+        out_ref = weakref.ref(out)
+        out.sum().backward()
+        del out
+        assert out_ref() is None, "the output outlived its last reference: it is held by a reference cycle"
+        assert gc.collect() == 0, "a forward left objects that only the cycle collector can free"
+    finally:
+        gc.enable()
+    assert before is not None
+
+
+def test_module_on_the_wrong_device_gives_pytorchs_error():
+    module = nn.Linear(3, 3)
+    module.register_buffer("elsewhere", torch.empty(3, device="meta"))
+    dp = torch_dp.DataParallel(module, ["cpu", "cpu"])
+    with pytest.raises(
+        RuntimeError,
+        match=r"module must have its parameters and buffers on device cpu \(device_ids\[0\]\) "
+        r"but found one of them on device: meta",
+    ):
+        dp(torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("name,device_ids", MULTI)
+def test_replica_exception_message(name, device_ids):
+    class Fails(nn.Module):
+        def forward(self, x):
+            if x.shape[0] < 3:
+                raise KeyError("wonderful")
+            return x
+
+    dp = torch_dp.DataParallel(Fails(), device_ids)
+    last = len(device_ids) - 1
+    label = "cpu" if device_ids[0] == "cpu" else str(device_ids[last])
+    rows = 3 * len(device_ids) - 1  # the last chunk has 2 rows
+    with pytest.raises(KeyError, match=rf"Caught KeyError in replica {last} on device {label}\.\nOriginal Traceback[\s\S]+wonderful"):
+        dp(torch.randn(rows, 2, device=_device_of(device_ids)))
+
+
+@pytest.mark.parametrize("detach", [False, True])
+@pytest.mark.parametrize("name,device_ids", MULTI)
+def test_save_replicas(name, device_ids, detach):
+    module = _mlp().to(_device_of(device_ids))
+    for replica in torch_dp.replicate(module, device_ids, detach=detach):
+        buffer = io.BytesIO()
+        torch.save(replica, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        x = torch.randn(4, 6, dtype=torch.double, device=_device_of(device_ids))
+        torch.testing.assert_close(loaded(x), module(x))
+
+
+@pytest.mark.parametrize("output_device", ["cpu", torch.device("cpu"), -1], ids=["str", "device", "minus_one"])
+def test_output_device_forms_on_cpu(output_device):
+    model = _mlp()
+    dp = torch_dp.DataParallel(copy.deepcopy(model), ["cpu"] * 2, output_device=output_device)
+    x = torch.randn(6, 6, dtype=torch.double)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = dp(x)
+    assert out.device.type == "cpu"
+    torch.testing.assert_close(out, model(x))
+    future = [w for w in caught if issubclass(w.category, FutureWarning) and "Using -1 to represent CPU" in str(w.message)]
+    assert bool(future) == (output_device == -1)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("form", ["int", "str", "device"])
+def test_output_device_forms_on_cuda(form):
+    last = torch.cuda.device_count() - 1
+    output_device = {"int": last, "str": f"cuda:{last}", "device": torch.device("cuda", last)}[form]
+    model = _mlp().cuda()
+    ours = torch_dp.DataParallel(copy.deepcopy(model), [0, 0], output_device=output_device)
+    ref = nn.DataParallel(copy.deepcopy(model), [0, 0], output_device=output_device)
+    x = torch.randn(6, 6, dtype=torch.double, device="cuda")
+    torch.testing.assert_close(ours(x), ref(x))
+    assert ours(x).device == torch.device("cuda", last)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_output_device_minus_one_on_cuda_warns_like_pytorch():
+    model = _mlp().cuda()
+    dp = torch_dp.DataParallel(model, [0, 0], output_device=-1)
+    with pytest.warns(FutureWarning, match="Using -1 to represent CPU tensor is deprecated"):
+        out = dp(torch.randn(6, 6, dtype=torch.double, device="cuda"))
+    assert out.device.type == "cpu"
+
+
+# ---- subclasses and the ecosystem ----------------------------------------------------------------------------
+
+class RecordingDataParallel(torch_dp.DataParallel):
+    """Overrides every step, as PyTorch-Encoding's DataParallelModel does with gather."""
+
+    calls: list[str]
+
+    def scatter(self, inputs, kwargs, device_ids):
+        self.calls.append("scatter")
+        return super().scatter(inputs, kwargs, device_ids)
+
+    def replicate(self, module, device_ids):
+        self.calls.append("replicate")
+        return super().replicate(module, device_ids)
+
+    def parallel_apply(self, replicas, inputs, kwargs):
+        self.calls.append("parallel_apply")
+        return super().parallel_apply(replicas, inputs, kwargs)
+
+    def gather(self, outputs, output_device):
+        self.calls.append("gather")
+        return outputs  # keep the outputs per replica
+
+
+def test_subclass_overrides_are_used():
+    model = _mlp()
+    dp = RecordingDataParallel(model, ["cpu"] * 3)
+    dp.calls = []
+    x = torch.randn(9, 6, dtype=torch.double)
+    outputs = dp(x)
+    assert dp.calls == ["scatter", "replicate", "parallel_apply", "gather"]
+    assert isinstance(outputs, list) and len(outputs) == 3
+    torch.testing.assert_close(torch.cat(outputs), model(x))
+
+
+def test_patch_makes_torch_nn_dataparallel_resolve_to_torch_dp():
+    original = torch.nn.DataParallel
+    torch_dp.patch()
+    try:
+        assert torch_dp.is_patched()
+        assert torch.nn.DataParallel is torch_dp.DataParallel
+        assert torch.nn.parallel.DataParallel is torch_dp.DataParallel
+        assert torch.nn.parallel.data_parallel is torch_dp.data_parallel
+        wrapped = torch.nn.DataParallel(_mlp(), device_ids=["cpu", "cpu"])  # as code that builds it internally
+        assert isinstance(wrapped, torch_dp.DataParallel)
+        x = torch.randn(4, 6, dtype=torch.double)
+        torch.testing.assert_close(wrapped(x), wrapped.module(x))
+    finally:
+        torch_dp.unpatch()
+    assert torch.nn.DataParallel is original
+    assert not torch_dp.is_patched()
+
+
+class ModelOutput(collections.OrderedDict):
+    """A Hugging Face-style output: an OrderedDict subclass with attribute access, registered with pytree."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+pytree.register_pytree_node(
+    ModelOutput,
+    lambda out: (list(out.values()), list(out.keys())),
+    lambda values, keys: ModelOutput(zip(keys, values)),
+    serialized_type_name=f"{__name__}.ModelOutput",
+)
+
+
+def test_model_output_round_trips_through_gather():
+    class HFStyle(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, input_ids):
+            logits = self.fc(input_ids)
+            return ModelOutput(logits=logits, hidden=logits.tanh())
+
+    model = HFStyle().double()
+    dp = torch_dp.DataParallel(model, ["cpu"] * 3)
+    x = torch.randn(7, 4, dtype=torch.double)
+    out = dp(x)
+    assert type(out) is ModelOutput and list(out) == ["logits", "hidden"]
+    torch.testing.assert_close(out.logits, model.fc(x))
+
+
+def test_next_parameters_inside_a_replica():
+    """Upstream replicas have no parameters(), so `next(self.parameters())` raises StopIteration in forward.
+    torch_dp replicas yield the module's own parameters on its device (copies elsewhere)."""
+
+    class UsesDevice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+
+        def forward(self, x):
+            device = next(self.parameters()).device
+            return self.fc(x.to(device))
+
+    model = UsesDevice()
+    dp = torch_dp.DataParallel(model, ["cpu"] * 2)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(dp(x), model(x))
