@@ -58,7 +58,8 @@ void Replicator::build_slots(at::ArrayRef<c10::Device> devices) {
     for (size_t k = 0; k < total; ++k) {
       const auto& source = k < num_params ? params_[k] : buffers_[k - num_params];
       const bool param_like = k < num_params || source.requires_grad();
-      const bool shared = source.device() == slot.device && (param_like || first_on_device);
+      const bool shared = source.device() == slot.device &&
+          (copy_everything_ ? first_on_device : (param_like || first_on_device));
       if (!shared) {
         slot.copy_index[k] = static_cast<int64_t>(slot.copied_sources.size());
         slot.copied_sources.push_back(source);

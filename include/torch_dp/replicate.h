@@ -27,6 +27,12 @@ class Replicator {
  public:
   Replicator() = default;
 
+  /// With `copy_everything`, only the first slot on the sources' device shares them; every later slot gets
+  /// copies of everything, as if it were on another device, and so takes that path (coalesced copies,
+  /// broadcast gradients). That path is otherwise only reachable with several accelerators; this lets
+  /// CPU-only tests exercise it.
+  explicit Replicator(bool copy_everything) : copy_everything_(copy_everything) {}
+
   /// Sets the tensors to replicate (dropping every cached copy). All must be on one device.
   void set_sources(std::vector<at::Tensor> params, std::vector<at::Tensor> buffers);
 
@@ -60,6 +66,7 @@ class Replicator {
   std::vector<c10::Device> devices_;
   std::vector<Slot> slots_;
   std::vector<bool> changed_;
+  bool copy_everything_ = false;
 };
 
 } // namespace torch_dp

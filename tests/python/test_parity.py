@@ -80,9 +80,16 @@ class ChunkedReference(nn.Module):
         return _reference_gather(outputs, self.dim)
 
 
+class CopyingDevices(list):
+    """A CPU device list whose replicas copy every tensor instead of sharing the module's, so the path of
+    replicas on other devices (coalesced copies, broadcast gradients reduce-added onto the source) runs on a
+    machine without accelerators."""
+
+
 def _device_lists() -> list[tuple[str, list]]:
     """(id, device_ids) pairs: CPU replica lists here; repeated and distinct GPUs on a GPU machine."""
     lists = [("cpu1", ["cpu"]), ("cpu2", ["cpu"] * 2), ("cpu3", ["cpu"] * 3), ("cpu4", ["cpu"] * 4)]
+    lists.append(("cpu3_copies", CopyingDevices(["cpu"] * 3)))
     if CUDA:
         lists += [("cuda00", [0, 0]), ("cuda0000", [0, 0, 0, 0])]
         if torch.cuda.device_count() > 1:
@@ -96,6 +103,13 @@ MULTI = [(name, ids) for name, ids in DEVICE_LISTS if len(ids) > 1]
 
 def _device_of(device_ids: list) -> torch.device:
     return torch.device("cpu") if device_ids[0] == "cpu" else torch.device("cuda", device_ids[0])
+
+
+def _ours(module: nn.Module, device_ids: list, **kwargs: Any) -> torch_dp.DataParallel:
+    dp = torch_dp.DataParallel(module, list(device_ids), **kwargs)
+    if isinstance(device_ids, CopyingDevices):
+        dp._get_engine().replicas._replicator = torch_dp._C.Replicator(copy_everything=True)
+    return dp
 
 
 def _reference(module: nn.Module, device_ids: list, **kwargs: Any) -> nn.Module:
@@ -155,7 +169,7 @@ def compare(
     torch.manual_seed(0)
     model = make_model().to(device)
     ours_module, ref_module = copy.deepcopy(model), copy.deepcopy(model)
-    ours = torch_dp.DataParallel(ours_module, device_ids, **dp_kwargs)
+    ours = _ours(ours_module, device_ids, **dp_kwargs)
     ref = _reference(ref_module, device_ids, **dp_kwargs)
     ours_opt = torch.optim.SGD(ours_module.parameters(), lr=lr)
     ref_opt = torch.optim.SGD(ref_module.parameters(), lr=lr)
@@ -427,7 +441,7 @@ def test_double_backward(name, device_ids):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)).double().to(device)
     ours_module, ref_module = copy.deepcopy(model), copy.deepcopy(model)
-    ours, ref = torch_dp.DataParallel(ours_module, device_ids), _reference(ref_module, device_ids)
+    ours, ref = _ours(ours_module, device_ids), _reference(ref_module, device_ids)
     x = _x(device, 10, 4)
     grads = []
     for wrapper, module in ((ours, ours_module), (ref, ref_module)):
@@ -446,7 +460,7 @@ def test_autocast(name, device_ids, dtype):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).to(device)
     ours_module, ref_module = copy.deepcopy(model), copy.deepcopy(model)
-    ours, ref = torch_dp.DataParallel(ours_module, device_ids), _reference(ref_module, device_ids)
+    ours, ref = _ours(ours_module, device_ids), _reference(ref_module, device_ids)
     x = torch.randn(12, 8, device=device)
     with torch.autocast(device.type, dtype=dtype):
         ours_out, ref_out = ours(x), ref(x)
