@@ -81,6 +81,27 @@ class DictWatch {
   std::vector<std::vector<std::pair<py::object, py::object>>> snapshots_;
 };
 
+// Note [Worker thread states]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// A native thread that calls into Python needs a PyThreadState. gil_scoped_acquire creates one when the thread
+// has none and deletes it again on release, so a worker would build and tear down a thread state (and lose its
+// threading.local data) on every forward. keep_thread_state() gives each worker thread one thread state for
+// its whole life: PyGILState_Ensure creates and registers it, and the GIL is released again at once while the
+// state stays registered, so later acquisitions only take the GIL. The state is not deleted when the thread
+// ends (that would need the GIL from a thread joined by a GIL holder); it is a few hundred bytes per thread.
+void keep_thread_state() {
+  thread_local bool kept = false;
+  if (kept) {
+    return;
+  }
+  kept = true;
+  if (PyGILState_GetThisThreadState() != nullptr) {
+    return;  // a Python thread (the caller) already has one
+  }
+  PyGILState_Ensure();
+  PyEval_SaveThread();
+}
+
 } // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -183,6 +204,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         {
           py::gil_scoped_release no_gil;
           const std::function<void(size_t)> task = [&fn](size_t i) {
+            keep_thread_state();
             py::gil_scoped_acquire gil;
             fn(i);
           };
