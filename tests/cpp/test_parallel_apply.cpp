@@ -1,0 +1,342 @@
+// Tests for include/torch_dp/parallel_apply.h: the persistent WorkerPool, ReplicaError and the thread-local
+// state that parallel_apply carries into its workers.
+
+#include "helpers.h"
+
+#include <torch_dp/parallel_apply.h>
+
+#include <ATen/autocast_mode.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
+
+#include <atomic>
+#include <mutex>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+using tdp_test::Contains;
+using tdp_test::cpus;
+using tdp_test::StartsWith;
+
+namespace {
+
+// Restores the CPU autocast state even when a check fails.
+struct AutocastRestore {
+  AutocastRestore()
+      : enabled(at::autocast::is_autocast_enabled(at::kCPU)), dtype(at::autocast::get_autocast_dtype(at::kCPU)) {}
+  ~AutocastRestore() {
+    at::autocast::set_autocast_enabled(at::kCPU, enabled);
+    at::autocast::set_autocast_dtype(at::kCPU, dtype);
+  }
+  bool enabled;
+  at::ScalarType dtype;
+};
+
+} // namespace
+
+TEST_CASE("WorkerPool runs every index exactly once, task 0 on the caller", "[parallel_apply][pool]") {
+  torch_dp::WorkerPool pool;
+  CHECK(pool.num_threads() == 0);
+  const size_t n = 5;
+  std::vector<std::atomic<int>> counts(n);
+  std::vector<std::thread::id> ids(n);
+  const auto errors = pool.run(n, [&](size_t i) {
+    counts[i]++;
+    ids[i] = std::this_thread::get_id();
+  });
+  REQUIRE(errors.size() == n);
+  for (size_t i = 0; i < n; ++i) {
+    CHECK(counts[i] == 1);
+    CHECK_FALSE(errors[i]);
+  }
+  CHECK(ids[0] == std::this_thread::get_id());
+  std::set<std::thread::id> others(ids.begin() + 1, ids.end());
+  CHECK(others.size() == n - 1);  // one thread per index
+  CHECK(others.count(std::this_thread::get_id()) == 0);
+  CHECK(pool.num_threads() == n - 1);
+
+  // n = 1 and n = 0 run on the caller (or not at all) and start nothing new.
+  std::thread::id single;
+  pool.run(1, [&](size_t) { single = std::this_thread::get_id(); });
+  CHECK(single == std::this_thread::get_id());
+  CHECK(pool.run(0, [&](size_t) { FAIL("no task expected"); }).empty());
+}
+
+TEST_CASE("WorkerPool keeps its threads between runs", "[parallel_apply][pool]") {
+  torch_dp::WorkerPool pool;
+  std::mutex mutex;
+  std::set<std::thread::id> seen;
+  auto record = [&](size_t) {
+    std::lock_guard<std::mutex> lock(mutex);
+    seen.insert(std::this_thread::get_id());
+  };
+  pool.run(2, record);
+  CHECK(pool.num_threads() == 1);
+  pool.run(4, record);  // grows to n - 1
+  CHECK(pool.num_threads() == 3);
+  const auto after_growth = seen;
+  CHECK(after_growth.size() == 4);  // caller + 3 workers
+  std::atomic<long> total{0};
+  for (int r = 0; r < 1000; ++r) {
+    pool.run(static_cast<size_t>(2 + r % 3), [&](size_t i) {
+      record(i);
+      total += static_cast<long>(i) + 1;
+    });
+  }
+  CHECK(pool.num_threads() == 3);
+  CHECK(seen == after_growth);  // no new thread was ever used
+  long expected = 0;
+  for (int r = 0; r < 1000; ++r) {
+    const long n = 2 + r % 3;
+    expected += n * (n + 1) / 2;
+  }
+  CHECK(total == expected);
+}
+
+TEST_CASE("WorkerPool::run returns each task's exception", "[parallel_apply][pool][errors]") {
+  torch_dp::WorkerPool pool;
+  std::vector<std::atomic<int>> ran(4);
+  const auto errors = pool.run(4, [&](size_t i) {
+    ran[i]++;
+    if (i == 0 || i == 2) {
+      throw std::runtime_error("task " + std::to_string(i) + " failed");
+    }
+  });
+  REQUIRE(errors.size() == 4);
+  for (size_t i = 0; i < 4; ++i) {
+    CHECK(ran[i] == 1);
+  }
+  CHECK_FALSE(errors[1]);
+  CHECK_FALSE(errors[3]);
+  REQUIRE(errors[0]);
+  REQUIRE(errors[2]);
+  REQUIRE_THROWS_WITH(std::rethrow_exception(errors[0]), "task 0 failed");
+  REQUIRE_THROWS_WITH(std::rethrow_exception(errors[2]), "task 2 failed");
+}
+
+TEST_CASE("parallel_apply rethrows the lowest failing replica after all finished", "[parallel_apply][errors]") {
+  torch_dp::WorkerPool pool;
+  const auto devices = cpus(4);
+  std::vector<std::atomic<int>> ran(4);
+  auto task = [&](size_t i) {
+    if (i == 1) {
+      throw std::runtime_error("first failure");
+    }
+    if (i == 2) {
+      TORCH_CHECK(false, "second failure");
+    }
+    if (i == 3) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));  // finishes last; must still have run
+    }
+    ran[i]++;
+  };
+  bool caught = false;
+  try {
+    torch_dp::parallel_apply(pool, devices, task);
+  } catch (const torch_dp::ReplicaError& e) {
+    caught = true;
+    CHECK(e.replica() == 1);
+    CHECK(e.device().is_cpu());
+    const std::string what = e.what();
+    CHECK_THAT(what, StartsWith("Caught "));
+    CHECK_THAT(what, Contains("in replica 1 on device cpu"));
+    CHECK_THAT(what, Contains("runtime_error"));
+    CHECK_THAT(what, Contains("first failure"));
+    REQUIRE(e.original());
+    REQUIRE_THROWS_AS(std::rethrow_exception(e.original()), std::runtime_error);
+  }
+  CHECK(caught);
+  CHECK(ran[0] == 1);
+  CHECK(ran[3] == 1);
+
+  SECTION("a c10::Error is described without its backtrace") {
+    try {
+      torch_dp::parallel_apply(pool, cpus(3), [](size_t i) { TORCH_CHECK(i != 2, "bad input ", i); });
+      FAIL("expected a ReplicaError");
+    } catch (const torch_dp::ReplicaError& e) {
+      CHECK(e.replica() == 2);
+      const std::string what = e.what();
+      CHECK_THAT(what, StartsWith("Caught c10::Error in replica 2 on device cpu."));
+      CHECK_THAT(what, Contains("bad input 2"));
+      REQUIRE_THROWS_AS(std::rethrow_exception(e.original()), c10::Error);
+    }
+  }
+  SECTION("the pool keeps working after a failure") {
+    std::vector<std::atomic<int>> again(4);
+    REQUIRE_NOTHROW(torch_dp::parallel_apply(pool, devices, [&](size_t i) { again[i]++; }));
+    for (size_t i = 0; i < 4; ++i) {
+      CHECK(again[i] == 1);
+    }
+    CHECK(pool.num_threads() == 3);
+  }
+}
+
+TEST_CASE("device_label names devices as PyTorch does", "[parallel_apply]") {
+  CHECK(torch_dp::device_label(c10::Device(c10::kCPU)) == "cpu");
+  CHECK(torch_dp::device_label(c10::Device(c10::kCUDA, 1)) == "1");
+}
+
+TEST_CASE("parallel_apply carries grad mode and inference mode into the workers", "[parallel_apply][tls]") {
+  torch_dp::WorkerPool pool;
+  const auto devices = cpus(3);
+  std::vector<int> grad(3, -1);
+  std::vector<int> inference(3, -1);
+  auto record = [&](size_t i) {
+    grad[i] = c10::GradMode::is_enabled() ? 1 : 0;
+    inference[i] = c10::InferenceMode::is_enabled() ? 1 : 0;
+  };
+
+  torch_dp::parallel_apply(pool, devices, record);
+  CHECK(grad == std::vector<int>{1, 1, 1});
+  CHECK(inference == std::vector<int>{0, 0, 0});
+  {
+    at::NoGradGuard no_grad;
+    torch_dp::parallel_apply(pool, devices, record);
+  }
+  CHECK(grad == std::vector<int>{0, 0, 0});
+  {
+    c10::InferenceMode guard;
+    torch_dp::parallel_apply(pool, devices, record);
+  }
+  CHECK(inference == std::vector<int>{1, 1, 1});
+  CHECK(grad == std::vector<int>{0, 0, 0});  // inference mode implies no grad
+  // The workers' own state is restored after each task.
+  torch_dp::parallel_apply(pool, devices, record);
+  CHECK(grad == std::vector<int>{1, 1, 1});
+  CHECK(inference == std::vector<int>{0, 0, 0});
+
+  SECTION("tensors made by workers follow the caller's modes") {
+    const auto w = at::randn({2, 2}).requires_grad_(true);
+    std::vector<at::Tensor> out(3);
+    auto compute = [&](size_t i) { out[i] = w * 2.0; };
+    {
+      at::NoGradGuard no_grad;
+      torch_dp::parallel_apply(pool, devices, compute);
+    }
+    for (const auto& t : out) {
+      CHECK_FALSE(t.requires_grad());
+    }
+    torch_dp::parallel_apply(pool, devices, compute);
+    for (const auto& t : out) {
+      CHECK(t.requires_grad());
+    }
+    {
+      c10::InferenceMode guard;
+      torch_dp::parallel_apply(pool, devices, [&](size_t i) { out[i] = at::ones({2}) * 2.0; });
+    }
+    for (const auto& t : out) {
+      CHECK(t.is_inference());
+    }
+  }
+}
+
+TEST_CASE("parallel_apply carries the CPU autocast state into the workers", "[parallel_apply][tls]") {
+  AutocastRestore restore;
+  torch_dp::WorkerPool pool;
+  const auto devices = cpus(3);
+  std::vector<int> enabled(3, -1);
+  std::vector<at::ScalarType> dtype(3, at::kFloat);
+  std::vector<at::ScalarType> mm_dtype(3, at::kFloat);
+  const auto a = at::randn({4, 4});
+  auto record = [&](size_t i) {
+    enabled[i] = at::autocast::is_autocast_enabled(at::kCPU) ? 1 : 0;
+    dtype[i] = at::autocast::get_autocast_dtype(at::kCPU);
+    mm_dtype[i] = at::mm(a, a).scalar_type();
+  };
+
+  at::autocast::set_autocast_enabled(at::kCPU, true);
+  at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
+  torch_dp::parallel_apply(pool, devices, record);
+  at::autocast::set_autocast_enabled(at::kCPU, false);
+  at::autocast::set_autocast_dtype(at::kCPU, restore.dtype);
+  for (size_t i = 0; i < 3; ++i) {
+    INFO("replica " << i);
+    CHECK(enabled[i] == 1);
+    CHECK(dtype[i] == at::kBFloat16);
+    CHECK(mm_dtype[i] == at::kBFloat16);  // autocast actually applies in the worker
+  }
+
+  // With autocast off in the caller, it is off in the workers again.
+  torch_dp::parallel_apply(pool, devices, record);
+  for (size_t i = 0; i < 3; ++i) {
+    CHECK(enabled[i] == 0);
+    CHECK(mm_dtype[i] == at::kFloat);
+  }
+}
+
+TEST_CASE("a nested run from inside a task does not deadlock", "[parallel_apply][pool]") {
+  torch_dp::WorkerPool pool;
+  const size_t n = 3;
+  std::vector<std::atomic<int>> inner(n * n);
+  tdp_test::require_finishes(
+      [&] {
+        const auto errors = pool.run(n, [&](size_t i) {
+          const auto nested = pool.run(n, [&](size_t j) { inner[i * n + j]++; });
+          for (const auto& e : nested) {
+            if (e) {
+              std::rethrow_exception(e);
+            }
+          }
+        });
+        for (const auto& e : errors) {
+          if (e) {
+            std::rethrow_exception(e);
+          }
+        }
+      },
+      "nested WorkerPool::run");
+  for (size_t k = 0; k < n * n; ++k) {
+    CHECK(inner[k] == 1);
+  }
+
+  // The same through parallel_apply (a nested DataParallel).
+  std::atomic<int> count{0};
+  tdp_test::require_finishes(
+      [&] {
+        torch_dp::parallel_apply(pool, cpus(2), [&](size_t) {
+          torch_dp::parallel_apply(pool, cpus(4), [&](size_t) { count++; });
+        });
+      },
+      "nested parallel_apply");
+  CHECK(count == 8);
+}
+
+TEST_CASE("two threads can run on one pool at once", "[parallel_apply][pool]") {
+  torch_dp::WorkerPool pool;
+  const int rounds = 300;
+  const size_t n = 4;
+  std::vector<std::atomic<int>> counts_a(n), counts_b(n);
+  std::atomic<int> bad{0};
+  auto client = [&](std::vector<std::atomic<int>>& counts) {
+    for (int r = 0; r < rounds; ++r) {
+      std::vector<int> local(n, 0);
+      const auto errors = pool.run(n, [&](size_t i) {
+        local[i]++;
+        counts[i]++;
+      });
+      // Each call returns only after its own tasks ran, exactly once each.
+      for (size_t i = 0; i < n; ++i) {
+        if (local[i] != 1 || errors[i]) {
+          bad++;
+        }
+      }
+    }
+  };
+  tdp_test::require_finishes(
+      [&] {
+        std::thread a([&] { client(counts_a); });
+        std::thread b([&] { client(counts_b); });
+        a.join();
+        b.join();
+      },
+      "two concurrent WorkerPool::run callers");
+  CHECK(bad == 0);
+  for (size_t i = 0; i < n; ++i) {
+    CHECK(counts_a[i] == rounds);
+    CHECK(counts_b[i] == rounds);
+  }
+  CHECK(pool.num_threads() == n - 1);
+}
