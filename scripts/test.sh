@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/build.sh
 PYTHON=${PYTHON:-python3}
 ctest --test-dir build --output-on-failure
+bash scripts/check_install.sh
 PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m pytest tests/python -q -p no:cacheprovider

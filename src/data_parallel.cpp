@@ -186,6 +186,12 @@ void refresh_slot(ReplicaSet& set, ReplicaSet::Slot& slot) {
   for (size_t k = 0; k < set.params.size(); ++k) {
     if (set.params[k].requires_grad()) {
       needs_grad.push_back(k);
+    } else if (slot.params[k].requires_grad()) {
+      // Frozen in the module, so frozen in the replica: a clone's parameters start out requiring grad (reset()
+      // makes fresh ones), and one trainable at an earlier forward still carries that forward's ReplicaGrad.
+      // Left so, the replica would compute (and keep) gradients the module does not want, and its outputs would
+      // require grad where the module's do not.
+      slot.params[k].detach_();
     }
   }
   if (needs_grad.empty()) {
