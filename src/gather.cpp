@@ -86,6 +86,12 @@ at::Tensor gather(at::TensorList tensors, c10::Device destination, int64_t dim) 
   std::vector<at::Tensor> inputs(tensors.begin(), tensors.end());
   for (size_t i = 0; i < inputs.size(); ++i) {
     TORCH_CHECK(inputs[i].defined(), "gather: tensor at index ", i, " is undefined");
+    // A tensor on another device than its replica's is copied like any other (as PyTorch does); one without
+    // data cannot be, and would otherwise fail deep inside copy_ without saying which replica returned it.
+    TORCH_CHECK(
+        !inputs[i].is_meta() || destination.is_meta(), "gather: tensor at index ", i,
+        " (replica ", i, "'s output) is on device meta, which holds no data to copy to ", destination.str(),
+        "; expected a tensor with data, on its replica's device");
   }
   bool all_scalars = true;
   for (const auto& t : inputs) {

@@ -91,6 +91,7 @@ class DataParallel(torch.nn.DataParallel):
         if accelerator == "cuda" and all(d.type == "cuda" for d in devices):
             _check_balance(self.device_ids)
         if len(devices) == 1:
+            _check_movable(module, self.src_device_obj)
             self.module.to(self.src_device_obj)
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
@@ -164,6 +165,19 @@ def _names_cpu(device_ids: Optional[Sequence[DeviceLike]]) -> bool:
         if (isinstance(d, str) and d.split(":")[0] == "cpu") or (isinstance(d, torch.device) and d.type == "cpu"):
             return True
     return False
+
+
+def _check_movable(module: torch.nn.Module, device: torch.device) -> None:
+    """With one device, DataParallel moves the module there, as upstream. A meta tensor cannot be moved (it has
+    no data), and module.to would fail half-way, with some tensors moved: say so before anything changed."""
+    for kind, named in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
+        for name, tensor in named:
+            if tensor.is_meta and device.type != "meta":
+                raise RuntimeError(
+                    f"module must have its parameters and buffers on device {device} (device_ids[0]) but {kind} "
+                    f"'{name}' is on device meta, which holds no data to move there; materialize the module first "
+                    "(module.to_empty(device=...) and load its weights)"
+                )
 
 
 def _checked_output_device(output_device: DeviceLike) -> torch.device:

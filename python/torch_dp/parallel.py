@@ -58,7 +58,7 @@ def _as_device(device: DeviceLike, accelerator: Optional[str]) -> torch.device:
         return torch.device("cpu")
     backend = getattr(torch, result.type, None)
     if backend is None or not hasattr(backend, "device_count") or not backend.is_available():
-        raise ValueError(f"device {result} is not available on this machine")
+        raise ValueError(f"device {result} is not available on this machine: expected {_usable_devices(accelerator)}")
     index = result.index if result.index is not None else backend.current_device()
     count = backend.device_count()
     if index >= count:
@@ -67,6 +67,14 @@ def _as_device(device: DeviceLike, accelerator: Optional[str]) -> torch.device:
             f"indices 0 to {count - 1}"
         )
     return torch.device(result.type, index)
+
+
+def _usable_devices(accelerator: Optional[str]) -> str:
+    """What a device argument may name on this machine, for error messages."""
+    if accelerator is None:
+        return "'cpu' (no accelerator is available)"
+    count = getattr(torch, accelerator).device_count()
+    return f"'cpu' or a {accelerator} device, index 0 to {count - 1}"
 
 
 def _as_devices(devices: Sequence[DeviceLike]) -> list[torch.device]:
@@ -216,22 +224,40 @@ def gather(outputs: Sequence[Any], target_device: Optional[DeviceLike], dim: int
         for column, leaf in zip(columns, leaves):
             column.append(leaf)
     gathered = []
-    paths = None
     for position, column in enumerate(columns):
         leaf = column[0]
         if isinstance(leaf, torch.Tensor) and all(isinstance(x, torch.Tensor) for x in column):
-            gathered.append(_C.gather(column, target, dim))
-        elif leaf is None:
+            try:
+                gathered.append(_C.gather(column, target, dim))
+            except RuntimeError as error:
+                if type(error) is not RuntimeError:  # keep subclasses such as torch.OutOfMemoryError as they are
+                    raise
+                # Name the place in the output; the C++ message's "tensor at index i" is replica i's.
+                raise RuntimeError(f"at output{_output_path(outputs[0], position)}: {error}") from None
+        elif all(x is None for x in column):
             gathered.append(None)
+        elif all(x is None or isinstance(x, torch.Tensor) for x in column):
+            # nn.DataParallel returns None here when replica 0 gave None, dropping the other replicas' tensors.
+            first_none = next(i for i, x in enumerate(column) if x is None)
+            first_tensor = next(i for i, x in enumerate(column) if isinstance(x, torch.Tensor))
+            raise ValueError(
+                f"gather: at output{_output_path(outputs[0], position)} replica {first_none} returned None but "
+                f"replica {first_tensor} returned a tensor; every replica must return a tensor there, or every "
+                "replica None"
+            )
         else:
-            if paths is None:
-                paths = [pytree.keystr(p) for p, _ in pytree.tree_flatten_with_path(outputs[0])[0]]
             kinds = sorted({type(x).__name__ for x in column})
             raise TypeError(
-                f"gather: the replicas' outputs hold {' and '.join(kinds)} values at output{paths[position]}; "
-                "DataParallel can only gather tensors (and None). Return a tensor there, e.g. torch.tensor(x)."
+                f"gather: the replicas' outputs hold {' and '.join(kinds)} values at "
+                f"output{_output_path(outputs[0], position)}; DataParallel can only gather tensors (and None). "
+                "Return a tensor there, e.g. torch.tensor(x)."
             )
     return pytree.tree_unflatten(gathered, spec)
+
+
+def _output_path(output: Any, position: int) -> str:
+    """The key path of leaf ``position`` of ``output`` ("[1]['name']"), for error messages."""
+    return pytree.keystr(pytree.tree_flatten_with_path(output)[0][position][0])
 
 
 # ---- replicate ---------------------------------------------------------------------------------------------
@@ -261,19 +287,27 @@ class _Replicas:
 
     def __init__(self) -> None:
         self._replicator = _C.Replicator()
-        self._module: Optional[torch.nn.Module] = None
+        # Weak: torch_dp.data_parallel keeps a _Replicas per module in a WeakKeyDictionary, whose values must
+        # not keep their key alive (that leaked every module ever passed to data_parallel).
+        self._module: Optional[weakref.ref] = None
         self._devices: Optional[list[torch.device]] = None
         self._watch: Optional[Any] = None
         self._slots: list[list[torch.nn.Module]] = []
         self._targets: list[list[tuple[dict, str, int]]] = []  # per slot: (dict, key, source index)
-        self._modules: list[torch.nn.Module] = []
+        self._source_dicts: list[dict] = []  # the module tree's dicts, for DictWatch (not the modules)
         # One forward at a time: the replicas are shared state. threading.Lock releases the GIL while it
         # waits, so a waiting thread cannot starve the replicas' workers of the GIL.
         self.lock = threading.Lock()
 
     def sync(self, module: torch.nn.Module, devices: list[torch.device]) -> None:
         """Rebuilds the replicas if the module, the devices or anything in the module tree changed."""
-        if module is not self._module or devices != self._devices or self._watch is None or not self._watch.unchanged():
+        if (
+            self._module is None
+            or module is not self._module()
+            or devices != self._devices
+            or self._watch is None
+            or not self._watch.unchanged()
+        ):
             self._build(module, devices)
 
     def check_device(self, expected: torch.device) -> None:
@@ -323,11 +357,12 @@ class _Replicas:
                 targets += [(replica_buffers, k, source[id(b)]) for k, b in m._buffers.items() if b is not None]
             self._slots.append(copies)
             self._targets.append(targets)
-        self._module, self._devices, self._modules, self._watch = module, list(devices), modules, None
+        self._module, self._devices, self._watch = weakref.ref(module), list(devices), None
+        self._source_dicts = [d for m in modules for d in (m.__dict__, m._parameters, m._buffers, m._modules)]
 
     def _watch_all(self) -> None:
-        dicts = []
-        for m in self._modules + [r for slot in self._slots for r in slot]:
+        dicts = list(self._source_dicts)
+        for m in [r for slot in self._slots for r in slot]:
             dicts += [m.__dict__, m._parameters, m._buffers, m._modules]
         self._watch = _C.DictWatch(dicts)
 
