@@ -697,3 +697,177 @@ def test_no_warnings_in_a_plain_forward():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dp(torch.randn(8, 5)).sum().backward()
+
+
+# ---- bad input: each gets an error naming the problem and the expected value, and leaves the module as it was --
+# (the table "Bad input and the errors it gets" in README.md; scatter and gather rows are in their own files)
+
+def state_of(module):
+    """A copy of the module's state_dict: device, dtype, shape and values (meta tensors have no values)."""
+    return {
+        name: (t.device, t.dtype, t.shape, None if t.is_meta else t.detach().clone())
+        for name, t in module.state_dict(keep_vars=True).items()
+    }
+
+
+def raises_and_leaves_module_unchanged(module, call, error, *fragments):
+    """``call()`` raises ``error`` whose message holds every fragment, and ``module``'s state is unchanged."""
+    before = state_of(module)
+    with pytest.raises(error) as info:
+        call()
+    for fragment in fragments:
+        assert fragment in str(info.value), f"{fragment!r} not in {str(info.value)!r}"
+    after = state_of(module)
+    assert after.keys() == before.keys()
+    for name, (device, dtype, shape, values) in before.items():
+        assert after[name][:3] == (device, dtype, shape), name
+        if values is not None:
+            assert torch.equal(after[name][3], values), name
+    return info.value
+
+
+@pytest.fixture
+def two_fake_gpus(monkeypatch):
+    """Makes torch report two CUDA devices, for the device checks that only run with an accelerator. Nothing
+    may touch CUDA under it: the tests use it only for errors raised before any tensor moves."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
+def test_bad_input_without_an_accelerator_device_ids_are_ignored_as_upstream():
+    # torch.nn.DataParallel ignores device_ids on a machine without an accelerator and calls the module
+    # directly, so device_ids=[0, 1] (or list(range(torch.cuda.device_count())) == []) runs unchanged on a
+    # laptop; torch_dp keeps that. Only lists naming "cpu" select torch_dp's CPU replicas.
+    for device_ids in ([], [0, 1], [-1], ["cuda:7"]):
+        net = MLP()
+        dp = torch_dp.DataParallel(net, device_ids)
+        assert dp.device_ids == []
+        x = torch.randn(4, 5)
+        torch.testing.assert_close(dp(x), net(x))
+
+
+def test_bad_input_empty_device_ids(two_fake_gpus):
+    net = MLP()
+    raises_and_leaves_module_unchanged(
+        net, lambda: torch_dp.DataParallel(net, []), ValueError, "device_ids is empty", "at least one device"
+    )
+    raises_and_leaves_module_unchanged(
+        net, lambda: torch_dp.data_parallel(net, torch.randn(4, 5), []), ValueError, "device_ids is empty"
+    )
+
+
+def test_bad_input_single_device_instead_of_a_list(two_fake_gpus):
+    net = MLP()
+    raises_and_leaves_module_unchanged(
+        net, lambda: torch_dp.DataParallel(net, 0), TypeError, "must be a sequence of devices", "single device 0"
+    )
+
+
+@pytest.mark.parametrize(
+    "device_ids,error,fragments",
+    [
+        (["cpu", -1], ValueError, ["invalid device index -1", "must be non-negative", "'cpu'"]),
+        (["cpu", "cuda:7"], ValueError, ["device cuda:7 is not available", "expected 'cpu'"]),
+        (["cpu", 7], ValueError, ["device index 7 was given, but no accelerator is available", "'cpu'"]),
+        (["cpu", "meta"], ValueError, ["device meta is not available", "expected 'cpu'"]),
+        (["cpu", "nonsense"], ValueError, ["invalid device 'nonsense'", "Expected one of cpu, cuda"]),
+        (["cpu", 1.5], TypeError, ["a device must be an int index, a string", "got float: 1.5"]),
+        (["cpu", None], TypeError, ["a device must be an int index", "got NoneType: None"]),
+    ],
+    ids=["negative", "cuda-beyond-count", "int-without-accelerator", "meta", "unknown-name", "float", "none"],
+)
+def test_bad_input_invalid_device_ids(device_ids, error, fragments):
+    net = MLP()
+    raises_and_leaves_module_unchanged(net, lambda: torch_dp.DataParallel(net, device_ids), error, *fragments)
+    raises_and_leaves_module_unchanged(
+        net, lambda: torch_dp.data_parallel(net, torch.randn(4, 5), device_ids), error, *fragments
+    )
+
+
+@pytest.mark.parametrize(
+    "device_ids,bad", [([0, 7], 7), (["cuda:0", "cuda:2"], 2), ([0, torch.device("cuda", 5)], 5)],
+    ids=["int", "string", "torch.device"],
+)
+def test_bad_input_device_index_beyond_the_device_count(two_fake_gpus, device_ids, bad):
+    net = MLP()
+    raises_and_leaves_module_unchanged(
+        net, lambda: torch_dp.DataParallel(net, device_ids), ValueError,
+        f"device cuda:{bad} does not exist", "this machine has 2 cuda device(s), indices 0 to 1",
+    )
+
+
+@pytest.mark.parametrize(
+    "output_device,error,fragments",
+    [
+        ("cuda:7", ValueError, ["device cuda:7 is not available", "expected 'cpu'"]),
+        (3, ValueError, ["device index 3 was given, but no accelerator is available"]),
+        ("meta", ValueError, ["device meta is not available", "expected 'cpu'"]),
+        ("nonsense", ValueError, ["invalid device 'nonsense'"]),
+        (1.5, TypeError, ["got float: 1.5"]),
+    ],
+    ids=["cuda-unavailable", "int-without-accelerator", "meta", "unknown-name", "float"],
+)
+def test_bad_input_output_device_not_usable(output_device, error, fragments):
+    net = MLP()
+    raises_and_leaves_module_unchanged(
+        net, lambda: torch_dp.DataParallel(net, cpus(2), output_device=output_device), error, *fragments
+    )
+    raises_and_leaves_module_unchanged(
+        net, lambda: torch_dp.data_parallel(net, torch.randn(4, 5), cpus(2), output_device), error, *fragments
+    )
+
+
+def test_bad_input_output_device_beyond_the_device_count(two_fake_gpus):
+    net = MLP()
+    raises_and_leaves_module_unchanged(
+        net, lambda: torch_dp.DataParallel(net, ["cpu"], output_device=2), ValueError,
+        "device cuda:2 does not exist", "indices 0 to 1",
+    )
+
+
+def meta_buffer_net():
+    net = MLP()
+    net.fc1.register_buffer("scale", torch.empty(5, device="meta"))  # e.g. built under torch.device("meta")
+    return net
+
+
+@pytest.mark.parametrize("replicas", [2, 4])
+def test_bad_input_module_not_on_device_ids0(replicas):
+    net = meta_buffer_net()
+    dp = torch_dp.DataParallel(net, cpus(replicas))
+    expected = "module must have its parameters and buffers on device cpu (device_ids[0]) but found one of them on device: meta"
+    raises_and_leaves_module_unchanged(net, lambda: dp(torch.randn(4, 5)), RuntimeError, expected)
+    raises_and_leaves_module_unchanged(
+        net, lambda: torch_dp.data_parallel(net, torch.randn(4, 5), cpus(replicas)), RuntimeError, expected
+    )
+    net.fc1.scale = torch.ones(5)  # fixed: the same DataParallel works
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(dp(x), net(x))
+
+
+def test_bad_input_module_on_meta_with_one_device():
+    # With one device, DataParallel moves the module there (as upstream); a meta tensor cannot be moved, and
+    # module.to would fail half-way. The error comes first and names the tensor.
+    net = meta_buffer_net()
+    raises_and_leaves_module_unchanged(
+        net, lambda: torch_dp.DataParallel(net, cpus(1)), RuntimeError,
+        "on device cpu (device_ids[0])", "buffer 'fc1.scale' is on device meta", "to_empty",
+    )
+
+
+@pytest.mark.parametrize(
+    "dim,error,fragments",
+    [
+        (5, IndexError, ["Dimension out of range (expected to be in range of [-2, 1], but got 5)"]),
+        (-3, IndexError, ["expected to be in range of [-2, 1], but got -3"]),
+        (0.5, TypeError, ["dim must be an int", "float"]),
+    ],
+    ids=["too-large", "too-negative", "float"],
+)
+def test_bad_input_dim(dim, error, fragments):
+    net = MLP()
+
+    def call():
+        torch_dp.DataParallel(net, cpus(2), dim=dim)(torch.randn(4, 5))
+
+    raises_and_leaves_module_unchanged(net, call, error, *fragments)

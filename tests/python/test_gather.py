@@ -200,3 +200,259 @@ def test_gradient_flows_back_to_each_part():
     (torch_dp.gather(parts, "cpu") * weights).sum().backward()
     torch.testing.assert_close(parts[0].grad, weights[:2])
     torch.testing.assert_close(parts[1].grad, weights[2:])
+
+
+# ---- bad input: each gets an error naming the problem and the expected value, and leaves the module as it was --
+# (the table "Bad input and the errors it gets" in README.md)
+
+class PerReplica(torch.nn.Module):
+    """Returns ``self.make(replica, y)``: column 0 of each input row holds the index of the replica that gets it."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 2)
+        self.make = make
+
+    def forward(self, x):
+        return self.make(int(x[0, 0]), self.fc(x[:, 1:]))
+
+
+def marked_batch(replicas, rows=2):
+    x = torch.randn(replicas * rows, 4)
+    x[:, 0] = torch.arange(replicas).repeat_interleave(rows)
+    return x
+
+
+def assert_gather_error(make, error, *fragments, replicas=3):
+    net = PerReplica(make)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    dp = torch_dp.DataParallel(net, ["cpu"] * replicas)
+    with pytest.raises(error) as info:
+        dp(marked_batch(replicas))
+    for fragment in fragments:
+        assert fragment in str(info.value), f"{fragment!r} not in {str(info.value)!r}"
+    after = net.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    net.make = lambda replica, y: y  # and the next forward works
+    x = marked_batch(replicas)
+    torch.testing.assert_close(dp(x), net.fc(x[:, 1:]))
+
+
+def test_bad_input_non_tensor_outputs():
+    assert_gather_error(
+        lambda r, y: (y, "label"), TypeError, "hold str values at output[1]", "can only gather tensors (and None)"
+    )
+    assert_gather_error(
+        lambda r, y: {"logits": y, "count": r}, TypeError, "hold int values at output['count']",
+        "Return a tensor there",
+    )
+    assert_gather_error(lambda r, y: object(), TypeError, "hold object values at output")
+
+
+def test_bad_input_none_in_some_replicas_only():
+    # nn.DataParallel returns None when replica 0 returned None, silently dropping the other replicas' tensors.
+    assert_gather_error(
+        lambda r, y: (y, None if r == 0 else y), ValueError,
+        "at output[1] replica 0 returned None but replica 1 returned a tensor", "or every replica None",
+    )
+    assert_gather_error(
+        lambda r, y: {"aux": None if r == 2 else y}, ValueError,
+        "at output['aux'] replica 2 returned None but replica 0 returned a tensor",
+    )
+
+
+def test_none_in_every_replica_is_gathered_as_none():
+    out = torch_dp.DataParallel(PerReplica(lambda r, y: (y, None)), ["cpu"] * 3)(marked_batch(3))
+    assert out[1] is None and out[0].shape == (6, 2)
+
+
+def test_bad_input_dicts_with_different_keys():
+    assert_gather_error(
+        lambda r, y: {"a": y} if r == 0 else {"b": y}, ValueError,
+        "replica 1 returned a different structure than replica 0", "dicts must have the same keys",
+        "['a']", "['b']",
+    )
+    assert_gather_error(
+        lambda r, y: {"a": y, "extra": y} if r == 2 else {"a": y}, ValueError,
+        "replica 2 returned a different structure than replica 0", "['a', 'extra']",
+    )
+
+
+def test_bad_input_replica_returns_a_tensor_without_data():
+    # A tensor on another device than its replica's is copied to output_device like any other, as upstream does.
+    # One that holds no data (here a meta tensor, standing in for a wrong device on a CPU-only machine) cannot
+    # be: gather names the replica instead of failing inside the copy.
+    assert_gather_error(
+        lambda r, y: y.to("meta") if r == 2 else y, RuntimeError,
+        "tensor at index 2 (replica 2's output) is on device meta", "no data to copy to cpu",
+        "expected a tensor with data, on its replica's device",
+    )
+    assert_gather_error(
+        lambda r, y: Output(y, y.to("meta") if r == 1 else y), RuntimeError,
+        "at output.aux: gather: tensor at index 1 (replica 1's output) is on device meta",
+    )
+
+
+def test_bad_input_outputs_that_do_not_concatenate():
+    assert_gather_error(
+        lambda r, y: y.double() if r == 1 else y, RuntimeError,
+        "expected all tensors to have the same dtype, but tensor at index 1 is Double and tensor at index 0 is Float",
+    )
+    assert_gather_error(
+        lambda r, y: y[:, :1] if r == 2 else y, RuntimeError,
+        "tensor at index 2 has invalid shape [2, 1], but expected the shape of tensor 0, [2, 2]",
+    )
+
+
+# ---- property: scatter then gather is the identity, values and gradients --------------------------------------
+
+try:
+    import hypothesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:  # pragma: no cover - hypothesis is installed by scripts/ensure_deps.sh
+    hypothesis = None
+
+Named = collections.namedtuple("Named", ["left", "right"])
+DTYPES = [torch.float32, torch.float64, torch.int64]
+
+
+if hypothesis is not None:
+
+    @st.composite
+    def trees(draw):
+        """(builder, dim, batch): builder(make_tensor) builds a random nested structure of tuples, lists, dicts,
+        OrderedDicts and namedtuples holding tensors (all of size ``batch`` along ``dim``) and non-tensors."""
+        dim = draw(st.integers(0, 1))
+        batch = draw(st.integers(0, 9))
+        tensor_spec = st.tuples(
+            st.sampled_from(DTYPES),
+            st.lists(st.integers(1, 3), min_size=dim, max_size=2),  # the other sizes; rank >= dim + 1
+        )
+        leaf = st.one_of(
+            tensor_spec.map(lambda spec: ("tensor", spec)),
+            st.one_of(st.integers(), st.text(max_size=3), st.none(), st.floats(allow_nan=False)).map(
+                lambda value: ("value", value)
+            ),
+        )
+        keys = st.text("abcxyz", min_size=1, max_size=3)
+        shape = st.recursive(
+            leaf,
+            lambda children: st.one_of(
+                st.lists(children, max_size=3).map(lambda c: ("list", c)),
+                st.lists(children, max_size=3).map(lambda c: ("tuple", c)),
+                st.dictionaries(keys, children, max_size=3).map(lambda c: ("dict", c)),
+                st.dictionaries(keys, children, max_size=3).map(lambda c: ("ordered", c)),
+                st.tuples(children, children).map(lambda c: ("named", c)),
+            ),
+            max_leaves=8,
+        )
+        return draw(shape), dim, batch
+
+    def build(node, dim, batch, make):
+        kind, body = node
+        if kind == "tensor":
+            dtype, others = body
+            sizes = list(others)
+            sizes.insert(dim, batch)
+            return make(sizes, dtype)
+        if kind == "value":
+            return body
+        if kind == "list":
+            return [build(c, dim, batch, make) for c in body]
+        if kind == "tuple":
+            return tuple(build(c, dim, batch, make) for c in body)
+        if kind == "dict":
+            return {k: build(c, dim, batch, make) for k, c in body.items()}
+        if kind == "ordered":
+            return collections.OrderedDict((k, build(c, dim, batch, make)) for k, c in body.items())
+        return Named(*(build(c, dim, batch, make) for c in body))
+
+    @settings(
+        max_examples=1000,
+        deadline=None,
+        database=None,  # CI writes no .hypothesis folder; a failure prints the example to reproduce it
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
+    @given(tree=trees(), replicas=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
+    def test_property_scatter_then_gather_round_trips_values_and_gradients(tree, replicas, seed):
+        import torch.utils._pytree as pytree
+
+        node, dim, batch = tree
+        generator = torch.Generator().manual_seed(seed)
+
+        def make(sizes, dtype):
+            if dtype == torch.int64:
+                return torch.randint(-100, 100, sizes, generator=generator)
+            return torch.randn(sizes, generator=generator, dtype=dtype).requires_grad_(dtype == torch.float64)
+
+        inputs = build(node, dim, batch, make)
+        devices = ["cpu"] * replicas
+        leaves, spec = pytree.tree_flatten(inputs)
+        tensor_positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        parts = torch_dp.scatter(inputs, devices, dim)
+
+        if isinstance(inputs, torch.Tensor):
+            parts = [parts[i] for i in range(len(parts))]  # a lone tensor scatters into a tuple of chunks
+        if not tensor_positions:
+            assert len(parts) == replicas and all(part is inputs for part in parts)  # passed as they are
+            return
+
+        # The split: torch.chunk's sizes, the structure kept, non-tensors passed by identity to every replica.
+        expected_sizes = torch_dp._C.chunk_sizes(batch, replicas)
+        assert len(parts) == len(expected_sizes)
+        for part, size in zip(parts, expected_sizes):
+            part_leaves, part_spec = pytree.tree_flatten(part)
+            assert part_spec == spec
+            for i, (leaf, original) in enumerate(zip(part_leaves, leaves)):
+                if i in tensor_positions:
+                    assert leaf.dtype == original.dtype and leaf.size(dim) == size
+                    assert leaf.shape[:dim] == original.shape[:dim] and leaf.shape[dim + 1:] == original.shape[dim + 1:]
+                else:
+                    assert leaf is original
+
+        # Each replica scales its chunk by (replica + 1); gather concatenates back. Non-tensors become None
+        # (gather only takes tensors and None), so the gathered structure is the input's with None there.
+        def replica_output(r, part):
+            part_leaves = pytree.tree_flatten(part)[0]
+            out = [leaf * (r + 1) if isinstance(leaf, torch.Tensor) else None for leaf in part_leaves]
+            return pytree.tree_unflatten(out, spec)
+
+        outputs = [replica_output(r, part) for r, part in enumerate(parts)]
+        gathered = torch_dp.gather(outputs, "cpu", dim)
+        gathered_leaves, gathered_spec = pytree.tree_flatten(gathered)
+        assert gathered_spec == spec
+
+        factor_1d = torch.cat([torch.full((size,), float(r + 1)) for r, size in enumerate(expected_sizes)])
+        weights = []
+        for i, leaf in enumerate(leaves):
+            got = gathered_leaves[i]
+            if i not in tensor_positions:
+                assert got is None
+                continue
+            view = [1] * leaf.dim()
+            view[dim] = batch
+            factor = factor_1d.view(view)
+            assert got.dtype == leaf.dtype and got.shape == leaf.shape
+            torch.testing.assert_close(got, (leaf.detach() * factor.to(leaf.dtype)), rtol=0, atol=0)
+            if leaf.dtype == torch.float64:
+                assert got.requires_grad
+                weight = torch.randn(leaf.shape, generator=generator, dtype=torch.float64)
+                weights.append((leaf, got, weight, factor.double()))
+
+        # Gradients: d/dx sum(w * gathered) = w * factor, through gather's and scatter's backward.
+        if weights:
+            loss = sum((got * weight).sum() for _, got, weight, _ in weights)
+            grads = torch.autograd.grad(loss, [leaf for leaf, _, _, _ in weights], allow_unused=True)
+            for (leaf, _, weight, factor), grad in zip(weights, grads):
+                expected = weight * factor
+                if grad is None:  # an empty batch has no path from the leaf to the loss
+                    assert leaf.numel() == 0
+                else:
+                    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+
+else:  # pragma: no cover
+
+    @pytest.mark.skip(reason="needs hypothesis (pip install hypothesis)")
+    def test_property_scatter_then_gather_round_trips_values_and_gradients():
+        pass

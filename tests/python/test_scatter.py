@@ -234,3 +234,91 @@ def test_gradcheck_scatter_kwargs_nested():
         return tuple(arg[0][0] * (i + 1) for i, arg in enumerate(args)) + tuple(kw["b"]["inner"] for kw in kwargs)
 
     assert torch.autograd.gradcheck(fn, (x, y))
+
+
+# ---- bad input: each gets an error naming the problem and the expected value, and leaves the module as it was --
+# (the table "Bad input and the errors it gets" in README.md)
+
+class Recorder(torch.nn.Module):
+    """Records each call's batch size; takes any positional and keyword tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(2, 2)
+        self.calls = []
+
+    def forward(self, x, *rest, **kwargs):
+        self.calls.append(x.shape[0])
+        return self.fc(x)
+
+
+def assert_raises_before_any_replica_ran(call, error, *fragments):
+    net = Recorder()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    dp = torch_dp.DataParallel(net, cpus(4))
+    with pytest.raises(error) as info:
+        call(dp)
+    for fragment in fragments:
+        assert fragment in str(info.value), f"{fragment!r} not in {str(info.value)!r}"
+    assert net.calls == []
+    after = net.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    x = torch.randn(8, 2)  # and the next forward works
+    torch.testing.assert_close(dp(x), net.fc(x))
+
+
+def test_bad_input_zero_dim_tensor():
+    expected = ["cannot split a 0-dim (scalar) tensor along dim 0", "pass tensors with at least one dimension"]
+    assert_raises_before_any_replica_ran(lambda dp: dp(torch.tensor(3.0)), RuntimeError, *expected)
+    assert_raises_before_any_replica_ran(lambda dp: dp(torch.randn(8, 2), torch.tensor(3.0)), RuntimeError, *expected)
+    assert_raises_before_any_replica_ran(
+        lambda dp: dp(torch.randn(8, 2), scale={"s": torch.tensor(3.0)}), RuntimeError, *expected
+    )
+
+
+def test_bad_input_sizes_giving_different_chunk_counts():
+    # nn.DataParallel silently drops the chunks beyond the smallest count (here 4 rows of x, half the batch).
+    assert_raises_before_any_replica_ran(
+        lambda dp: dp(torch.randn(8, 2), torch.randn(2, 2)), ValueError,
+        "different numbers of chunks over 4 devices", "args[0]: 8 along dim 0 -> 4 chunks",
+        "args[1]: 2 along dim 0 -> 2 chunks", "Give all tensor arguments the same size along dim 0",
+    )
+    assert_raises_before_any_replica_ran(
+        lambda dp: dp(torch.randn(8, 2), mask=[torch.randn(3, 2)]), ValueError,
+        "args[0]: 8 along dim 0 -> 4 chunks", "kwargs['mask'][0]: 3 along dim 0 -> 3 chunks",
+    )
+
+
+def test_bad_input_sizes_with_the_same_chunk_count_are_split_like_torch_chunk():
+    # Different sizes that give the same number of chunks are not an error (as upstream): each is chunked.
+    net = Recorder()
+    torch_dp.DataParallel(net, cpus(4))(torch.randn(8, 2), torch.randn(7, 2))
+    assert sorted(net.calls) == [2, 2, 2, 2]
+
+
+@pytest.mark.parametrize(
+    "sizes,fragments",
+    [
+        ([3, 4], ["the chunk sizes add up to 7 but the tensor has 8 elements along dim 0", "sizes [3, 4]"]),
+        ([5, 5], ["the chunk sizes add up to 10 but the tensor has 8 elements along dim 0"]),
+        ([8], ["expected one chunk size per device, but got 1 chunk sizes for 2 devices"]),
+        ([2, 2, 4], ["expected one chunk size per device, but got 3 chunk sizes for 2 devices"]),
+        ([10, -2], ["chunk sizes must be non-negative, but chunk 1 has size -2"]),
+    ],
+    ids=["short", "long", "too-few", "too-many", "negative"],
+)
+def test_bad_input_chunk_sizes_that_do_not_add_up(sizes, fragments):
+    x = torch.randn(8, 3, requires_grad=True)
+    before = x.detach().clone()
+    with pytest.raises(RuntimeError) as info:
+        torch_dp._C.scatter(x, [torch.device("cpu")] * 2, sizes, 0)
+    for fragment in fragments:
+        assert fragment in str(info.value), f"{fragment!r} not in {str(info.value)!r}"
+    assert torch.equal(x.detach(), before) and x.grad is None
+
+
+def test_chunk_sizes_that_add_up_are_used_as_given():
+    x = torch.randn(8, 3)
+    chunks = torch_dp._C.scatter(x, [torch.device("cpu")] * 3, [5, 0, 3], 0)
+    assert [c.shape[0] for c in chunks] == [5, 0, 3]
+    torch.testing.assert_close(torch.cat(chunks), x, rtol=0, atol=0)
