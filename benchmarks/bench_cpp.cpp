@@ -343,6 +343,14 @@ std::string ratio(const std::map<std::string, double>& ms, const std::string& a,
 
 int main(int argc, char** argv) {
   const auto options = parse(argc, argv);
+  for (const auto& devices : options.device_lists) {
+    for (const auto& device : devices) {
+      if (device.is_cuda() && !torch::cuda::is_available()) {
+        std::fprintf(stderr, "bench_cpp: %s was asked for, but this torch sees no CUDA device\n", device.str().c_str());
+        return 2;
+      }
+    }
+  }
   const int64_t mlp_batch = 256;
   const int64_t conv_batch = options.quick ? 16 : 128;
   const int64_t conv_size = options.quick ? 16 : 32;

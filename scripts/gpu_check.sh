@@ -55,9 +55,10 @@ if [ $built -eq 0 ]; then
   step ctest 120 ctest --test-dir build-gpu --output-on-failure
   step pytest 240 "$PYTHON" -m pytest tests/python -q -p no:cacheprovider -m "not slow" \
     --junitxml="$outdir/pytest.xml"
-  if command -v compute-sanitizer >/dev/null 2>&1; then
-    step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 1 "$tests_bin" "[cuda]"
-    step racecheck 150 compute-sanitizer --tool racecheck --error-exitcode 1 "$tests_bin" "[cuda]"
+  sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+  if [ -n "$sanitizer" ]; then
+    step memcheck 150 "$sanitizer" --tool memcheck --error-exitcode 1 "$tests_bin" "[cuda]"
+    step racecheck 150 "$sanitizer" --tool racecheck --error-exitcode 1 "$tests_bin" "[cuda]"
   else
     results+=("memcheck|skipped|0|no compute-sanitizer" "racecheck|skipped|0|no compute-sanitizer")
   fi
