@@ -15,6 +15,7 @@ from torch_dp.parallel import (
     _accelerator_type,
     _as_device,
     _as_output_device,
+    _gather,
     _parallel_apply,
     _public_id,
     _Replicas,
@@ -26,6 +27,10 @@ from torch_dp.parallel import (
 __all__ = ["DataParallel", "patch", "unpatch", "is_patched"]
 
 T = TypeVar("T", bound=torch.nn.Module)
+
+# The same profiler event as torch.autograd.profiler.record_function, at a twentieth of its cost per forward
+# (0.25 us against 6.7 us on the CPU dev machine); record_function where torch lacks it.
+_record_function = getattr(torch._C._profiler, "_RecordFunctionFast", torch.autograd.profiler.record_function)
 
 
 class _Engine:
@@ -95,7 +100,7 @@ class DataParallel(torch.nn.DataParallel):
             self.module.to(self.src_device_obj)
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
-        with torch.autograd.profiler.record_function("DataParallel.forward"):
+        with _record_function("DataParallel.forward"):
             if not self.device_ids:
                 return self.module(*inputs, **kwargs)
             engine = self._get_engine()
@@ -108,7 +113,12 @@ class DataParallel(torch.nn.DataParallel):
                     inputs, module_kwargs = ((),), ({},)
                 if len(self.device_ids) == 1:
                     return self.module(*inputs[0], **module_kwargs[0])
-                replicas = self.replicate(self.module, self.device_ids[: len(inputs)])
+                if self._own_scatter_and_replicate():
+                    # One walk over the module tree per forward: sync() above checked it and only our own
+                    # scatter ran since; self.replicate would walk it again (a ResNet-50 tree: 2,500 dicts).
+                    replicas = engine.replicas.get(len(inputs), differentiable=torch.is_grad_enabled())
+                else:  # an overridden step may change the module: replicate checks it again
+                    replicas = self.replicate(self.module, self.device_ids[: len(inputs)])
                 outputs = self.parallel_apply(replicas, inputs, module_kwargs)
             return self.gather(outputs, self.output_device)
 
@@ -134,7 +144,7 @@ class DataParallel(torch.nn.DataParallel):
 
     def gather(self, outputs: Any, output_device: DeviceLike) -> Any:
         if output_device is self.output_device and not (isinstance(output_device, int) and output_device == -1):
-            output_device = self._output_device_obj
+            return _gather(outputs, self._output_device_obj, self.dim)  # checked and resolved in __init__
         return gather(outputs, output_device, dim=self.dim)
 
     # ---- internals ------------------------------------------------------------------------------------------
@@ -144,8 +154,20 @@ class DataParallel(torch.nn.DataParallel):
             self._engine = _Engine()
         return self._engine
 
+    def _own_scatter_and_replicate(self) -> bool:
+        """Whether scatter and replicate are this class's own, not overridden by a subclass or an instance."""
+        cls, attrs = type(self), self.__dict__
+        return (
+            cls.scatter is DataParallel.scatter
+            and cls.replicate is DataParallel.replicate
+            and "scatter" not in attrs
+            and "replicate" not in attrs
+        )
+
     def _is_prefix(self, device_ids: Sequence[DeviceLike]) -> bool:
         ids = self.device_ids
+        if device_ids is ids:  # forward passes its own list
+            return True
         return len(device_ids) <= len(ids) and all(a is b or a == b for a, b in zip(device_ids, ids))
 
     def __getstate__(self) -> dict[str, Any]:

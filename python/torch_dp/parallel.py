@@ -203,7 +203,13 @@ def gather(outputs: Sequence[Any], target_device: Optional[DeviceLike], dim: int
     """Concatenates the replicas' outputs on ``target_device`` along ``dim``, keeping their structure."""
     if len(outputs) == 0:
         raise ValueError("gather: expected the outputs of at least one replica, but got none")
-    target = _as_output_device(target_device)
+    return _gather(outputs, _as_output_device(target_device), dim)
+
+
+def _gather(outputs: Sequence[Any], target: torch.device, dim: int) -> Any:
+    """gather to a device already checked and resolved (DataParallel resolves its output device once)."""
+    if len(outputs) == 0:
+        raise ValueError("gather: expected the outputs of at least one replica, but got none")
     if isinstance(outputs[0], torch.Tensor):
         for i, out in enumerate(outputs):
             if not isinstance(out, torch.Tensor):
@@ -359,6 +365,9 @@ class _Replicas:
             self._targets.append(targets)
         self._module, self._devices, self._watch = weakref.ref(module), list(devices), None
         self._source_dicts = [d for m in modules for d in (m.__dict__, m._parameters, m._buffers, m._modules)]
+        # Watch at once: a DataParallel on one device never calls get(), and without a watch every sync()
+        # rebuilt the replicas (on every forward). get() takes the watch again after it installs new tensors.
+        self._watch_all()
 
     def _watch_all(self) -> None:
         dicts = list(self._source_dicts)
@@ -404,7 +413,6 @@ def _device_of(inputs: Any) -> torch.device:
 
 def _parallel_apply(modules, inputs, kwargs_tup, devices: list[torch.device], pool) -> list[Any]:
     results: list[Any] = [None] * len(modules)
-    labels = [_label(d) for d in devices]
 
     def run_replica(i: int) -> None:
         try:
@@ -413,7 +421,7 @@ def _parallel_apply(modules, inputs, kwargs_tup, devices: list[torch.device], po
                 args = (args,)  # a lone tensor is one argument, not a sequence to unpack
             results[i] = modules[i](*args, **kwargs_tup[i])
         except BaseException:
-            results[i] = ExceptionWrapper(where=f"in replica {i} on device {labels[i]}")
+            results[i] = ExceptionWrapper(where=f"in replica {i} on device {_label(devices[i])}")
 
     _C.parallel_apply(pool, devices, run_replica)
     for result in results:
