@@ -24,7 +24,9 @@ namespace {
 // __dict__ and its _parameters, _buffers and _modules dicts. DictWatch remembers, for a list of dicts, every
 // (key, value) pair by identity and says whether any dict changed since: a C++ walk over a few thousand
 // pointers, where rebuilding replicas in Python (what PyTorch does every forward) costs milliseconds. It holds
-// references to what it remembers, so an identity cannot be reused by a new object while it watches.
+// references to what it remembers, so an identity cannot be reused by a new object while it watches. Before
+// comparing entries it compares each dict's version tag, which CPython changes on every modification: with
+// nothing changed, a check is one integer comparison per dict.
 class DictWatch {
  public:
   explicit DictWatch(py::list dicts) {
@@ -51,32 +53,74 @@ class DictWatch {
       }
       snapshots_.push_back(std::move(entries));
     }
+    record_versions();
   }
 
-  bool unchanged() const {
+  // The fast path first: an unchanged version tag proves an unchanged dict. A moved tag (any write, even of
+  // the same value) falls back to comparing the entries, and remembers the new tags if they still match.
+  bool unchanged() {
+    if (versions_unchanged()) {
+      return true;
+    }
     for (size_t i = 0; i < dicts_.size(); ++i) {
-      PyObject* d = dicts_[i].ptr();
-      const auto& entries = snapshots_[i];
-      if (static_cast<size_t>(PyDict_Size(d)) != entries.size()) {
+      if (!entries_unchanged(i)) {
         return false;
       }
-      Py_ssize_t pos = 0;
-      PyObject* key = nullptr;
-      PyObject* value = nullptr;
-      size_t n = 0;
-      while (PyDict_Next(d, &pos, &key, &value)) {
-        if (key != entries[n].first.ptr() || value != entries[n].second.ptr()) {
-          return false;
-        }
-        ++n;
-      }
     }
+    record_versions();
     return true;
   }
 
   size_t num_dicts() const { return dicts_.size(); }
 
  private:
+  bool entries_unchanged(size_t i) const {
+    PyObject* d = dicts_[i].ptr();
+    const auto& entries = snapshots_[i];
+    if (static_cast<size_t>(PyDict_Size(d)) != entries.size()) {
+      return false;
+    }
+    Py_ssize_t pos = 0;
+    PyObject* key = nullptr;
+    PyObject* value = nullptr;
+    size_t n = 0;
+    while (PyDict_Next(d, &pos, &key, &value)) {
+      if (key != entries[n].first.ptr() || value != entries[n].second.ptr()) {
+        return false;
+      }
+      ++n;
+    }
+    return true;
+  }
+
+  // CPython gives every dict a version tag that changes whenever the dict is modified (PEP 509). It is
+  // deprecated from 3.12 and gone in 3.14, where only the entry comparison is used.
+#if PY_VERSION_HEX < 0x030E0000
+  static uint64_t version_of(PyObject* d) {
+    _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wdeprecated-declarations\"")
+    return reinterpret_cast<PyDictObject*>(d)->ma_version_tag;
+    _Pragma("GCC diagnostic pop")
+  }
+  void record_versions() {
+    versions_.clear();
+    for (const auto& d : dicts_) {
+      versions_.push_back(version_of(d.ptr()));
+    }
+  }
+  bool versions_unchanged() const {
+    for (size_t i = 0; i < dicts_.size(); ++i) {
+      if (version_of(dicts_[i].ptr()) != versions_[i]) {
+        return false;
+      }
+    }
+    return true;
+  }
+  std::vector<uint64_t> versions_;
+#else
+  void record_versions() {}
+  bool versions_unchanged() const { return false; }
+#endif
+
   std::vector<py::dict> dicts_;
   std::vector<std::vector<std::pair<py::object, py::object>>> snapshots_;
 };

@@ -127,3 +127,34 @@ def test_replicas_can_be_saved():
             buffer.seek(0)
             loaded = torch.load(buffer, weights_only=False)
             torch.testing.assert_close(loaded(x), net(x))
+
+
+def test_dict_watch_sees_every_change_to_a_watched_dict():
+    from torch_dp import _C
+
+    value = object()
+    d = {"a": value, "b": 1}
+    watch = _C.DictWatch([d])
+    assert watch.unchanged()
+    d["a"] = value  # written, but the same object: still unchanged
+    assert watch.unchanged()
+    d["a"] = object()
+    assert not watch.unchanged()
+    watch.retake()
+    assert watch.unchanged()
+    d["c"] = 3
+    assert not watch.unchanged()
+    watch.retake()
+    del d["c"]
+    assert not watch.unchanged()
+    watch.retake()
+    module = torch.nn.Linear(2, 2)
+    watch = _C.DictWatch([module.__dict__, module._parameters])
+    module.scale = 2.0
+    assert not watch.unchanged()
+    watch.retake()
+    module.training = False
+    assert not watch.unchanged()
+    watch.retake()
+    module.weight = torch.nn.Parameter(torch.zeros(2, 2))
+    assert not watch.unchanged()
