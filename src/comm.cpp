@@ -121,24 +121,7 @@ std::vector<std::vector<at::Tensor>> broadcast_coalesced(at::TensorList tensors,
   if (needs_grad.empty()) {
     return result;
   }
-  std::vector<at::Tensor> sources;
-  for (auto k : needs_grad) {
-    sources.push_back(tensors[k]);
-  }
-  std::vector<std::vector<at::Tensor>> copies;
-  for (auto i : cross) {
-    std::vector<at::Tensor> slot;
-    for (auto k : needs_grad) {
-      slot.push_back(result[i][k]);
-    }
-    copies.push_back(std::move(slot));
-  }
-  auto with_grad = detail::attach_broadcast_grad(sources, copies);
-  for (size_t c = 0; c < cross.size(); ++c) {
-    for (size_t n = 0; n < needs_grad.size(); ++n) {
-      result[cross[c]][needs_grad[n]] = with_grad[c][n];
-    }
-  }
+  detail::attach_broadcast_grad(result, tensors, needs_grad, cross);
   return result;
 }
 
@@ -378,6 +361,34 @@ std::vector<std::vector<at::Tensor>> attach_broadcast_grad(
     result[j].assign(flat.begin() + j * sources.size(), flat.begin() + (j + 1) * sources.size());
   }
   return result;
+}
+
+void attach_broadcast_grad(
+    std::vector<std::vector<at::Tensor>>& tensors,
+    at::TensorList sources,
+    const std::vector<size_t>& indices,
+    const std::vector<size_t>& slots) {
+  if (indices.empty() || slots.empty()) {
+    return;
+  }
+  std::vector<at::Tensor> selected;
+  for (auto k : indices) {
+    selected.push_back(sources[k]);
+  }
+  std::vector<std::vector<at::Tensor>> copies;
+  for (auto j : slots) {
+    std::vector<at::Tensor> slot;
+    for (auto k : indices) {
+      slot.push_back(tensors[j][k]);
+    }
+    copies.push_back(std::move(slot));
+  }
+  auto with_grad = attach_broadcast_grad(selected, copies);
+  for (size_t c = 0; c < slots.size(); ++c) {
+    for (size_t n = 0; n < indices.size(); ++n) {
+      tensors[slots[c]][indices[n]] = with_grad[c][n];
+    }
+  }
 }
 
 } // namespace detail

@@ -119,24 +119,9 @@ std::vector<std::vector<at::Tensor>> Replicator::replicate(
       }
     }
     if (!cross_slots.empty()) {
-      std::vector<at::Tensor> sources;
-      for (auto k : needs_grad) {
-        sources.push_back(k < num_params ? params_[k] : buffers_[k - num_params]);
-      }
-      std::vector<std::vector<at::Tensor>> copies;
-      for (auto j : cross_slots) {
-        std::vector<at::Tensor> slot_copies;
-        for (auto k : needs_grad) {
-          slot_copies.push_back(result[j][k]);
-        }
-        copies.push_back(std::move(slot_copies));
-      }
-      auto with_grad = detail::attach_broadcast_grad(sources, copies);
-      for (size_t c = 0; c < cross_slots.size(); ++c) {
-        for (size_t n = 0; n < needs_grad.size(); ++n) {
-          result[cross_slots[c]][needs_grad[n]] = with_grad[c][n];
-        }
-      }
+      std::vector<at::Tensor> sources(params_);
+      sources.insert(sources.end(), buffers_.begin(), buffers_.end());
+      detail::attach_broadcast_grad(result, sources, needs_grad, cross_slots);
     }
   }
 

@@ -75,5 +75,13 @@ std::vector<std::vector<at::Tensor>> attach_broadcast_grad(
     at::TensorList sources,
     const std::vector<std::vector<at::Tensor>>& copies);
 
+/// In place: for each slot j in `slots` and each k in `indices`, replaces tensors[j][k] (a copy of
+/// sources[k]) by its alias from attach_broadcast_grad, one node for all of them.
+void attach_broadcast_grad(
+    std::vector<std::vector<at::Tensor>>& tensors,
+    at::TensorList sources,
+    const std::vector<size_t>& indices,
+    const std::vector<size_t>& slots);
+
 } // namespace detail
 } // namespace torch_dp
