@@ -4,6 +4,7 @@ tensor lists with torch.utils._pytree and keeps replicas and worker threads aliv
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 import weakref
@@ -304,6 +305,7 @@ class _Replicas:
         # One forward at a time: the replicas are shared state. threading.Lock releases the GIL while it
         # waits, so a waiting thread cannot starve the replicas' workers of the GIL.
         self.lock = threading.Lock()
+        _live_replicas.add(self)
 
     def sync(self, module: torch.nn.Module, devices: list[torch.device]) -> None:
         """Rebuilds the replicas if the module, the devices or anything in the module tree changed."""
@@ -462,6 +464,31 @@ def parallel_apply(
 
 _functional_replicas: "weakref.WeakKeyDictionary[torch.nn.Module, _Replicas]" = weakref.WeakKeyDictionary()
 _functional_lock = threading.Lock()
+
+
+# ---- fork ----------------------------------------------------------------------------------------------------
+
+# Note [Locks after fork]
+# ~~~~~~~~~~~~~~~~~~~~~~~
+# After fork() only the forking thread exists in the child. A lock that another thread held at that moment (a
+# DataParallel in the middle of a forward on a background thread) would stay held there forever, and the
+# child's first forward would hang. The child gets fresh locks, and every _Replicas drops its watch so that its
+# next sync() rebuilds it (the other thread may have been half-way through updating it); the worker pools
+# notice the new process on their own (Note [Worker pool] in parallel_apply.cpp).
+_live_replicas: "weakref.WeakSet[_Replicas]" = weakref.WeakSet()
+
+
+def _fresh_locks_in_forked_child() -> None:
+    global _shared_pool_lock, _functional_lock
+    _shared_pool_lock = threading.Lock()
+    _functional_lock = threading.Lock()
+    for replicas in list(_live_replicas):
+        replicas.lock = threading.Lock()
+        replicas._watch = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_locks_in_forked_child)
 
 
 def data_parallel(

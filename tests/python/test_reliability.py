@@ -353,6 +353,51 @@ def test_os_fork_child_uses_the_data_parallel_and_exits_normally():
     assert message == b"ok"
 
 
+def test_fork_while_another_thread_is_inside_a_forward():
+    # The forward running on the other thread holds the DataParallel's lock when fork() copies the process; in
+    # the child that thread does not exist, and the lock must not stay held (it did: the child hung).
+    class Holds(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2).double()
+            self.inside = threading.Event()
+
+        def forward(self, x):
+            if x[0, 0] > 0:  # the background thread's batch: stay inside the forward for a while
+                self.inside.set()
+                time.sleep(1.0)
+            return self.fc(x)
+
+    net = Holds()
+    dp = torch_dp.DataParallel(net, cpus(2))
+    x = -torch.rand(4, 3, dtype=torch.float64)
+    expected = net(x).detach()
+    background = threading.Thread(target=lambda: dp(-x))
+    background.start()
+    assert net.inside.wait(60)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: the background thread is gone; a hang ends in SIGALRM
+        code = 1
+        try:
+            os.close(read_end)
+            signal.alarm(60)
+            ok = torch.allclose(dp(x), expected) and torch.allclose(torch_dp.data_parallel(net, x, cpus(2)), expected)
+            os.write(write_end, b"ok" if ok else b"wrong")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    _, status = os.waitpid(pid, 0)
+    message = os.read(read_end, 16)
+    os.close(read_end)
+    background.join(60)
+    assert not background.is_alive()
+    assert os.WIFEXITED(status), f"the child was killed by signal {os.WTERMSIG(status)} (SIGALRM: it hung)"
+    assert os.WEXITSTATUS(status) == 0 and message == b"ok"
+    torch.testing.assert_close(dp(x), expected)
+
+
 # ---- interpreter exit ----------------------------------------------------------------------------------------
 
 _EXIT_PRELUDE = """
