@@ -727,6 +727,13 @@ def raises_and_leaves_module_unchanged(module, call, error, *fragments):
 
 
 @pytest.fixture
+def no_accelerator(monkeypatch):
+    """Makes torch report no CUDA device, so that the rows about machines without one hold on a GPU machine too."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
+@pytest.fixture
 def two_fake_gpus(monkeypatch):
     """Makes torch report two CUDA devices, for the device checks that only run with an accelerator. Nothing
     may touch CUDA under it: the tests use it only for errors raised before any tensor moves."""
@@ -734,7 +741,7 @@ def two_fake_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
 
 
-def test_bad_input_without_an_accelerator_device_ids_are_ignored_as_upstream():
+def test_bad_input_without_an_accelerator_device_ids_are_ignored_as_upstream(no_accelerator):
     # torch.nn.DataParallel ignores device_ids on a machine without an accelerator and calls the module
     # directly, so device_ids=[0, 1] (or list(range(torch.cuda.device_count())) == []) runs unchanged on a
     # laptop; torch_dp keeps that. Only lists naming "cpu" select torch_dp's CPU replicas.
@@ -776,7 +783,7 @@ def test_bad_input_single_device_instead_of_a_list(two_fake_gpus):
     ],
     ids=["negative", "cuda-beyond-count", "int-without-accelerator", "meta", "unknown-name", "float", "none"],
 )
-def test_bad_input_invalid_device_ids(device_ids, error, fragments):
+def test_bad_input_invalid_device_ids(no_accelerator, device_ids, error, fragments):
     net = MLP()
     raises_and_leaves_module_unchanged(net, lambda: torch_dp.DataParallel(net, device_ids), error, *fragments)
     raises_and_leaves_module_unchanged(
@@ -807,7 +814,7 @@ def test_bad_input_device_index_beyond_the_device_count(two_fake_gpus, device_id
     ],
     ids=["cuda-unavailable", "int-without-accelerator", "meta", "unknown-name", "float"],
 )
-def test_bad_input_output_device_not_usable(output_device, error, fragments):
+def test_bad_input_output_device_not_usable(no_accelerator, output_device, error, fragments):
     net = MLP()
     raises_and_leaves_module_unchanged(
         net, lambda: torch_dp.DataParallel(net, cpus(2), output_device=output_device), error, *fragments
