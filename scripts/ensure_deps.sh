@@ -35,3 +35,6 @@ for module in pytest hypothesis; do
     "$PYTHON" -m pip install -q "$module"
   fi
 done
+
+# ccache keys on absolute paths; relative to the checkout they match across clones (CI builds a fresh clone).
+export CCACHE_BASEDIR=${CCACHE_BASEDIR:-$PWD}
