@@ -196,3 +196,41 @@ def test_state_changed_inside_a_replica_does_not_leak(n):
     assert torch.is_grad_enabled()
     assert not torch.is_autocast_enabled("cpu")
     assert [(s["grad"], s["autocast"]) for s in probe()] == [(True, False)] * 3
+
+
+@pytest.mark.cuda
+def test_replicas_run_on_the_callers_current_stream_and_their_device():
+    seen = []
+    lock = threading.Lock()
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            with lock:
+                seen.append((torch.cuda.current_stream(), torch.cuda.current_device(), x.device))
+            return x * 2
+
+    stream = torch.cuda.Stream()
+    dp = torch_dp.DataParallel(Probe(), device_ids=[0, 0])
+    x = torch.randn(8, 3, device="cuda")
+    with torch.cuda.stream(stream):
+        out = dp(x)
+    torch.cuda.synchronize()
+    assert len(seen) == 2
+    for replica_stream, device, input_device in seen:
+        assert replica_stream == stream
+        assert device == 0 and input_device == torch.device("cuda", 0)
+    torch.testing.assert_close(out, x * 2)
+    # Outside the `with`, the default stream again.
+    seen.clear()
+    dp(x)
+    assert all(s == torch.cuda.default_stream(0) for s, _, _ in seen)
+
+
+@pytest.mark.cuda
+def test_cpu_input_scattered_to_the_gpu_replicas():
+    model = nn.Linear(4, 3).cuda()
+    dp = torch_dp.DataParallel(model, device_ids=[0, 0])
+    x = torch.randn(6, 4)
+    out = dp(x)
+    assert out.device == torch.device("cuda", 0)
+    torch.testing.assert_close(out, model(x.cuda()))
