@@ -284,6 +284,17 @@ class _ReplicaZeroGrad:
         )
 
 
+class _ReplicaFlattenParameters:
+    """An RNN replica's flatten_parameters: nothing to do. A replica on the module's device uses the module's own
+    weights, which RNNBase already flattened when the module was moved to the device; re-flattening them from
+    several replica threads at once would rewrite the module's storage concurrently. (Upstream's replicas fail
+    here with "set_storage is not allowed", pytorch#21108.) Replicas on other devices hold coalesced copies,
+    which cuDNN uses as they are."""
+
+    def __call__(self) -> None:
+        return None
+
+
 class _Replicas:
     """Persistent replicas of one module over a list of devices (Note [Persistent replicas] in replicate.cpp,
     Note [Watching a module tree] in bindings.cpp).
@@ -352,6 +363,8 @@ class _Replicas:
             copies = [m._replicate_for_data_parallel() for m in modules]
             for replica in copies:
                 replica.__dict__["zero_grad"] = _ReplicaZeroGrad()
+                if isinstance(replica, torch.nn.RNNBase):
+                    replica.__dict__["flatten_parameters"] = _ReplicaFlattenParameters()
             targets = []
             for m, replica in zip(modules, copies):
                 replica.__dict__["_modules"] = {
