@@ -485,7 +485,9 @@ def test_autocast(name, device_ids, dtype):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).to(device)
     ours_module, ref_module = copy.deepcopy(model), copy.deepcopy(model)
-    ours, ref = _ours(ours_module, device_ids), _reference(ref_module, device_ids)
+    # The reference is the unwrapped module chunk by chunk on the calling thread: upstream's replicas get the
+    # autocast flag but not its dtype (a bfloat16 region runs them in float16 on a GPU); torch_dp's get both.
+    ours, ref = _ours(ours_module, device_ids), ChunkedReference(ref_module, len(device_ids))
     x = torch.randn(12, 8, device=device)
     with torch.autocast(device.type, dtype=dtype):
         ours_out, ref_out = ours(x), ref(x)
