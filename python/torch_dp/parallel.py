@@ -438,6 +438,8 @@ def _parallel_apply(modules, inputs, kwargs_tup, devices: list[torch.device], po
         except BaseException:
             results[i] = ExceptionWrapper(where=f"in replica {i} on device {_label(devices[i])}")
 
+    if _rebuild_autograd_engine_first:
+        _rebuild_autograd_engine()  # Note [After fork]
     _C.parallel_apply(pool, devices, run_replica)
     for result in results:
         if isinstance(result, ExceptionWrapper):
@@ -481,18 +483,33 @@ _functional_lock = threading.Lock()
 
 # ---- fork ----------------------------------------------------------------------------------------------------
 
-# Note [Locks after fork]
-# ~~~~~~~~~~~~~~~~~~~~~~~
+# Note [After fork]
+# ~~~~~~~~~~~~~~~~~
 # After fork() only the forking thread exists in the child. A lock that another thread held at that moment (a
 # DataParallel in the middle of a forward on a background thread) would stay held there forever, and the
 # child's first forward would hang. The child gets fresh locks, and every _Replicas drops its watch so that its
 # next sync() rebuilds it (the other thread may have been half-way through updating it); the worker pools
 # notice the new process on their own (Note [Worker pool] in parallel_apply.cpp).
+#
+# torch's autograd engine also rebuilds itself in a forked child, on its first use there
+# (PythonEngine::get_python_engine), and that rebuild is not thread-safe: two replicas recording their first
+# autograd graph in the child at the same time both destroy and rebuild the engine (a double free, a crash;
+# seen with two plain threads running a Linear in a child too). So the child's first _parallel_apply uses the
+# engine once from the calling thread before any replica runs. Not at fork time: a child that never runs a
+# replica (a DataLoader worker) keeps torch's own lazy behaviour.
 _live_replicas: "weakref.WeakSet[_Replicas]" = weakref.WeakSet()
+_rebuild_autograd_engine_first = False
 
 
-def _fresh_locks_in_forked_child() -> None:
-    global _shared_pool_lock, _functional_lock
+def _rebuild_autograd_engine() -> None:
+    global _rebuild_autograd_engine_first
+    _rebuild_autograd_engine_first = False
+    torch.autograd.Variable._execution_engine.is_checkpoint_valid()  # calls get_python_engine()
+
+
+def _after_fork_in_child() -> None:
+    global _shared_pool_lock, _functional_lock, _rebuild_autograd_engine_first
+    _rebuild_autograd_engine_first = True
     _shared_pool_lock = threading.Lock()
     _functional_lock = threading.Lock()
     for replicas in list(_live_replicas):
@@ -501,7 +518,7 @@ def _fresh_locks_in_forked_child() -> None:
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_fresh_locks_in_forked_child)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def data_parallel(
