@@ -7,7 +7,6 @@ import collections
 import copy
 import gc
 import io
-import os
 import pickle
 import threading
 import warnings
@@ -18,16 +17,9 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 import torch_dp
+from helpers import cpus, os_threads, run_in_threads
 
 Pair = collections.namedtuple("Pair", ["first", "second"])
-
-
-def cpus(n):
-    return ["cpu"] * n
-
-
-def os_threads():
-    return len(os.listdir("/proc/self/task"))
 
 
 # ---- models --------------------------------------------------------------------------------------------------
@@ -623,12 +615,8 @@ def test_concurrent_forwards_from_two_threads():
         except Exception as error:  # pragma: no cover - reported below
             errors.append(error)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not errors and not any(t.is_alive() for t in threads)
+    run_in_threads(work, 2)
+    assert not errors
     for result, x in zip(results, inputs):
         torch.testing.assert_close(result, net(x))
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import torch_dp
+from helpers import cpus, os_threads, run_in_threads
 
 HANG_TIMEOUT_S = 120  # per test, far above what any test here takes; only a hang gets there
 
@@ -37,14 +38,6 @@ def _hang_guard():
     faulthandler.dump_traceback_later(HANG_TIMEOUT_S, exit=True)
     yield
     faulthandler.cancel_dump_traceback_later()
-
-
-def cpus(n):
-    return ["cpu"] * n
-
-
-def os_threads():
-    return len(os.listdir("/proc/self/task"))
 
 
 # ---- a module that fails on request --------------------------------------------------------------------------
@@ -256,12 +249,7 @@ def test_two_instances_used_from_two_threads_at_once():
         except BaseException as error:  # reported below
             errors.append(error)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads)
+    run_in_threads(work, 2)
     assert errors == []
     for i in range(2):
         params = list(nets[i].parameters())

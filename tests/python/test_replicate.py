@@ -7,10 +7,7 @@ import torch
 from torch import nn
 
 import torch_dp
-
-
-def cpus(n):
-    return ["cpu"] * n
+from helpers import cpus
 
 
 class Net(nn.Module):

@@ -6,12 +6,9 @@ import pytest
 import torch
 
 import torch_dp
+from helpers import cpus
 
 Pair = collections.namedtuple("Pair", ["tensor", "label"])
-
-
-def cpus(n):
-    return ["cpu"] * n
 
 
 # ---- chunk sizes ---------------------------------------------------------------------------------------------
