@@ -113,12 +113,9 @@ class DataParallel(torch.nn.DataParallel):
                     inputs, module_kwargs = ((),), ({},)
                 if len(self.device_ids) == 1:
                     return self.module(*inputs[0], **module_kwargs[0])
-                if self._own_scatter_and_replicate():
-                    # One walk over the module tree per forward: sync() above checked it and only our own
-                    # scatter ran since; self.replicate would walk it again (a ResNet-50 tree: 2,500 dicts).
-                    replicas = engine.replicas.get(len(inputs), differentiable=torch.is_grad_enabled())
-                else:  # an overridden step may change the module: replicate checks it again
-                    replicas = self.replicate(self.module, self.device_ids[: len(inputs)])
+                # replicate checks the module tree again (an overridden scatter may have changed it); with
+                # nothing changed that check is one version-tag comparison per dict (Note [Watching a module tree]).
+                replicas = self.replicate(self.module, self.device_ids[: len(inputs)])
                 outputs = self.parallel_apply(replicas, inputs, module_kwargs)
             return self.gather(outputs, self.output_device)
 
@@ -153,16 +150,6 @@ class DataParallel(torch.nn.DataParallel):
         if self._engine is None:
             self._engine = _Engine()
         return self._engine
-
-    def _own_scatter_and_replicate(self) -> bool:
-        """Whether scatter and replicate are this class's own, not overridden by a subclass or an instance."""
-        cls, attrs = type(self), self.__dict__
-        return (
-            cls.scatter is DataParallel.scatter
-            and cls.replicate is DataParallel.replicate
-            and "scatter" not in attrs
-            and "replicate" not in attrs
-        )
 
     def _is_prefix(self, device_ids: Sequence[DeviceLike]) -> bool:
         ids = self.device_ids
