@@ -1,0 +1,91 @@
+"""torch_dp inside torch.distributed: DistributedDataParallel across processes, torch_dp.DataParallel inside each.
+
+Each process (one per node, or a few per node on a machine with many GPUs) takes its share of the data through a
+DistributedSampler and splits its batch again over its own devices with torch_dp. DDP sees one module per
+process and averages the gradients of the processes; torch_dp has already summed the gradients of its replicas
+into the module's own parameters, so the composition trains like one large batch.
+
+    torchrun --standalone --nproc-per-node 2 examples/python/ddp.py                 # 2 processes x 2 CPU replicas
+    torchrun --standalone --nproc-per-node 2 examples/python/ddp.py --replicas 3
+    torchrun --nnodes 4 --nproc-per-node 1 --rdzv-endpoint HOST:29500 examples/python/ddp.py   # every GPU of a node
+
+With GPUs, the processes of a node share its GPUs out evenly (4 GPUs, 2 processes: GPUs 0-1 and 2-3) and use
+NCCL; without, each process runs --replicas CPU replicas over gloo. Rank 0 prints the mean loss of each epoch.
+"""
+
+import argparse
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
+
+import torch_dp
+
+
+def local_devices(local_rank: int, local_world: int, cpu_replicas: int) -> list:
+    """The devices of this process: its share of the node's GPUs, else CPU replicas."""
+    if not torch.cuda.is_available():
+        return ["cpu"] * cpu_replicas
+    gpus = torch.cuda.device_count()
+    if local_world > gpus:
+        raise SystemExit(f"{local_world} processes on this node but only {gpus} GPUs: start at most {gpus}")
+    per_process = gpus // local_world
+    return list(range(local_rank * per_process, (local_rank + 1) * per_process))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=64, help="rows per process and step")
+    parser.add_argument("--replicas", type=int, default=2, help="CPU replicas per process (without GPUs)")
+    args = parser.parse_args()
+    if "RANK" not in os.environ:
+        parser.error("start this script with torchrun, e.g. torchrun --standalone --nproc-per-node 2 " + __file__)
+    if args.replicas < 1 or args.epochs < 1 or args.batch_size < 1:
+        parser.error("--replicas, --epochs and --batch-size must be at least 1")
+
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank()
+    devices = local_devices(int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"]), args.replicas)
+    device = torch.device("cuda", devices[0]) if torch.cuda.is_available() else torch.device("cpu")
+
+    # The same synthetic regression problem on every rank: y = x @ w_true + noise.
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 32, generator=generator)
+    y = x @ torch.randn(32, 4, generator=generator) + 0.01 * torch.randn(4096, 4, generator=generator)
+    sampler = DistributedSampler(TensorDataset(x, y), shuffle=True, seed=0)
+    loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size, sampler=sampler)
+
+    torch.manual_seed(0)  # DDP broadcasts rank 0's weights anyway; this keeps runs repeatable
+    model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.BatchNorm1d(128), nn.Linear(128, 4)).to(device)
+    # torch_dp inside, DDP outside. DDP is given no device_ids: the module it wraps spans several devices.
+    model = DistributedDataParallel(torch_dp.DataParallel(model, device_ids=devices))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    if rank == 0:
+        print(f"{dist.get_world_size()} processes x {len(devices)} replicas each "
+              f"({'GPUs ' + str(devices) if device.type == 'cuda' else 'CPU'}), backend {dist.get_backend()}")
+
+    for epoch in range(args.epochs):
+        sampler.set_epoch(epoch)
+        total = torch.zeros(2, device=device)  # sum of losses, number of steps
+        for inputs, targets in loader:
+            inputs, targets = inputs.to(device), targets.to(device)
+            optimizer.zero_grad()
+            loss = F.mse_loss(model(inputs), targets)
+            loss.backward()
+            optimizer.step()
+            total += torch.stack([loss.detach(), torch.ones((), device=device)])
+        dist.all_reduce(total)
+        if rank == 0:
+            print(f"epoch {epoch}: mean loss {(total[0] / total[1]).item():.6f}", flush=True)
+
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
