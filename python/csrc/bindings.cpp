@@ -133,6 +133,9 @@ class DictWatch {
 // its whole life: PyGILState_Ensure creates and registers it, and the GIL is released again at once while the
 // state stays registered, so later acquisitions only take the GIL. The state is not deleted when the thread
 // ends (that would need the GIL from a thread joined by a GIL holder); it is a few hundred bytes per thread.
+// Nor can the pool's owner delete the states after joining: from Python 3.12 on, PyThreadState_Delete of a
+// state made by PyGILState_Ensure clears the *calling* thread's PyGILState binding, which would leave the
+// owner's own thread without one. A pool's states therefore live until the process ends.
 void keep_thread_state() {
   thread_local bool kept = false;
   if (kept) {
