@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: one command for a GPU machine. Builds torch_dp there against that machine's torch, runs the
 # C++ tests (CUDA ones included), the Python tests including the parity suite against torch.nn.DataParallel,
+# DDP over NCCL with torch_dp inside (examples/python/ddp.py),
 # compute-sanitizer over the CUDA C++ tests, and the benchmarks; writes logs and summary.json into OUTDIR
 # (the first argument, else $OUT, else ./gpu_check_out) and prints a short table last. Budget: < 6 minutes.
 #
@@ -55,6 +56,9 @@ if [ $built -eq 0 ]; then
   step ctest 120 ctest --test-dir build-gpu --output-on-failure
   step pytest 240 "$PYTHON" -m pytest tests/python -q -p no:cacheprovider -m "not slow" \
     --junitxml="$outdir/pytest.xml"
+  # DDP over NCCL with torch_dp inside: one process, two replicas on GPU 0 (examples/python/ddp.py).
+  step ddp_nccl 120 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 1 examples/python/ddp.py \
+    --device cuda --replicas 2 --epochs 2
   sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
   if [ -n "$sanitizer" ]; then
     step memcheck 150 "$sanitizer" --tool memcheck --error-exitcode 1 "$tests_bin" "[cuda]"

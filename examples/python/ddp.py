@@ -10,11 +10,14 @@ into the module's own parameters, so the composition trains like one large batch
     torchrun --nnodes 4 --nproc-per-node 1 --rdzv-endpoint HOST:29500 examples/python/ddp.py   # every GPU of a node
 
 With GPUs, the processes of a node share its GPUs out evenly (4 GPUs, 2 processes: GPUs 0-1 and 2-3) and use
-NCCL; without, each process runs --replicas CPU replicas over gloo. Rank 0 prints the mean loss of each epoch.
+NCCL; --replicas N repeats a process's GPUs up to N replicas (one GPU, --replicas 2: device_ids [0, 0]).
+Without GPUs, or with --device cpu, each process runs --replicas CPU replicas (default 2) over gloo. Rank 0
+prints the mean loss of each epoch.
 """
 
 import argparse
 import os
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -27,32 +30,40 @@ from torch.utils.data.distributed import DistributedSampler
 import torch_dp
 
 
-def local_devices(local_rank: int, local_world: int, cpu_replicas: int) -> list:
-    """The devices of this process: its share of the node's GPUs, else CPU replicas."""
-    if not torch.cuda.is_available():
-        return ["cpu"] * cpu_replicas
+def local_devices(use_cuda: bool, local_rank: int, local_world: int, replicas: Optional[int]) -> list:
+    """The devices of this process: its share of the node's GPUs (repeated up to `replicas`), or CPU replicas."""
+    if not use_cuda:
+        return ["cpu"] * (replicas or 2)
     gpus = torch.cuda.device_count()
     if local_world > gpus:
         raise SystemExit(f"{local_world} processes on this node but only {gpus} GPUs: start at most {gpus}")
     per_process = gpus // local_world
-    return list(range(local_rank * per_process, (local_rank + 1) * per_process))
+    mine = list(range(local_rank * per_process, (local_rank + 1) * per_process))
+    return [mine[i % len(mine)] for i in range(replicas or len(mine))]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64, help="rows per process and step")
-    parser.add_argument("--replicas", type=int, default=2, help="CPU replicas per process (without GPUs)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="where the replicas run (default: cuda if available, else cpu)")
+    parser.add_argument("--replicas", type=int, default=None,
+                        help="replicas per process (default: one per GPU of the process, or 2 on the CPU)")
     args = parser.parse_args()
+    use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA device, and none is available")
     if "RANK" not in os.environ:
         parser.error("start this script with torchrun, e.g. torchrun --standalone --nproc-per-node 2 " + __file__)
-    if args.replicas < 1 or args.epochs < 1 or args.batch_size < 1:
+    if (args.replicas is not None and args.replicas < 1) or args.epochs < 1 or args.batch_size < 1:
         parser.error("--replicas, --epochs and --batch-size must be at least 1")
 
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group("nccl" if use_cuda else "gloo")
     rank = dist.get_rank()
-    devices = local_devices(int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"]), args.replicas)
-    device = torch.device("cuda", devices[0]) if torch.cuda.is_available() else torch.device("cpu")
+    devices = local_devices(use_cuda, int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"]),
+                            args.replicas)
+    device = torch.device("cuda", devices[0]) if use_cuda else torch.device("cpu")
 
     # The same synthetic regression problem on every rank: y = x @ w_true + noise.
     generator = torch.Generator().manual_seed(0)

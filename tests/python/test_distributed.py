@@ -182,7 +182,7 @@ def test_ddp_example_under_torchrun():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root / "python"), os.environ.get("PYTHONPATH")])))
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(root / "examples" / "python" / "ddp.py"), "--epochs", "3", "--replicas", "2"],
+         str(root / "examples" / "python" / "ddp.py"), "--device", "cpu", "--epochs", "3", "--replicas", "2"],
         capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 processes x 2 replicas each (CPU), backend gloo" in result.stdout
