@@ -57,6 +57,10 @@ class DataParallel(torch.nn.DataParallel):
     ``device_ids`` entries may be ints, strings or ``torch.device`` objects, including ``"cpu"``: with
     ``device_ids=["cpu"] * 4`` four replicas run on CPU threads. Repeated ids run several replicas on one
     device. Without an accelerator and without ``"cpu"`` entries the module is called directly, as upstream.
+
+    ``chunk_sizes`` (keyword only, not in PyTorch's signature) gives the rows of each device's chunk instead of
+    the even split, for devices of unequal memory or speed: ``chunk_sizes=[16, 24, 24]`` over three GPUs takes
+    batches of exactly 64 rows along ``dim``. A size may be 0 (that replica gets an empty chunk).
     """
 
     def __init__(
@@ -65,10 +69,13 @@ class DataParallel(torch.nn.DataParallel):
         device_ids: Optional[Sequence[DeviceLike]] = None,
         output_device: Optional[DeviceLike] = None,
         dim: int = 0,
+        *,
+        chunk_sizes: Optional[Sequence[int]] = None,
     ) -> None:
         torch.nn.Module.__init__(self)  # nn.DataParallel.__init__ would reject CPU devices
         torch._C._log_api_usage_once("torch_dp.DataParallel")
         self._engine: Optional[_Engine] = None
+        self.chunk_sizes: Optional[tuple[int, ...]] = None
         accelerator = _accelerator_type()
         if accelerator is None and not _names_cpu(device_ids):
             # No accelerator: call the module directly, as torch.nn.DataParallel does.
@@ -84,6 +91,7 @@ class DataParallel(torch.nn.DataParallel):
         if not isinstance(dim, int) or isinstance(dim, bool):
             raise TypeError(f"dim must be an int, but got {type(dim).__name__}: {dim!r}")
         devices = [_as_device(d, accelerator) for d in device_ids]
+        self.chunk_sizes = _checked_chunk_sizes(chunk_sizes, len(devices))
         if output_device is None:
             output_device = _public_id(devices[0])
         self._output_device_obj = _checked_output_device(output_device)
@@ -132,9 +140,10 @@ class DataParallel(torch.nn.DataParallel):
         self, inputs: tuple[Any, ...], kwargs: Optional[dict[str, Any]], device_ids: Sequence[DeviceLike]
     ) -> Any:
         devices = self._devices if self._is_prefix(device_ids) and len(device_ids) == len(self._devices) else None
-        if devices is None:
+        if devices is None:  # another device list: torch.chunk's split over it
             devices = [_as_device(d, _accelerator_type()) for d in device_ids]
-        return _scatter_kwargs(tuple(inputs), kwargs or {}, devices, self.dim)
+            return _scatter_kwargs(tuple(inputs), kwargs or {}, devices, self.dim)
+        return _scatter_kwargs(tuple(inputs), kwargs or {}, devices, self.dim, self.chunk_sizes)
 
     def parallel_apply(self, replicas: Sequence[T], inputs: Sequence[Any], kwargs: Any) -> list[Any]:
         return _parallel_apply(replicas, inputs, kwargs, self._devices[: len(replicas)], self._get_engine().pool)
@@ -187,6 +196,24 @@ def _check_movable(module: torch.nn.Module, device: torch.device) -> None:
                     f"'{name}' is on device meta, which holds no data to move there; materialize the module first "
                     "(module.to_empty(device=...) and load its weights)"
                 )
+
+
+def _checked_chunk_sizes(chunk_sizes: Optional[Sequence[int]], num_devices: int) -> Optional[tuple[int, ...]]:
+    if chunk_sizes is None:
+        return None
+    if isinstance(chunk_sizes, (str, bytes, torch.Tensor)) or not isinstance(chunk_sizes, Sequence):
+        raise TypeError(f"chunk_sizes must be a sequence of ints, one per device, but got {chunk_sizes!r}")
+    sizes = tuple(chunk_sizes)
+    if any(not isinstance(n, int) or isinstance(n, bool) for n in sizes):
+        raise TypeError(f"chunk_sizes must hold ints (rows per device), but got {list(sizes)!r}")
+    if len(sizes) != num_devices:
+        raise ValueError(
+            f"chunk_sizes must give one size per device: {num_devices} devices, but got {len(sizes)} sizes "
+            f"{list(sizes)}"
+        )
+    if any(n < 0 for n in sizes) or sum(sizes) == 0:
+        raise ValueError(f"chunk_sizes must be non-negative and not all 0, but got {list(sizes)}")
+    return sizes
 
 
 def _checked_output_device(output_device: DeviceLike) -> torch.device:

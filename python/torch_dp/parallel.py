@@ -130,15 +130,38 @@ def _describe_counts(obj: Any, devices: list[torch.device], dim: int, roots: Opt
     return "; ".join(parts)
 
 
+def _check_sizes_fit(obj: Any, sizes: Sequence[int], dim: int, roots: Optional[tuple[str, ...]] = None) -> None:
+    """With explicit chunk sizes every tensor must have exactly their sum along dim: say which one does not."""
+    total = sum(sizes)
+    for path, leaf in pytree.tree_flatten_with_path(obj)[0]:
+        if not isinstance(leaf, torch.Tensor) or (leaf.dim() > 0 and leaf.size(dim) == total):
+            continue
+        where = (roots[path[0].idx] + pytree.keystr(path[1:])) if roots is not None and path else (
+            pytree.keystr(path) or "input")
+        size = f"{leaf.size(dim)} along dim {dim}" if leaf.dim() > 0 else "a 0-dim tensor"
+        raise ValueError(
+            f"DataParallel was given chunk_sizes={list(sizes)}, which split exactly {total} rows along dim {dim}, "
+            f"but {where} has {size}; give every batch {total} rows (for a DataLoader, drop_last=True) or "
+            "leave chunk_sizes=None for torch.chunk's even split"
+        )
+
+
 def _split_tree(
-    obj: Any, devices: list[torch.device], dim: int, roots: Optional[tuple[str, ...]] = None
+    obj: Any,
+    devices: list[torch.device],
+    dim: int,
+    roots: Optional[tuple[str, ...]] = None,
+    sizes: Optional[Sequence[int]] = None,
 ) -> Optional[list[Any]]:
-    """obj once per replica, its tensors chunked; None when obj holds no tensor."""
+    """obj once per replica, its tensors chunked (torch.chunk's split, or `sizes`); None when obj holds no
+    tensor."""
     leaves, spec = pytree.tree_flatten(obj)
     positions = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
     if not positions:
         return None
-    chunked = [_C.scatter(leaves[i], devices, None, dim) for i in positions]
+    if sizes is not None:
+        _check_sizes_fit(obj, sizes, dim, roots)
+    chunked = [_C.scatter(leaves[i], devices, sizes, dim) for i in positions]
     count = len(chunked[0])
     if any(len(chunks) != count for chunks in chunked):
         # nn.DataParallel silently drops the extra chunks here; a wrong batch is worse than an error.
@@ -159,14 +182,16 @@ def _split_tree(
 _ARGS_KWARGS = ("args", "kwargs")
 
 
-def _scatter_kwargs(inputs: tuple, kwargs: dict, devices: list[torch.device], dim: int) -> tuple[tuple, tuple]:
-    if not kwargs and inputs and all(isinstance(x, torch.Tensor) for x in inputs):
+def _scatter_kwargs(
+    inputs: tuple, kwargs: dict, devices: list[torch.device], dim: int, sizes: Optional[Sequence[int]] = None
+) -> tuple[tuple, tuple]:
+    if sizes is None and not kwargs and inputs and all(isinstance(x, torch.Tensor) for x in inputs):
         chunked = [_C.scatter(x, devices, None, dim) for x in inputs]
         count = len(chunked[0])
         if any(len(chunks) != count for chunks in chunked):
             _split_tree((inputs, kwargs), devices, dim, _ARGS_KWARGS)  # raises the descriptive error
         return tuple(zip(*chunked)), tuple({} for _ in range(count))
-    split = _split_tree((inputs, kwargs), devices, dim, _ARGS_KWARGS)
+    split = _split_tree((inputs, kwargs), devices, dim, _ARGS_KWARGS, sizes)
     if split is None:
         # No tensors: every replica gets the same objects (one replica for a call without arguments).
         count = len(devices) if (inputs or kwargs) else 0

@@ -866,3 +866,98 @@ def test_bad_input_dim(dim, error, fragments):
         torch_dp.DataParallel(net, cpus(2), dim=dim)(torch.randn(4, 5))
 
     raises_and_leaves_module_unchanged(net, call, error, *fragments)
+
+
+# ---- chunk_sizes: rows per device instead of the even split -------------------------------------------------
+
+class RowsSeen(nn.Module):
+    """Returns, for every row of its chunk, the number of rows the replica received (and a differentiable
+    term so gradients flow)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x, scale=None):
+        out = self.fc(x) * (scale if scale is not None else 1.0)
+        return out, torch.full((x.size(0), 1), float(x.size(0)), dtype=x.dtype)
+
+
+@pytest.mark.parametrize("sizes", [[1, 5], [5, 1], [6, 0], [0, 6], [2, 1, 3], [1, 1, 1, 3]], ids=str)
+def test_chunk_sizes_split_rows_as_given(sizes):
+    net = RowsSeen().double()
+    reference = copy.deepcopy(net)
+    dp = torch_dp.DataParallel(net, cpus(len(sizes)), chunk_sizes=sizes)
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(6, 1, dtype=torch.float64)
+    out, rows = dp(x, scale=scale)
+    # Replica i's rows come i-th in the gathered output, each marked with its chunk's size.
+    expected_rows = [float(n) for n in sizes for _ in range(n)]
+    assert rows.squeeze(1).tolist() == expected_rows
+    assert dp.chunk_sizes == tuple(sizes)
+    x_ref = x.detach().clone().requires_grad_()
+    out_ref, _ = reference(x_ref, scale=scale)
+    torch.testing.assert_close(out, out_ref)
+    out.square().sum().backward()
+    out_ref.square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    for (name, p), p_ref in zip(net.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, msg=name)
+
+
+def test_chunk_sizes_along_another_dim():
+    fc = nn.Linear(5, 3).double()
+
+    class FeaturesFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = fc
+
+        def forward(self, x):  # x: (features, rows) -> (3, rows)
+            assert x.size(1) in (3, 1)
+            return self.fc(x.t()).t()
+
+    dp = torch_dp.DataParallel(FeaturesFirst(), cpus(2), dim=1, chunk_sizes=[3, 1])
+    x = torch.randn(5, 4, dtype=torch.float64)
+    torch.testing.assert_close(dp(x), fc(x.t()).t())
+
+
+def test_chunk_sizes_keep_pytorch_semantics_elsewhere():
+    # Extra keyword only: the positional signature, state_dict keys and pickling are those of the even split.
+    net = MLP()
+    dp = torch_dp.DataParallel(net, cpus(2), None, 0, chunk_sizes=[3, 1])
+    assert list(dp.state_dict()) == list(torch_dp.DataParallel(MLP(), cpus(2)).state_dict())
+    restored = pickle.loads(pickle.dumps(dp))
+    assert restored.chunk_sizes == (3, 1)
+    torch.testing.assert_close(restored(torch.ones(4, 5)), net(torch.ones(4, 5)))
+    assert torch_dp.DataParallel(net, cpus(2)).chunk_sizes is None
+
+
+def test_bad_input_chunk_sizes_do_not_fit_the_batch():
+    net = MLP()
+    dp = torch_dp.DataParallel(net, cpus(2), chunk_sizes=[3, 1])
+    raises_and_leaves_module_unchanged(
+        net, lambda: dp(torch.randn(5, 5)), ValueError,
+        "chunk_sizes=[3, 1], which split exactly 4 rows along dim 0", "args[0] has 5 along dim 0", "drop_last=True")
+    raises_and_leaves_module_unchanged(
+        net, lambda: dp(torch.randn(4, 5), mask=torch.ones(3)), ValueError, "kwargs['mask'] has 3 along dim 0")
+    dp(torch.randn(4, 5))  # a fitting batch still works
+
+
+@pytest.mark.parametrize(
+    "sizes, error, fragments",
+    [
+        ([4], ValueError, ["one size per device: 2 devices, but got 1 sizes [4]"]),
+        ([3, -1], ValueError, ["non-negative and not all 0, but got [3, -1]"]),
+        ([0, 0], ValueError, ["non-negative and not all 0"]),
+        ([2.0, 2], TypeError, ["must hold ints", "[2.0, 2]"]),
+        ([True, 3], TypeError, ["must hold ints"]),
+        (4, TypeError, ["sequence of ints, one per device, but got 4"]),
+        ("22", TypeError, ["sequence of ints"]),
+    ],
+    ids=["count", "negative", "all-zero", "float", "bool", "int", "str"],
+)
+def test_bad_input_chunk_sizes(sizes, error, fragments):
+    net = MLP()
+    raises_and_leaves_module_unchanged(
+        net, lambda: torch_dp.DataParallel(net, cpus(2), chunk_sizes=sizes), error, *fragments)
