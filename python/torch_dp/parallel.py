@@ -4,12 +4,15 @@ tensor lists with torch.utils._pytree and keeps replicas and worker threads aliv
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 import threading
+import types
 import warnings
 import weakref
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.utils._pytree as pytree
@@ -320,6 +323,75 @@ class _ReplicaFlattenParameters:
         return None
 
 
+def _replica_of(module: torch.nn.Module) -> torch.nn.Module:
+    """A replica module, without tensors of its own yet (_Replicas._build installs its children and tensors)."""
+    if not _is_compile_wrapper(module):
+        replica = module._replicate_for_data_parallel()
+        if replica.__dict__.get("_compiled_call_impl") is not None:
+            # module.compile() compiled the module in place: its compiled call is bound to the module itself, so
+            # a replica would run the original (on the original's device, updating the original's buffers).
+            # The replica runs uncompiled; _Replicas._build warns.
+            replica.__dict__["_compiled_call_impl"] = None
+        return replica
+    # Module._replicate_for_data_parallel assigns _parameters, _buffers and _modules through setattr, which
+    # torch.compile's wrapper forwards to the module it wraps: it would empty the user's module's parameters
+    # and make it its own child (upstream's replicate does exactly that). Build the replica's dict directly.
+    replica = type(module).__new__(type(module))
+    object.__setattr__(replica, "__dict__", dict(module.__dict__))
+    replica.__dict__.update(_parameters={}, _buffers=dict(module._buffers), _modules=dict(module._modules),
+                            _is_replica=True)
+    return replica
+
+
+def _call_module(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return module(*args, **kwargs)
+
+
+class _CompiledReplicaCall:
+    """The replicas' forward for one torch.compile wrapper (Note [Compiled replicas]): _call_module compiled under
+    the wrapper's context, on a code object of its own (dynamo keeps graphs and counts recompilations per code
+    object, and one shared by every model in the process would soon reach the recompile limit).
+
+    Dynamo compiles once per thread that misses its cache at the same time (a thread that waited for its compile
+    lock does not look again), so replicas meeting a new input signature together would compile one graph each.
+    The first call with a signature not seen before therefore runs alone, and the others wait for it and find
+    its graph. Once a new signature compiles nothing (dynamic shapes cover it), calls stop waiting."""
+
+    def __init__(self, dynamo_ctx: Callable) -> None:
+        code = _call_module.__code__.replace()
+        self._compiled = dynamo_ctx(types.FunctionType(code, _call_module.__globals__, "_call_module"))
+        self._lock = threading.Lock()
+        self._seen: set = set()
+        self._settled = False
+
+    def __call__(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if self._settled:
+            return self._compiled(module, *args, **kwargs)
+        # Dynamo guards on the parameters' types too: replicas holding copies see tensors, not Parameters.
+        key = (torch.is_grad_enabled(), module.training, type(next(module.parameters(), None)), tuple(
+            (tuple(x.shape), x.dtype, x.device, x.requires_grad) if isinstance(x, torch.Tensor) else type(x)
+            for x in pytree.tree_leaves((args, kwargs))
+        ))
+        if key not in self._seen:
+            with self._lock:
+                if key not in self._seen:
+                    from torch._dynamo.utils import counters
+
+                    compiled_before = counters["frames"]["total"]
+                    output = self._compiled(module, *args, **kwargs)
+                    self._seen.add(key)
+                    self._settled = counters["frames"]["total"] == compiled_before and len(self._seen) > 1
+                    return output
+        return self._compiled(module, *args, **kwargs)
+
+
+def _is_compile_wrapper(module: torch.nn.Module) -> bool:
+    """Whether module is torch.compile's OptimizedModule (without importing torch._dynamo, which costs an import
+    of about a second: no OptimizedModule exists before it is imported)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return eval_frame is not None and isinstance(module, eval_frame.OptimizedModule)
+
+
 class _Replicas:
     """Persistent replicas of one module over a list of devices (Note [Persistent replicas] in replicate.cpp,
     Note [Watching a module tree] in bindings.cpp).
@@ -383,9 +455,18 @@ class _Replicas:
         source = {id(p): i for i, p in enumerate(params)}
         source.update({id(b): len(params) + i for i, b in enumerate(buffers)})
         self._replicator.set_sources(params, buffers)
+        compiled_in_place = [type(m).__name__ for m in modules if m.__dict__.get("_compiled_call_impl") is not None]
+        if compiled_in_place and len(devices) > 1:
+            warnings.warn(
+                f"DataParallel: {', '.join(compiled_in_place)} compiled in place (module.compile()), which binds the "
+                "compiled code to the module itself, so the replicas run uncompiled; wrap torch.compile(module) in "
+                "DataParallel instead to run compiled replicas",
+                stacklevel=3,
+            )
         self._slots, self._targets = [], []
+        callers: dict[int, Callable] = {}  # per torch.compile wrapper in the tree: its replicas' compiled call
         for _ in devices:
-            copies = [m._replicate_for_data_parallel() for m in modules]
+            copies = [_replica_of(m) for m in modules]
             for replica in copies:
                 replica.__dict__["zero_grad"] = _ReplicaZeroGrad()
                 if isinstance(replica, torch.nn.RNNBase):
@@ -401,6 +482,18 @@ class _Replicas:
                 replica.__dict__["_buffers"] = replica_buffers
                 targets += [(replica_params, k, source[id(p)]) for k, p in m._parameters.items() if p is not None]
                 targets += [(replica_buffers, k, source[id(b)]) for k, b in m._buffers.items() if b is not None]
+            for m, replica in zip(modules, copies):
+                if _is_compile_wrapper(replica):
+                    # Note [Compiled replicas]
+                    # torch.compile's wrapper holds a forward bound to the module it wrapped. Each replica's
+                    # forward must call the replica's own inner module instead, under the same compile context,
+                    # and through one shared function that takes the module as an argument: dynamo then
+                    # compiles one graph for every replica (a closure over each replica, as the wrapper builds,
+                    # would recompile per replica and, beyond torch._dynamo's recompile limit, run uncompiled).
+                    # _CompiledReplicaCall also keeps replicas from compiling the same graph side by side.
+                    if id(m) not in callers:
+                        callers[id(m)] = _CompiledReplicaCall(m.dynamo_ctx)
+                    replica.__dict__["forward"] = functools.partial(callers[id(m)], replica._modules["_orig_mod"])
             self._slots.append(copies)
             self._targets.append(targets)
         self._module, self._devices, self._watch = weakref.ref(module), list(devices), None

@@ -162,15 +162,17 @@ def compare(
     tol: dict | None = None,
     backward: bool = True,
     chunked_reference: bool = False,
+    wrap: Callable[[nn.Module], nn.Module] | None = None,
 ) -> None:
-    """Runs `steps` forward/backward/SGD steps through torch_dp and the reference and compares everything."""
+    """Runs `steps` forward/backward/SGD steps through torch_dp and the reference and compares everything.
+    `wrap` wraps torch_dp's copy of the model before DataParallel does (torch.compile, for example)."""
     dp_kwargs = dp_kwargs or {}
     tol = tol or {}
     device = _device_of(device_ids)
     torch.manual_seed(0)
     model = make_model().to(device)
     ours_module, ref_module = copy.deepcopy(model), copy.deepcopy(model)
-    ours = _ours(ours_module, device_ids, **dp_kwargs)
+    ours = _ours(wrap(ours_module) if wrap else ours_module, device_ids, **dp_kwargs)
     if chunked_reference:
         ref = ChunkedReference(ref_module, len(device_ids), dp_kwargs.get("dim", 0))
     else:
@@ -747,3 +749,63 @@ def test_only_replica_0_counts_batches_even_with_repeated_ids(name, device_ids):
     for _ in range(3):
         dp(torch.randn(4 * len(device_ids), 4, device=_device_of(device_ids)))
     assert bn.num_batches_tracked.item() == 3
+
+
+# ---- torch.compile --------------------------------------------------------------------------------------------
+
+class CountingBackend:
+    """A torch.compile backend that runs the captured graph as it is and counts the graphs it was given."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, graph_module: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        self.graphs += 1
+        return graph_module.forward
+
+
+@pytest.mark.parametrize("name,device_ids", MULTI)
+def test_torch_compile_module_runs_compiled_replicas(name, device_ids):
+    # DataParallel(torch.compile(model)): every replica runs the compiled code, bound to its own copy of the
+    # model. (Upstream's replicate assigns a replica's _parameters and _modules through the compile wrapper's
+    # setattr, which lands on the user's module: it empties its parameters and makes it its own child.)
+    torch._dynamo.reset()
+    backend = CountingBackend()
+    compiled = []
+
+    def wrap(module: nn.Module) -> nn.Module:
+        compiled.append(module)
+        return torch.compile(module, backend=backend)
+
+    compare(lambda: ConvBN().double(), lambda d: ((_x(d, 12, 3, 6, 6),), {}), device_ids, wrap=wrap)
+    # One graph for every replica: two where replicas hold copies (dynamo guards on Parameter against tensor),
+    # one per device on distinct GPUs (it guards on the device).
+    expected = 2 if isinstance(device_ids, CopyingDevices) else len(set(device_ids))
+    assert backend.graphs == expected, f"{backend.graphs} graphs compiled for {len(device_ids)} replicas"
+    module = compiled[0]
+    assert list(module._modules) == ["conv", "bn", "fc"]
+    assert [name for name, _ in module.named_parameters()] == [
+        "conv.weight", "conv.bias", "bn.weight", "bn.bias", "fc.weight", "fc.bias"]
+
+
+def test_torch_compile_module_state_dict_keys_as_upstream():
+    torch._dynamo.reset()
+    module = ConvBN().double()
+    dp = torch_dp.DataParallel(torch.compile(module, backend="eager"), ["cpu"] * 2)
+    dp(_x(torch.device("cpu"), 4, 3, 6, 6))
+    assert list(dp.state_dict()) == ["module._orig_mod." + k for k in module.state_dict()]
+
+
+def test_module_compiled_in_place_runs_uncompiled_replicas_with_a_warning():
+    # module.compile() binds the compiled call to the module itself; a replica calling it would run the
+    # original module (updating its buffers from every replica). The replicas run uncompiled instead.
+    torch._dynamo.reset()
+    backend = CountingBackend()
+
+    def wrap(module: nn.Module) -> nn.Module:
+        module.compile(backend=backend)
+        return module
+
+    with pytest.warns(UserWarning, match=r"ConvBN compiled in place \(module.compile\(\)\).*replicas run uncompiled"):
+        compare(lambda: ConvBN().double(), lambda d: ((_x(d, 12, 3, 6, 6),), {}), ["cpu"] * 3, wrap=wrap)
+    assert backend.graphs == 0
