@@ -12,8 +12,11 @@
 #include <torch/csrc/autograd/functions/utils.h>
 
 #include <map>
+#include <memory>
 #include <ostream>
 #include <sstream>
+#include <type_traits>
+#include <utility>
 
 // Note [C++ replicas]
 // ~~~~~~~~~~~~~~~~~~~
@@ -36,6 +39,18 @@ namespace detail {
 namespace {
 
 // Routes a replica's parameter gradients to the module's parameters.
+// Autograd holds nodes in std::shared_ptr up to torch 2.11 (the GPU machine's torch) and in c10::intrusive_ptr
+// in later releases: make a node the way the torch being compiled against holds it.
+template <typename NodeType, typename... Args>
+auto make_node(Args&&... args) {
+  using NodePointer = decltype(torch::autograd::Edge::function);
+  if constexpr (std::is_same_v<NodePointer, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<NodeType>(std::forward<Args>(args)...);
+  } else {
+    return c10::make_intrusive<NodeType>(std::forward<Args>(args)...);
+  }
+}
+
 struct ReplicaGrad : public torch::autograd::Node {
   ReplicaGrad(c10::Device destination, bool cross_device) : destination_(destination), cross_device_(cross_device) {}
 
@@ -198,7 +213,7 @@ void refresh_slot(ReplicaSet& set, ReplicaSet::Slot& slot) {
     return;
   }
   const auto source_device = set.params[needs_grad[0]].device();
-  auto node = c10::make_intrusive<ReplicaGrad>(source_device, source_device != slot.device);
+  auto node = make_node<ReplicaGrad>(source_device, source_device != slot.device);
   for (auto k : needs_grad) {
     node->add_next_edge(torch::autograd::impl::gradient_edge(set.params[k]));
   }
