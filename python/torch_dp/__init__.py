@@ -33,9 +33,12 @@ from torch_dp.parallel import (  # noqa: E402
     scatter,
     scatter_kwargs,
 )
+from torch_dp.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm  # noqa: E402
 
 __all__ = [
     "DataParallel",
+    "SyncBatchNorm",
+    "convert_sync_batchnorm",
     "data_parallel",
     "gather",
     "is_patched",

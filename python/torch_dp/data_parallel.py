@@ -146,7 +146,12 @@ class DataParallel(torch.nn.DataParallel):
         return _scatter_kwargs(tuple(inputs), kwargs or {}, devices, self.dim, self.chunk_sizes)
 
     def parallel_apply(self, replicas: Sequence[T], inputs: Sequence[Any], kwargs: Any) -> list[Any]:
-        return _parallel_apply(replicas, inputs, kwargs, self._devices[: len(replicas)], self._get_engine().pool)
+        # The engine's pool serves one forward at a time (the replicas' lock), so SyncBatchNorm layers can meet.
+        engine = self._get_engine()
+        return _parallel_apply(
+            replicas, inputs, kwargs, self._devices[: len(replicas)], engine.pool,
+            synchronize=engine.replicas.has_sync_batchnorm,
+        )
 
     def gather(self, outputs: Any, output_device: DeviceLike) -> Any:
         if output_device is self.output_device and not (isinstance(output_device, int) and output_device == -1):

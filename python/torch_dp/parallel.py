@@ -19,6 +19,7 @@ import torch.utils._pytree as pytree
 from torch._utils import ExceptionWrapper, _get_available_device_type
 
 from torch_dp import _C
+from torch_dp.sync_batchnorm import PeerReplicaFailed, SyncBatchNorm, SyncGroup, in_replica, replica_context
 
 __all__ = ["scatter", "scatter_kwargs", "gather", "replicate", "parallel_apply", "data_parallel"]
 
@@ -410,6 +411,7 @@ class _Replicas:
         self._slots: list[list[torch.nn.Module]] = []
         self._targets: list[list[tuple[dict, str, int]]] = []  # per slot: (dict, key, source index)
         self._source_dicts: list[dict] = []  # the module tree's dicts, for DictWatch (not the modules)
+        self.has_sync_batchnorm = False
         # One forward at a time: the replicas are shared state. threading.Lock releases the GIL while it
         # waits, so a waiting thread cannot starve the replicas' workers of the GIL.
         self.lock = threading.Lock()
@@ -498,6 +500,7 @@ class _Replicas:
             self._targets.append(targets)
         self._module, self._devices, self._watch = weakref.ref(module), list(devices), None
         self._source_dicts = [d for m in modules for d in (m.__dict__, m._parameters, m._buffers, m._modules)]
+        self.has_sync_batchnorm = any(isinstance(m, SyncBatchNorm) for m in modules)
         # Watch at once: a DataParallel on one device never calls get(), and without a watch every sync()
         # rebuilt the replicas (on every forward). get() takes the watch again after it installs new tensors.
         self._watch_all()
@@ -544,24 +547,41 @@ def _device_of(inputs: Any) -> torch.device:
     return torch.device(accelerator, getattr(torch, accelerator).current_device())
 
 
-def _parallel_apply(modules, inputs, kwargs_tup, devices: list[torch.device], pool) -> list[Any]:
+def _parallel_apply(
+    modules, inputs, kwargs_tup, devices: list[torch.device], pool, synchronize: bool = False
+) -> list[Any]:
+    """Runs replica i on inputs[i] and kwargs_tup[i] on the pool. With `synchronize` (replicas holding
+    SyncBatchNorm layers), those layers meet across replicas (Note [Synchronized batch norm]); only for a pool no
+    other call can use at the same time, since replicas waiting for each other must all be running."""
     results: list[Any] = [None] * len(modules)
+    group = SyncGroup(len(modules)) if synchronize and len(modules) > 1 and not in_replica() else None
 
     def run_replica(i: int) -> None:
+        failed = False
         try:
             args = inputs[i]
             if not isinstance(args, (list, tuple)):
                 args = (args,)  # a lone tensor is one argument, not a sequence to unpack
-            results[i] = modules[i](*args, **kwargs_tup[i])
+            if group is None:
+                results[i] = modules[i](*args, **kwargs_tup[i])
+            else:
+                with replica_context(group, i):
+                    results[i] = modules[i](*args, **kwargs_tup[i])
         except BaseException:
+            failed = True
             results[i] = ExceptionWrapper(where=f"in replica {i} on device {_label(devices[i])}")
+        finally:
+            if group is not None:
+                group.finish(i, failed)
 
     if _rebuild_autograd_engine_first:
         _rebuild_autograd_engine()  # Note [After fork]
     _C.parallel_apply(pool, devices, run_replica)
-    for result in results:
-        if isinstance(result, ExceptionWrapper):
-            result.reraise()
+    failures = [r for r in results if isinstance(r, ExceptionWrapper)]
+    if failures:
+        # A replica that waited for a failed one reports that; raise the failure itself.
+        causes = [f for f in failures if f.exc_type is not PeerReplicaFailed]
+        (causes or failures)[0].reraise()
     return results
 
 

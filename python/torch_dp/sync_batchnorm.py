@@ -1,0 +1,230 @@
+"""Batch normalization synchronized across the replicas of a torch_dp.DataParallel forward.
+
+Note [Synchronized batch norm]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Under data parallelism each replica normalizes its chunk with the chunk's own statistics, so with small chunks
+BatchNorm sees a fraction of the batch, and PyTorch's nn.SyncBatchNorm only synchronizes across processes
+(torch.distributed), not across the replicas of one DataParallel (pytorch#38940). torch_dp's replicas run in
+threads of one process, so their statistics can meet in memory:
+
+- each replica computes its chunk's per-channel mean, sum of squared deviations (M2) and count;
+- the replicas meet at a rendezvous (one per layer call, in a SyncGroup that DataParallel creates for each
+  forward); the last to arrive hands every replica all of them, through one autograd node (_ExchangeStats)
+  whose backward sends each replica's gradient back to where its statistics came from;
+- every replica combines them into the batch's mean and variance (Chan's parallel formula: no catastrophic
+  cancellation), normalizes its chunk with them, and updates its running statistics with them. Replica 0 updates
+  the module's own buffers (the replica-0 rule), so the module ends with the whole batch's statistics.
+
+Outputs, gradients and running statistics equal those of BatchNorm applied to the whole batch. A replica that
+fails, or finishes without calling the layer as often as the others, wakes the ones waiting for it with an error
+instead of leaving them waiting. Outside a torch_dp forward with several replicas (no DataParallel, one replica,
+a nested DataParallel, or torch_dp.data_parallel, whose shared workers could interleave two calls' replicas) the
+layer is plain BatchNorm on its input. DataParallel synchronizes only when its replicas hold a SyncBatchNorm, so
+other models pay nothing for this.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["SyncBatchNorm", "convert_sync_batchnorm"]
+
+_local = threading.local()
+
+
+class PeerReplicaFailed(RuntimeError):
+    """Raised in a replica waiting at a SyncBatchNorm rendezvous when another replica failed; DataParallel reports
+    the other replica's error instead."""
+
+
+class SyncGroup:
+    """The rendezvous of one forward's replicas (Note [Synchronized batch norm])."""
+
+    def __init__(self, num_replicas: int) -> None:
+        self.num_replicas = num_replicas
+        self._cond = threading.Condition()
+        self._slots: dict[Any, dict[str, Any]] = {}
+        self._calls: dict[tuple[int, int], int] = {}
+        self._finished: set[int] = set()
+        self._failed: Optional[int] = None
+
+    def exchange(self, layer: object, replica: int, stats: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
+        """Every replica's `stats` for this call, stacked, on `stats`'s device, and the sum of the replicas'
+        `count`s (known on the host: no device synchronization). The replicas meet at their n-th SyncBatchNorm
+        call; `layer` (a token that the replicas of one layer share) checks that it is the same layer."""
+        with self._cond:
+            call = self._calls.get(replica, 0)
+            self._calls[replica] = call + 1
+            slot = self._slots.setdefault(call, {"layer": layer, "inputs": {}, "outputs": None, "count": 0})
+            if slot["layer"] is not layer:
+                raise RuntimeError(
+                    f"SyncBatchNorm: at their SyncBatchNorm call {call + 1} the replicas reached different layers "
+                    f"(replica {replica} another one than replica {min(slot['inputs'], default=0)}); every replica "
+                    "must call the same SyncBatchNorm layers in the same order"
+                )
+            slot["inputs"][replica] = stats
+            slot["count"] += count
+            if len(slot["inputs"]) == self.num_replicas:
+                inputs = [slot["inputs"][i] for i in range(self.num_replicas)]
+                slot["outputs"] = _ExchangeStats.apply(*inputs)
+                slot["inputs"] = {i: None for i in range(self.num_replicas)}  # hold no tensors longer than needed
+                self._cond.notify_all()
+            while slot["outputs"] is None:
+                if self._failed is not None:
+                    raise PeerReplicaFailed(
+                        f"SyncBatchNorm: replica {self._failed} failed while replica {replica} waited for it")
+                missing = sorted(self._finished - set(slot["inputs"]))
+                if missing:
+                    raise RuntimeError(
+                        f"SyncBatchNorm: replica {missing[0]} finished its forward without reaching SyncBatchNorm "
+                        f"call {call + 1}, where replica {replica} waits for it; every replica must call the same "
+                        "SyncBatchNorm layers the same number of times in a forward"
+                    )
+                self._cond.wait()
+            return slot["outputs"][replica], slot["count"]
+
+    def finish(self, replica: int, failed: bool) -> None:
+        with self._cond:
+            self._finished.add(replica)
+            if failed and self._failed is None:
+                self._failed = replica
+            self._cond.notify_all()
+
+
+class replica_context:
+    """Marks the calling thread as running `replica` of a forward whose replicas synchronize through `group`."""
+
+    def __init__(self, group: Optional[SyncGroup], replica: int) -> None:
+        self.group, self.replica = group, replica
+
+    def __enter__(self) -> None:
+        self.previous = getattr(_local, "context", None)
+        _local.context = (self.group, self.replica)
+
+    def __exit__(self, *exc: Any) -> None:
+        _local.context = self.previous
+
+
+def in_replica() -> bool:
+    """Whether the calling thread runs a replica of a synchronizing forward (a DataParallel started inside one
+    is nested, and its replicas might run inline, one after the other)."""
+    return getattr(_local, "context", None) is not None
+
+
+class _ExchangeStats(torch.autograd.Function):
+    """All-gather of the replicas' statistics: output i stacks every input on input i's device. The gradient of
+    input j is the sum over outputs of their row j."""
+
+    @staticmethod
+    def forward(ctx: Any, *stats: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.devices = [s.device for s in stats]
+        return tuple(torch.stack([s.to(device) for s in stats]) for device in ctx.devices)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
+        present = [g for g in grads if g is not None]
+        if not present:
+            return (None,) * len(ctx.devices)
+        home = present[0].device
+        total = present[0]
+        for g in present[1:]:
+            total = total + g.to(home)
+        return tuple(total[j].to(device) for j, device in enumerate(ctx.devices))
+
+
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    r"""Batch normalization over the whole batch of a :class:`torch_dp.DataParallel` forward: each replica
+    normalizes its chunk with the statistics of every replica's chunk (Note [Synchronized batch norm]).
+
+    Takes the arguments of :class:`torch.nn.BatchNorm2d` and any input of 2 or more dimensions, channels in
+    dim 1; its ``state_dict`` is BatchNorm's. Elsewhere it is plain BatchNorm. Build one with
+    :func:`convert_sync_batchnorm`, which replaces a model's BatchNorm layers.
+    """
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(input)
+        context = getattr(_local, "context", None)
+        group = context[0] if context is not None else None
+        batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        if group is None or not batch_stats:
+            return super().forward(input)
+        return self._synchronized(input, group, context[1])
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Replicas copy their module's __dict__, so they share this token; a deep copy of the layer gets its own.
+        self._torch_dp_sync_token = _Token()
+
+    def _synchronized(self, input: torch.Tensor, group: SyncGroup, replica: int) -> torch.Tensor:
+        # Statistics in at least float32, as cuDNN's batch norm computes them for half inputs; exchanged and
+        # combined in float64 (counts above 2**24 stay exact).
+        x = input if input.dtype in (torch.float32, torch.float64) else input.float()
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, x.size(1)] + [1] * (x.dim() - 2)
+        count = x.numel() // x.size(1)
+        if count > 0:
+            mean = x.mean(dims)
+            m2 = (x - mean.view(shape)).square().sum(dims)
+        else:
+            mean = m2 = x.new_zeros(x.size(1))
+        stats = torch.stack([mean.double(), m2.double(), torch.full_like(mean, count, dtype=torch.float64)])
+        everyone, total_count = group.exchange(self._torch_dp_sync_token, replica, stats, count)
+        if self.training and total_count <= 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {list(input.shape)} "
+                f"and {total_count} value(s) per channel over all replicas")
+        means, m2s, counts = everyone[:, 0], everyone[:, 1], everyone[:, 2]
+        total = counts.sum(0)
+        batch_mean = (means * counts).sum(0) / total
+        batch_m2 = (m2s + counts * (means - batch_mean).square()).sum(0)
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            with torch.no_grad():
+                unbiased = batch_m2 / (total - 1)
+                # Through .data, as ATen's batch norm updates them, without bumping their version counters: a
+                # replica's buffer copies can be views of one flat buffer with its parameters, which backward
+                # would then find modified.
+                self.running_mean.data.mul_(1 - factor).add_(batch_mean.to(self.running_mean.dtype), alpha=factor)
+                self.running_var.data.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+        batch_var = (batch_m2 / total).to(x.dtype)
+        out = (x - batch_mean.to(x.dtype).view(shape)) * torch.rsqrt(batch_var.view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out.to(input.dtype)
+
+
+class _Token:
+    """Identifies one SyncBatchNorm layer across its replicas."""
+
+
+def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+    """Replaces every BatchNorm layer of `module` (``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``) with a
+    :class:`SyncBatchNorm` holding the same parameters and buffers; returns the module (or the new layer when
+    `module` itself is a BatchNorm layer), like ``nn.SyncBatchNorm.convert_sync_batchnorm``."""
+    converted = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
+        converted = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                  module.track_running_stats)
+        if module.affine:
+            with torch.no_grad():
+                converted.weight = module.weight
+                converted.bias = module.bias
+        converted.running_mean = module.running_mean
+        converted.running_var = module.running_var
+        converted.num_batches_tracked = module.num_batches_tracked
+        converted.train(module.training)
+        if hasattr(module, "qconfig"):
+            converted.qconfig = module.qconfig
+    for name, child in module.named_children():
+        converted.add_module(name, convert_sync_batchnorm(child))
+    del module
+    return converted
