@@ -220,3 +220,14 @@ def test_replicas_calling_different_layers_get_an_error():
         run_with_timeout(lambda: dp(faulty_batch(3)))
     net.plan = {}
     run_with_timeout(lambda: dp(faulty_batch(3)))  # and the next forward works
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("device_ids", [[0, 0], [0, 0, 0, 0], "all"], ids=["cuda00", "cuda0000", "all-gpus"])
+def test_on_gpus(device_ids):
+    if device_ids == "all":
+        device_ids = list(range(torch.cuda.device_count()))
+        if len(device_ids) < 2:
+            pytest.skip("needs two GPUs")
+    assert_trains_like_whole_batch(lambda: convnet().cuda(), lambda: torch.randn(
+        10, 3, 6, 6, dtype=torch.double, device="cuda", requires_grad=True), device_ids)
