@@ -9,24 +9,27 @@ threads of one process, so their statistics can meet in memory:
 
 - each replica computes its chunk's per-channel mean, sum of squared deviations (M2) and count;
 - the replicas meet at a rendezvous (one per layer call, in a SyncGroup that DataParallel creates for each
-  forward); the last to arrive hands every replica all of them, through one autograd node (_ExchangeStats)
-  whose backward sends each replica's gradient back to where its statistics came from;
-- every replica combines them into the batch's mean and variance (Chan's parallel formula: no catastrophic
-  cancellation), normalizes its chunk with them, and updates its running statistics with them. Replica 0 updates
-  the module's own buffers (the replica-0 rule), so the module ends with the whole batch's statistics.
+  forward); the last to arrive combines everyone's statistics into the batch's (Chan's parallel formula: no
+  catastrophic cancellation) with differentiable ops, so backward sends each replica its share of the gradient;
+- under torch.distributed (as nn.SyncBatchNorm: the default process group, or the layer's), that thread also
+  all-gathers the processes' combined statistics (torch.distributed.nn's differentiable all_gather) and combines
+  those. Rendezvous complete one at a time, in call order, so every process issues its collectives in the same
+  order; a process without DataParallel (or with one replica) takes part the same way;
+- every replica normalizes its chunk with the result and updates its running statistics with it. Replica 0
+  updates the module's own buffers (the replica-0 rule), so the module ends with the whole batch's statistics.
 
 Outputs, gradients and running statistics equal those of BatchNorm applied to the whole batch. A replica that
 fails, or finishes without calling the layer as often as the others, wakes the ones waiting for it with an error
 instead of leaving them waiting. Outside a torch_dp forward with several replicas (no DataParallel, one replica,
 a nested DataParallel, or torch_dp.data_parallel, whose shared workers could interleave two calls' replicas) the
-layer is plain BatchNorm on its input. DataParallel synchronizes only when its replicas hold a SyncBatchNorm, so
-other models pay nothing for this.
+layer synchronizes across processes only (under torch.distributed), or is plain BatchNorm. DataParallel
+synchronizes only when its replicas hold a SyncBatchNorm, so other models pay nothing for this.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -48,14 +51,16 @@ class SyncGroup:
         self.num_replicas = num_replicas
         self._cond = threading.Condition()
         self._slots: dict[Any, dict[str, Any]] = {}
-        self._calls: dict[tuple[int, int], int] = {}
+        self._calls: dict[int, int] = {}  # per replica: its SyncBatchNorm calls so far
         self._finished: set[int] = set()
         self._failed: Optional[int] = None
 
-    def exchange(self, layer: object, replica: int, stats: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
-        """Every replica's `stats` for this call, stacked, on `stats`'s device, and the sum of the replicas'
-        `count`s (known on the host: no device synchronization). The replicas meet at their n-th SyncBatchNorm
-        call; `layer` (a token that the replicas of one layer share) checks that it is the same layer."""
+    def exchange(self, layer: object, replica: int, stats: torch.Tensor, count: int,
+                 combine: Callable[[list[torch.Tensor]], torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """`combine` of every replica's `stats` for this call (run by the last replica to arrive), on `stats`'s
+        device, and the sum of the replicas' `count`s (known on the host: no device synchronization). The
+        replicas meet at their n-th SyncBatchNorm call; `layer` (a token the replicas of one layer share) checks
+        that it is the same layer."""
         with self._cond:
             call = self._calls.get(replica, 0)
             self._calls[replica] = call + 1
@@ -70,7 +75,8 @@ class SyncGroup:
             slot["count"] += count
             if len(slot["inputs"]) == self.num_replicas:
                 inputs = [slot["inputs"][i] for i in range(self.num_replicas)]
-                slot["outputs"] = _ExchangeStats.apply(*inputs)
+                combined = combine(inputs)
+                slot["outputs"] = [combined.to(s.device) for s in inputs]
                 slot["inputs"] = {i: None for i in range(self.num_replicas)}  # hold no tensors longer than needed
                 self._cond.notify_all()
             while slot["outputs"] is None:
@@ -115,25 +121,13 @@ def in_replica() -> bool:
     return getattr(_local, "context", None) is not None
 
 
-class _ExchangeStats(torch.autograd.Function):
-    """All-gather of the replicas' statistics: output i stacks every input on input i's device. The gradient of
-    input j is the sum over outputs of their row j."""
-
-    @staticmethod
-    def forward(ctx: Any, *stats: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.devices = [s.device for s in stats]
-        return tuple(torch.stack([s.to(device) for s in stats]) for device in ctx.devices)
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
-        present = [g for g in grads if g is not None]
-        if not present:
-            return (None,) * len(ctx.devices)
-        home = present[0].device
-        total = present[0]
-        for g in present[1:]:
-            total = total + g.to(home)
-        return tuple(total[j].to(device) for j, device in enumerate(ctx.devices))
+def _combine(stats: torch.Tensor) -> torch.Tensor:
+    """(k, 3, C) rows of (mean, M2, count) -> (3, C): the statistics of their union (Chan's formula)."""
+    means, m2s, counts = stats[:, 0], stats[:, 1], stats[:, 2]
+    total = counts.sum(0)
+    mean = (means * counts).sum(0) / total.clamp_min(1)
+    m2 = (m2s + counts * (means - mean).square()).sum(0)
+    return torch.stack([mean, m2, total])
 
 
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -141,9 +135,27 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     normalizes its chunk with the statistics of every replica's chunk (Note [Synchronized batch norm]).
 
     Takes the arguments of :class:`torch.nn.BatchNorm2d` and any input of 2 or more dimensions, channels in
-    dim 1; its ``state_dict`` is BatchNorm's. Elsewhere it is plain BatchNorm. Build one with
+    dim 1; its ``state_dict`` is BatchNorm's. Under torch.distributed it also synchronizes across the processes of
+    ``process_group`` (default: all), as :class:`torch.nn.SyncBatchNorm` does; without either, it is plain
+    BatchNorm. Build one with
     :func:`convert_sync_batchnorm`, which replaces a model's BatchNorm layers.
     """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Optional[Any] = None,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+        # Replicas copy their module's __dict__, so they share this token; a deep copy of the layer gets its own.
+        self._torch_dp_sync_token = _Token()
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -152,18 +164,24 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
         context = getattr(_local, "context", None)
-        group = context[0] if context is not None else None
+        group, replica = context if context is not None else (None, 0)
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        if group is None or not batch_stats:
+        if not batch_stats:
             return super().forward(input)
-        return self._synchronized(input, group, context[1])
+        processes = self._processes()
+        if group is None and processes is None:
+            return super().forward(input)
+        return self._synchronized(input, group, replica, processes)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # Replicas copy their module's __dict__, so they share this token; a deep copy of the layer gets its own.
-        self._torch_dp_sync_token = _Token()
+    def _processes(self) -> Optional[Any]:
+        """The process group to synchronize across, when torch.distributed runs with more than one process."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return None
+        process_group = self.process_group or torch.distributed.group.WORLD
+        return process_group if torch.distributed.get_world_size(process_group) > 1 else None
 
-    def _synchronized(self, input: torch.Tensor, group: SyncGroup, replica: int) -> torch.Tensor:
+    def _synchronized(self, input: torch.Tensor, group: Optional[SyncGroup], replica: int,
+                      processes: Optional[Any]) -> torch.Tensor:
         # Statistics in at least float32, as cuDNN's batch norm computes them for half inputs; exchanged and
         # combined in float64 (counts above 2**24 stay exact).
         x = input if input.dtype in (torch.float32, torch.float64) else input.float()
@@ -176,15 +194,25 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         else:
             mean = m2 = x.new_zeros(x.size(1))
         stats = torch.stack([mean.double(), m2.double(), torch.full_like(mean, count, dtype=torch.float64)])
-        everyone, total_count = group.exchange(self._torch_dp_sync_token, replica, stats, count)
-        if self.training and total_count <= 1:
+
+        def combine(replicas: list[torch.Tensor]) -> torch.Tensor:
+            here = replicas[-1].device
+            combined = _combine(torch.stack([s.to(here) for s in replicas]))
+            if processes is not None:
+                from torch.distributed.nn.functional import all_gather
+
+                combined = _combine(torch.stack(all_gather(combined, group=processes)))
+            return combined
+
+        if group is None:
+            batch, total_count = combine([stats]), count
+        else:
+            batch, total_count = group.exchange(self._torch_dp_sync_token, replica, stats, count, combine)
+        if self.training and total_count <= 1 and processes is None:
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {list(input.shape)} "
                 f"and {total_count} value(s) per channel over all replicas")
-        means, m2s, counts = everyone[:, 0], everyone[:, 1], everyone[:, 2]
-        total = counts.sum(0)
-        batch_mean = (means * counts).sum(0) / total
-        batch_m2 = (m2s + counts * (means - batch_mean).square()).sum(0)
+        batch_mean, batch_m2, total = batch[0], batch[1], batch[2]
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
@@ -206,14 +234,15 @@ class _Token:
     """Identifies one SyncBatchNorm layer across its replicas."""
 
 
-def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
+def convert_sync_batchnorm(module: nn.Module, process_group: Optional[Any] = None) -> nn.Module:
     """Replaces every BatchNorm layer of `module` (``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``) with a
     :class:`SyncBatchNorm` holding the same parameters and buffers; returns the module (or the new layer when
-    `module` itself is a BatchNorm layer), like ``nn.SyncBatchNorm.convert_sync_batchnorm``."""
+    `module` itself is a BatchNorm layer), like ``nn.SyncBatchNorm.convert_sync_batchnorm``. Under
+    torch.distributed the layers also synchronize across the processes of `process_group` (default: all)."""
     converted = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
         converted = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                  module.track_running_stats)
+                                  module.track_running_stats, process_group)
         if module.affine:
             with torch.no_grad():
                 converted.weight = module.weight
@@ -225,6 +254,6 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
         if hasattr(module, "qconfig"):
             converted.qconfig = module.qconfig
     for name, child in module.named_children():
-        converted.add_module(name, convert_sync_batchnorm(child))
+        converted.add_module(name, convert_sync_batchnorm(child, process_group))
     del module
     return converted

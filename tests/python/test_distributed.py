@@ -60,12 +60,20 @@ SCENARIOS = {
     "unused_parameters": (dict(unused=True), dict(find_unused_parameters=True), 1),
     "bucket_views": (dict(), dict(gradient_as_bucket_view=True, bucket_cap_mb=0.0001), 1),
     "no_sync_accumulation": (dict(), dict(), 2),
+    # torch_dp.SyncBatchNorm: statistics over every replica of every process.
+    "sync_batch_norm": (dict(batch_norm=True, sync=True), dict(), 1),
+    # ... and with one replica per process, where it synchronizes the processes only (as nn.SyncBatchNorm).
+    "sync_batch_norm_one_replica": (dict(batch_norm=True, sync=True, one_replica=True), dict(), 1),
 }
 
 
-def _model(options: dict) -> MLP:
+def _model(options: dict) -> nn.Module:
     torch.manual_seed(0)
-    return MLP(**options).double()
+    options = dict(options)
+    sync = options.pop("sync", False)
+    options.pop("one_replica", None)
+    model = MLP(**options).double()
+    return torch_dp.convert_sync_batchnorm(model) if sync else model
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +96,8 @@ def _run_rank(rank: int, init_file: str, out_dir: str) -> None:
         x, y = _batch()
         seen = {}
         for name, (model_options, ddp_options, count) in SCENARIOS.items():
-            inner = torch_dp.DataParallel(_model(model_options), device_ids=["cpu"] * REPLICAS[rank])
+            replicas = 1 if model_options.get("one_replica") else REPLICAS[rank]
+            inner = torch_dp.DataParallel(_model(model_options), device_ids=["cpu"] * replicas)
             model = DDP(inner, **ddp_options)
             optimizer = torch.optim.SGD(model.parameters(), lr=LR)
             for _ in range(STEPS):
@@ -120,6 +129,8 @@ def _reference(model_options: dict) -> tuple[dict[str, torch.Tensor], dict[int, 
     own statistics), and takes the mean loss over all rows. Buffers follow the two rules at play: each step
     starts from rank 0's buffers (DDP broadcasts them before the forward) and each rank keeps the update of its
     replica 0 (torch.nn.DataParallel's rule, which torch_dp keeps)."""
+    if model_options.get("sync"):
+        return _reference_whole_batch({k: v for k, v in model_options.items() if k not in ("sync", "one_replica")})
     model = _model(model_options)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     x, y = _batch()
@@ -143,6 +154,20 @@ def _reference(model_options: dict) -> tuple[dict[str, torch.Tensor], dict[int, 
         optimizer.step()
         buffers = after_replica0[0]
     return {k: v.detach() for k, v in model.named_parameters()}, after_replica0
+
+
+def _reference_whole_batch(model_options: dict) -> tuple[dict[str, torch.Tensor], dict[int, dict[str, torch.Tensor]]]:
+    """The unwrapped module (plain BatchNorm) trained on the whole batch at once: what SyncBatchNorm over every
+    replica of every rank computes, buffers included (the same on every rank)."""
+    model = _model(model_options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    x, y = _batch()
+    for _ in range(STEPS):
+        optimizer.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        optimizer.step()
+    buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
+    return {k: v.detach() for k, v in model.named_parameters()}, {rank: buffers for rank in range(WORLD)}
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
