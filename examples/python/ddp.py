@@ -95,6 +95,11 @@ def main() -> None:
         if rank == 0:
             print(f"epoch {epoch}: mean loss {(total[0] / total[1]).item():.6f}", flush=True)
 
+    # Wait for every rank, and drop DDP (which holds the process group) before destroying the group: without
+    # that, a gloo rank aborts at exit now and then ("terminate called without an active exception", with
+    # plain DDP too).
+    dist.barrier()
+    del model, optimizer
     dist.destroy_process_group()
 
 

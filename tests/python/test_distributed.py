@@ -110,7 +110,12 @@ def _run_rank(rank: int, init_file: str, out_dir: str) -> None:
                         (F.mse_loss(model(xb), yb) / count).backward()
                 optimizer.step()
             seen[name] = {k: v.detach().clone() for k, v in inner.module.state_dict().items()}
+            del model, inner, optimizer
         torch.save(seen, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Every rank done, and no DDP holding the group, before it goes: destroying a gloo group that a DDP still
+        # holds, while another rank is still at work, aborts the process at exit now and then (seen without
+        # torch_dp too: "terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
