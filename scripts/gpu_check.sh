@@ -88,6 +88,7 @@ if [ $built -eq 0 ]; then
     results+=("memcheck|skipped|0|no compute-sanitizer" "racecheck|skipped|0|no compute-sanitizer")
   fi
   step bench_py 240 "$PYTHON" benchmarks/bench_dp.py --device cuda --quick --json "$outdir/bench_py.json"
+  step bench_sync_bn 120 "$PYTHON" benchmarks/bench_sync_bn.py --device cuda --quick --json "$outdir/bench_sync_bn.json"
   if [ -x build-gpu/benchmarks/bench_cpp ]; then
     step bench_cpp 200 build-gpu/benchmarks/bench_cpp --devices 0,0 --json "$outdir/bench_cpp_2.json"
     step bench_cpp4 200 build-gpu/benchmarks/bench_cpp --devices 0,0,0,0 --json "$outdir/bench_cpp_4.json"
