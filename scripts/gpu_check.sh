@@ -1,37 +1,48 @@
 #!/usr/bin/env bash
 # The GPU check: one command for a GPU machine. Builds torch_dp there against that machine's torch, runs the
 # C++ tests (CUDA ones included), the Python tests including the parity suite against torch.nn.DataParallel,
-# DDP over NCCL with torch_dp inside (examples/python/ddp.py),
-# compute-sanitizer over the CUDA C++ tests, and the benchmarks; writes logs and summary.json into OUTDIR
-# (the first argument, else $OUT, else ./gpu_check_out) and prints a short table last. Budget: < 6 minutes.
+# compute-sanitizer over the CUDA C++ tests, the benchmarks, DDP over NCCL with torch_dp inside
+# (examples/python/ddp.py) and the SyncBatchNorm benchmark, in that order (most wanted first). Logs and JSON go
+# to OUTDIR/logs (the first argument, else $OUT, else ./gpu_check_out; packed into OUTDIR/logs.tgz under $OUT,
+# whose files come back few), OUTDIR/summary.json holds the table, which is printed last, after the end of each
+# failed step's log. The whole run keeps within GPU_CHECK_BUDGET seconds (default 540): each step's limit is cut
+# to what is left, and steps with no time left are reported as such.
 #
 #   bash scripts/gpu_check.sh [OUTDIR]
-#   GPU_CHECK_SKIP=sanitizer,bench_cpp bash scripts/gpu_check.sh   # leave steps out
+#   GPU_CHECK_SKIP=memcheck,racecheck bash scripts/gpu_check.sh   # leave steps out
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 outdir=${1:-${OUT:-$root/gpu_check_out}}
-mkdir -p "$outdir"
+logs=$outdir/logs
+mkdir -p "$logs"
 PYTHON=${PYTHON:-python3}
 skip=",${GPU_CHECK_SKIP:-},"
 export PYTHONUNBUFFERED=1
 jobs=$(nproc 2>/dev/null || echo 4)
+deadline=$((SECONDS + ${GPU_CHECK_BUDGET:-540}))
 results=()   # "name|status|seconds|detail"
 
-step() {  # step NAME TIMEOUT_S COMMAND...: runs COMMAND with a time limit, its output in OUTDIR/NAME.log
+step() {  # step NAME TIMEOUT_S COMMAND...: runs COMMAND with a time limit, its output in logs/NAME.log
   local name=$1 limit=$2
   shift 2
   if [[ $skip == *",$name,"* ]]; then
     results+=("$name|skipped|0|GPU_CHECK_SKIP")
     return 0
   fi
+  local left=$((deadline - SECONDS - 20))  # 20 s kept for the summary
+  if [ $left -lt 10 ]; then
+    results+=("$name|no-time|0|GPU_CHECK_BUDGET spent")
+    return 1
+  fi
+  [ $limit -gt $left ] && limit=$left
   local start=$SECONDS
-  timeout "$limit" "$@" >"$outdir/$name.log" 2>&1
+  timeout "$limit" "$@" >"$logs/$name.log" 2>&1
   local rc=$?
   local status=ok
   [ $rc -eq 0 ] || status="FAILED(rc=$rc)"
   [ $rc -eq 124 ] && status="TIMEOUT(${limit}s)"
-  results+=("$name|$status|$((SECONDS - start))|$(tail -n 1 "$outdir/$name.log" | cut -c1-90)")
+  results+=("$name|$status|$((SECONDS - start))|$(tail -n 1 "$logs/$name.log" | cut -c1-90)")
   return $rc
 }
 
@@ -40,7 +51,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: runs COMMAND with a time limit, its 
   echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "nvidia-smi: none"
   "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'devices', torch.cuda.device_count())"
-} >"$outdir/machine.txt" 2>&1
+} >"$logs/machine.txt" 2>&1
 
 torch_prefix=$("$PYTHON" -c "import torch; print(torch.utils.cmake_prefix_path)")
 # A CUDA build of torch makes its CMake package look for the CUDA toolkit. It guesses the toolkit's root from
@@ -63,7 +74,7 @@ for root in nvidia.__path__:
     fi
   fi
 fi
-echo "cuda args: ${cuda_args[*]:-none}" >>"$outdir/machine.txt"
+echo "cuda args: ${cuda_args[*]:-none}" >>"$logs/machine.txt"
 step configure 240 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release "${cuda_args[@]}" \
   -DTORCH_DP_BUILD_TESTS=ON -DTORCH_DP_BUILD_PYTHON=ON -DTORCH_DP_BUILD_BENCHMARKS=ON \
   -DTORCH_DP_PYTHON_OUTPUT_DIR="$root/python/torch_dp" -DPython3_EXECUTABLE="$(command -v "$PYTHON")" \
@@ -75,11 +86,11 @@ export PYTHONPATH="$root/python${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ $built -eq 0 ]; then
   step ctest 120 ctest --test-dir build-gpu --output-on-failure
-  step pytest 240 "$PYTHON" -m pytest tests/python -q -p no:cacheprovider -m "not slow" \
-    --junitxml="$outdir/pytest.xml"
-  # DDP over NCCL with torch_dp inside: one process, two replicas on GPU 0 (examples/python/ddp.py).
-  step ddp_nccl 120 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 1 examples/python/ddp.py \
-    --device cuda --replicas 2 --epochs 2
+  # pytest-xdist, where installed, spreads the test files over a few processes.
+  xdist=()
+  "$PYTHON" -c "import xdist" 2>/dev/null && xdist=(-n 4 --dist loadfile)
+  step pytest 240 "$PYTHON" -m pytest tests/python -q -p no:cacheprovider -m "not slow" -rfEs "${xdist[@]}" \
+    --junitxml="$logs/pytest.xml"
   sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
   if [ -n "$sanitizer" ]; then
     step memcheck 150 "$sanitizer" --tool memcheck --error-exitcode 1 "$tests_bin" "[cuda]"
@@ -87,21 +98,34 @@ if [ $built -eq 0 ]; then
   else
     results+=("memcheck|skipped|0|no compute-sanitizer" "racecheck|skipped|0|no compute-sanitizer")
   fi
-  step bench_py 240 "$PYTHON" benchmarks/bench_dp.py --device cuda --quick --json "$outdir/bench_py.json"
-  step bench_sync_bn 120 "$PYTHON" benchmarks/bench_sync_bn.py --device cuda --quick --json "$outdir/bench_sync_bn.json"
+  step bench_py 240 "$PYTHON" benchmarks/bench_dp.py --device cuda --quick --json "$logs/bench_py.json"
   if [ -x build-gpu/benchmarks/bench_cpp ]; then
-    step bench_cpp 200 build-gpu/benchmarks/bench_cpp --devices 0,0 --json "$outdir/bench_cpp_2.json"
-    step bench_cpp4 200 build-gpu/benchmarks/bench_cpp --devices 0,0,0,0 --json "$outdir/bench_cpp_4.json"
+    step bench_cpp 200 build-gpu/benchmarks/bench_cpp --devices 0,0 --json "$logs/bench_cpp_2.json"
+    step bench_cpp4 200 build-gpu/benchmarks/bench_cpp --devices 0,0,0,0 --json "$logs/bench_cpp_4.json"
   else
     results+=("bench_cpp|skipped|0|not built")
   fi
+  # DDP over NCCL with torch_dp inside: one process, two replicas on GPU 0 (examples/python/ddp.py).
+  step ddp_nccl 120 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 1 examples/python/ddp.py \
+    --device cuda --replicas 2 --epochs 2
+  step bench_sync_bn 120 "$PYTHON" benchmarks/bench_sync_bn.py --device cuda --quick --json "$logs/bench_sync_bn.json"
 fi
 
+# The end of each failed step's log, then summary.json and the table.
+for row in "${results[@]}"; do
+  case "$row" in
+    *"|FAILED"*|*"|TIMEOUT"*)
+      name=${row%%|*}
+      echo "==== $name (last lines of logs/$name.log) ===="
+      tail -n 30 "$logs/$name.log" | cut -c1-300
+      ;;
+  esac
+done
 # summary.json and the table
 "$PYTHON" - "$outdir" "${results[@]}" <<'PY'
 import json, sys
 outdir, rows = sys.argv[1], [r.split("|", 3) for r in sys.argv[2:]]
-summary = {"machine": open(f"{outdir}/machine.txt").read().strip().splitlines(),
+summary = {"machine": open(f"{outdir}/logs/machine.txt").read().strip().splitlines(),
            "steps": [{"name": n, "status": s, "seconds": int(t), "last_line": d} for n, s, t, d in rows]}
 json.dump(summary, open(f"{outdir}/summary.json", "w"), indent=2)
 print("\n".join(summary["machine"]))
@@ -109,7 +133,11 @@ print(f"{'step':<12} {'status':<16} {'s':>5}  last line")
 for n, s, t, d in rows:
     print(f"{n:<12} {s:<16} {t:>5}  {d}")
 PY
+if [ -n "${OUT:-}" ] && [ "$outdir" = "$OUT" ]; then
+  # Only a few files come back from $OUT: pack the logs into one.
+  tar -czf "$outdir/logs.tgz" -C "$outdir" logs && rm -rf "$logs"
+fi
 for row in "${results[@]}"; do
-  case "$row" in *"|FAILED"*|*"|TIMEOUT"*) exit 1 ;; esac
+  case "$row" in *"|FAILED"*|*"|TIMEOUT"*|*"|no-time"*) exit 1 ;; esac
 done
 exit 0

@@ -94,8 +94,10 @@ class DictWatch {
   }
 
   // CPython gives every dict a version tag that changes whenever the dict is modified (PEP 509). It is
-  // deprecated from 3.12 and gone in 3.14, where only the entry comparison is used.
-#if PY_VERSION_HEX < 0x030E0000
+  // deprecated from 3.12 and gone in 3.14; and from 3.13 an attribute store into an object whose attributes are
+  // stored inline (every nn.Module) leaves its __dict__'s tag unchanged (CPython issue 125608), so from 3.13 on
+  // only the entry comparison is used.
+#if PY_VERSION_HEX < 0x030D0000
   static uint64_t version_of(PyObject* d) {
     _Pragma("GCC diagnostic push") _Pragma("GCC diagnostic ignored \"-Wdeprecated-declarations\"")
     return reinterpret_cast<PyDictObject*>(d)->ma_version_tag;
