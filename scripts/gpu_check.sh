@@ -86,9 +86,9 @@ export PYTHONPATH="$root/python${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ $built -eq 0 ]; then
   step ctest 120 ctest --test-dir build-gpu --output-on-failure
-  # pytest-xdist, where installed, spreads the test files over a few processes.
+  # pytest-xdist, where installed, spreads the tests over a few processes (a crash then fails one test, not the run).
   xdist=()
-  "$PYTHON" -c "import xdist" 2>/dev/null && xdist=(-n 4 --dist loadfile)
+  "$PYTHON" -c "import xdist" 2>/dev/null && xdist=(-n 4 --dist load --max-worker-restart 50)
   step pytest 240 "$PYTHON" -m pytest tests/python -q -p no:cacheprovider -m "not slow" -rfEs "${xdist[@]}" \
     --junitxml="$logs/pytest.xml"
   sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)

@@ -1,5 +1,7 @@
 #include <torch_dp/comm.h>
 
+#include "message.h"
+
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/GradMode.h>
@@ -34,10 +36,10 @@ int64_t version_of(const at::Tensor& t) {
 }
 
 c10::Device common_device(at::TensorList tensors, const char* what) {
-  TORCH_CHECK(!tensors.empty(), what, ": expected at least one tensor");
+  TORCH_DP_CHECK(!tensors.empty(), what, ": expected at least one tensor");
   const auto device = tensors[0].device();
   for (size_t k = 1; k < tensors.size(); ++k) {
-    TORCH_CHECK(
+    TORCH_DP_CHECK(
         tensors[k].device() == device, what, ": expected all tensors on one device, but tensor 0 is on ",
         device.str(), " and tensor ", k, " is on ", tensors[k].device().str());
   }
@@ -128,10 +130,10 @@ std::vector<std::vector<at::Tensor>> broadcast_coalesced(at::TensorList tensors,
 std::vector<at::Tensor> reduce_add_coalesced(
     const std::vector<std::vector<at::Tensor>>& inputs,
     c10::Device destination) {
-  TORCH_CHECK(!inputs.empty(), "reduce_add_coalesced: expected tensors from at least one device");
+  TORCH_DP_CHECK(!inputs.empty(), "reduce_add_coalesced: expected tensors from at least one device");
   const size_t count = inputs[0].size();
   for (size_t i = 1; i < inputs.size(); ++i) {
-    TORCH_CHECK(
+    TORCH_DP_CHECK(
         inputs[i].size() == count, "reduce_add_coalesced: expected ", count, " tensors from every device (as from "
         "device 0), but got ", inputs[i].size(), " from device ", i);
   }
@@ -149,7 +151,7 @@ std::vector<at::Tensor> reduce_add_coalesced(
         first = &t;
         continue;
       }
-      TORCH_CHECK(
+      TORCH_DP_CHECK(
           t.sizes() == first->sizes() && t.scalar_type() == first->scalar_type(),
           "reduce_add_coalesced: tensor ", k, " has shape ", t.sizes(), " and dtype ", t.scalar_type(),
           " on one device but shape ", first->sizes(), " and dtype ", first->scalar_type(), " on another");
@@ -331,7 +333,7 @@ bool CoalescedCopies::refresh(at::TensorList sources) {
 }
 
 void CoalescedCopies::bind(std::vector<at::Tensor> aliases) {
-  TORCH_CHECK(
+  TORCH_DP_CHECK(
       aliases.size() == copies_.size(), "CoalescedCopies::bind: expected ", copies_.size(), " tensors, got ",
       aliases.size());
   c10::InferenceMode not_inference(false);
@@ -351,7 +353,7 @@ std::vector<std::vector<at::Tensor>> attach_broadcast_grad(
     const std::vector<std::vector<at::Tensor>>& copies) {
   common_device(sources, "broadcast");
   for (const auto& slot : copies) {
-    TORCH_CHECK(
+    TORCH_DP_CHECK(
         slot.size() == sources.size(), "broadcast: expected ", sources.size(), " copies per device, got ",
         slot.size());
   }

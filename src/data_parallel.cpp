@@ -1,5 +1,7 @@
 #include <torch_dp/data_parallel.h>
 
+#include "message.h"
+
 #include <torch_dp/comm.h>
 
 #include <ATen/ATen.h>
@@ -131,14 +133,14 @@ void build_slot(ReplicaSet& set, const ModuleCaller& module, size_t j) {
   auto replica_root = slot.module.ptr();
   slot.params = replica_root->parameters();
   auto replica_buffers = replica_root->buffers();
-  TORCH_CHECK(
+  TORCH_DP_CHECK(
       slot.params.size() == set.params.size() && replica_buffers.size() == set.buffers.size(),
       "DataParallel: the clone of the module has ", slot.params.size(), " parameters and ", replica_buffers.size(),
       " buffers, but the module has ", set.params.size(), " and ", set.buffers.size(),
       "; the module's clone() must reproduce its parameters and buffers");
   auto original_modules = original_root->modules();
   auto replica_modules = replica_root->modules();
-  TORCH_CHECK(original_modules.size() == replica_modules.size(), "DataParallel: the clone of the module has ",
+  TORCH_DP_CHECK(original_modules.size() == replica_modules.size(), "DataParallel: the clone of the module has ",
               replica_modules.size(), " submodules, but the module has ", original_modules.size());
   for (size_t m = 0; m < original_modules.size(); ++m) {
     slot.trees.emplace_back(original_modules[m].get(), replica_modules[m].get());
@@ -229,7 +231,7 @@ std::vector<at::Tensor> split_tensor(const at::Tensor& tensor, SplitPlan& plan) 
   if (plan.count < 0) {
     plan.count = static_cast<int64_t>(chunks.size());
   }
-  TORCH_CHECK(
+  TORCH_DP_CHECK(
       static_cast<int64_t>(chunks.size()) == plan.count, "DataParallel: the tensor arguments split into different "
       "numbers of chunks over ", plan.devices.size(), " devices (", plan.count, " and ", chunks.size(),
       ", the latter for a tensor of shape ", tensor.sizes(), " split along dim ", plan.dim,
@@ -301,16 +303,16 @@ std::vector<c10::IValue> split_ivalue(const c10::IValue& value, SplitPlan& plan)
 }
 
 c10::IValue gather_ivalues(const std::vector<c10::IValue>& outputs, c10::Device destination, int64_t dim) {
-  TORCH_CHECK(!outputs.empty(), "DataParallel: no outputs to gather");
+  TORCH_DP_CHECK(!outputs.empty(), "DataParallel: no outputs to gather");
   const auto& first = outputs[0];
   auto mismatch = [&](size_t i) {
-    return c10::str("DataParallel: replica ", i, " returned a ", outputs[i].tagKind(), " where replica 0 returned a ",
+    return detail::message("DataParallel: replica ", i, " returned a ", outputs[i].tagKind(), " where replica 0 returned a ",
                     first.tagKind(), "; every replica must return the same structure");
   };
   if (first.isTensor()) {
     std::vector<at::Tensor> tensors;
     for (size_t i = 0; i < outputs.size(); ++i) {
-      TORCH_CHECK(outputs[i].isTensor(), mismatch(i));
+      TORCH_DP_CHECK(outputs[i].isTensor(), mismatch(i));
       tensors.push_back(outputs[i].toTensor());
     }
     return gather(tensors, destination, dim);
@@ -324,7 +326,7 @@ c10::IValue gather_ivalues(const std::vector<c10::IValue>& outputs, c10::Device 
     for (size_t e = 0; e < size; ++e) {
       std::vector<c10::IValue> column;
       for (size_t i = 0; i < outputs.size(); ++i) {
-        TORCH_CHECK(outputs[i].isTuple() && outputs[i].toTupleRef().elements().size() == size, mismatch(i),
+        TORCH_DP_CHECK(outputs[i].isTuple() && outputs[i].toTupleRef().elements().size() == size, mismatch(i),
                     " (tuples of the same size)");
         column.push_back(outputs[i].toTupleRef().elements()[e]);
       }
@@ -338,7 +340,7 @@ c10::IValue gather_ivalues(const std::vector<c10::IValue>& outputs, c10::Device 
     for (size_t e = 0; e < size; ++e) {
       std::vector<c10::IValue> column;
       for (size_t i = 0; i < outputs.size(); ++i) {
-        TORCH_CHECK(outputs[i].isList() && outputs[i].toList().size() == size, mismatch(i), " (lists of the same size)");
+        TORCH_DP_CHECK(outputs[i].isList() && outputs[i].toList().size() == size, mismatch(i), " (lists of the same size)");
         column.push_back(outputs[i].toList().get(e));
       }
       gathered.push_back(gather_ivalues(column, destination, dim));
@@ -351,9 +353,9 @@ c10::IValue gather_ivalues(const std::vector<c10::IValue>& outputs, c10::Device 
     for (const auto& entry : dict) {
       std::vector<c10::IValue> column;
       for (size_t i = 0; i < outputs.size(); ++i) {
-        TORCH_CHECK(outputs[i].isGenericDict(), mismatch(i));
+        TORCH_DP_CHECK(outputs[i].isGenericDict(), mismatch(i));
         auto other = outputs[i].toGenericDict();
-        TORCH_CHECK(other.size() == dict.size() && other.contains(entry.key()), "DataParallel: replica ", i,
+        TORCH_DP_CHECK(other.size() == dict.size() && other.contains(entry.key()), "DataParallel: replica ", i,
                     " returned a dict with other keys than replica 0's; all dicts must have the same keys");
         column.push_back(other.at(entry.key()));
       }
@@ -361,7 +363,7 @@ c10::IValue gather_ivalues(const std::vector<c10::IValue>& outputs, c10::Device 
     }
     return gathered;
   }
-  TORCH_CHECK(false, "DataParallel can only gather tensors, alone or inside tuples, lists and dicts (and None), "
+  TORCH_DP_CHECK(false, "DataParallel can only gather tensors, alone or inside tuples, lists and dicts (and None), "
               "but replica 0 returned a ", first.tagKind(), "; return a tensor instead");
 }
 
@@ -402,7 +404,7 @@ ModuleCaller ModuleCaller::clone(const std::optional<c10::Device>& device) const
 
 DataParallelImpl::DataParallelImpl(detail::ModuleCaller module, DataParallelOptions options_)
     : options(std::move(options_)), module_(std::move(module)) {
-  TORCH_CHECK(!module_.empty(), "DataParallel: expected a module to wrap, but got an empty module");
+  TORCH_DP_CHECK(!module_.empty(), "DataParallel: expected a module to wrap, but got an empty module");
   reset();
 }
 
@@ -423,11 +425,11 @@ void DataParallelImpl::reset() {
     }
   }
   for (const auto& device : devices_) {
-    TORCH_CHECK(device.is_cpu() || device.has_index(), "DataParallel: device ", device.str(),
+    TORCH_DP_CHECK(device.is_cpu() || device.has_index(), "DataParallel: device ", device.str(),
                 " has no index; give every accelerator device an index, e.g. cuda:0");
   }
   if (options.chunk_sizes()) {
-    TORCH_CHECK(options.chunk_sizes()->size() == devices_.size(), "DataParallel: expected one chunk size per device (",
+    TORCH_DP_CHECK(options.chunk_sizes()->size() == devices_.size(), "DataParallel: expected one chunk size per device (",
                 devices_.size(), " devices), but got ", options.chunk_sizes()->size(), " chunk sizes");
   }
   replica_set_ = std::make_shared<detail::ReplicaSet>();
@@ -450,7 +452,7 @@ c10::Device DataParallelImpl::output_device() const {
   if (options.output_device()) {
     return *options.output_device();
   }
-  TORCH_CHECK(!devices_.empty(), "DataParallel: no devices");
+  TORCH_DP_CHECK(!devices_.empty(), "DataParallel: no devices");
   return devices_[0];
 }
 

@@ -1,5 +1,7 @@
 #include <torch_dp/gather.h>
 
+#include "message.h"
+
 #include "autograd_functions.h"
 
 #include <ATen/ATen.h>
@@ -14,19 +16,18 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 at::Tensor concatenate_on(const std::vector<at::Tensor>& inputs, c10::Device destination, int64_t dim) {
+  // Keep the first input's memory format (channels_last survives a gather, as with PyTorch's comm.gather) unless
+  // the inputs disagree. at::cat keeps it on the CPU but not on CUDA, so only contiguous inputs take it.
+  auto format = inputs[0].suggest_memory_format();
   bool all_on_destination = true;
   for (const auto& t : inputs) {
     all_on_destination = all_on_destination && t.device() == destination;
-  }
-  if (all_on_destination) {
-    return at::cat(inputs, dim);
-  }
-  // Keep the first input's memory format (channels_last survives a gather) unless the inputs disagree.
-  auto format = inputs[0].suggest_memory_format();
-  for (const auto& t : inputs) {
     if (t.suggest_memory_format() != format) {
       format = c10::MemoryFormat::Contiguous;
     }
+  }
+  if (all_on_destination && format == c10::MemoryFormat::Contiguous) {
+    return at::cat(inputs, dim);
   }
   auto shape = inputs[0].sizes().vec();
   shape[dim] = 0;
@@ -79,16 +80,16 @@ struct GatherFunction : public torch::autograd::Function<GatherFunction> {
 } // namespace
 
 at::Tensor gather(at::TensorList tensors, c10::Device destination, int64_t dim) {
-  TORCH_CHECK(!tensors.empty(), "gather: expected at least one tensor to gather from");
-  TORCH_CHECK(
+  TORCH_DP_CHECK(!tensors.empty(), "gather: expected at least one tensor to gather from");
+  TORCH_DP_CHECK(
       destination.is_cpu() || destination.has_index(), "gather: destination device ", destination.str(),
       " has no index; give an accelerator destination an index");
   std::vector<at::Tensor> inputs(tensors.begin(), tensors.end());
   for (size_t i = 0; i < inputs.size(); ++i) {
-    TORCH_CHECK(inputs[i].defined(), "gather: tensor at index ", i, " is undefined");
+    TORCH_DP_CHECK(inputs[i].defined(), "gather: tensor at index ", i, " is undefined");
     // A tensor on another device than its replica's is copied like any other (as PyTorch does); one without
     // data cannot be, and would otherwise fail deep inside copy_ without saying which replica returned it.
-    TORCH_CHECK(
+    TORCH_DP_CHECK(
         !inputs[i].is_meta() || destination.is_meta(), "gather: tensor at index ", i,
         " (replica ", i, "'s output) is on device meta, which holds no data to copy to ", destination.str(),
         "; expected a tensor with data, on its replica's device");
@@ -98,7 +99,7 @@ at::Tensor gather(at::TensorList tensors, c10::Device destination, int64_t dim) 
     all_scalars = all_scalars && t.dim() == 0;
   }
   if (all_scalars && dim == 0) {
-    TORCH_WARN(
+    TORCH_DP_WARN(
         "Was asked to gather along dimension 0, but all input tensors were scalars; will instead unsqueeze "
         "and return a vector.");
     for (auto& t : inputs) {
@@ -106,21 +107,21 @@ at::Tensor gather(at::TensorList tensors, c10::Device destination, int64_t dim) 
     }
   }
   const auto& first = inputs[0];
-  TORCH_CHECK(first.dim() > 0, "gather: cannot concatenate 0-dim tensors along dim ", dim,
+  TORCH_DP_CHECK(first.dim() > 0, "gather: cannot concatenate 0-dim tensors along dim ", dim,
               "; tensor at index 0 is a scalar");
   dim = c10::maybe_wrap_dim(dim, first.dim());
   for (size_t i = 1; i < inputs.size(); ++i) {
     const auto& t = inputs[i];
-    TORCH_CHECK(
+    TORCH_DP_CHECK(
         t.dim() == first.dim(), "gather: expected all tensors to have the same number of dimensions, but tensor at "
         "index ", i, " has ", t.dim(), " (shape ", t.sizes(), ") and tensor at index 0 has ", first.dim(),
         " (shape ", first.sizes(), ")");
-    TORCH_CHECK(
+    TORCH_DP_CHECK(
         t.scalar_type() == first.scalar_type(), "gather: expected all tensors to have the same dtype, but tensor at "
         "index ", i, " is ", t.scalar_type(), " and tensor at index 0 is ", first.scalar_type());
     for (int64_t d = 0; d < t.dim(); ++d) {
       if (d != dim) {
-        TORCH_CHECK(
+        TORCH_DP_CHECK(
             t.size(d) == first.size(d), "gather: tensor at index ", i, " has invalid shape ", t.sizes(),
             ", but expected the shape of tensor 0, ", first.sizes(), ", in every dimension but dim ", dim);
       }

@@ -1,5 +1,7 @@
 #include <torch_dp/parallel_apply.h>
 
+#include "message.h"
+
 #include <ATen/ThreadLocalState.h>
 #include <c10/core/Stream.h>
 #include <c10/core/StreamGuard.h>
@@ -225,7 +227,7 @@ void parallel_apply(WorkerPool& pool, at::ArrayRef<c10::Device> devices, const s
   std::vector<std::optional<c10::Stream>> streams(n);
   for (size_t i = 0; i < n; ++i) {
     if (!devices[i].is_cpu()) {
-      TORCH_CHECK(devices[i].has_index(), "parallel_apply: device ", devices[i].str(), " has no index");
+      TORCH_DP_CHECK(devices[i].has_index(), "parallel_apply: device ", devices[i].str(), " has no index");
       c10::impl::VirtualGuardImpl impl(devices[i].type());
       streams[i] = impl.getStream(devices[i]);
     }

@@ -1,5 +1,7 @@
 #include <torch_dp/replicate.h>
 
+#include "message.h"
+
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
@@ -24,10 +26,10 @@ namespace torch_dp {
 
 void Replicator::set_sources(std::vector<at::Tensor> params, std::vector<at::Tensor> buffers) {
   for (size_t k = 0; k < params.size(); ++k) {
-    TORCH_CHECK(params[k].defined(), "replicate: parameter ", k, " is undefined");
+    TORCH_DP_CHECK(params[k].defined(), "replicate: parameter ", k, " is undefined");
   }
   for (size_t k = 0; k < buffers.size(); ++k) {
-    TORCH_CHECK(buffers[k].defined(), "replicate: buffer ", k, " is undefined");
+    TORCH_DP_CHECK(buffers[k].defined(), "replicate: buffer ", k, " is undefined");
   }
   params_ = std::move(params);
   buffers_ = std::move(buffers);
@@ -39,7 +41,7 @@ void Replicator::set_sources(std::vector<at::Tensor> params, std::vector<at::Ten
 void Replicator::check_device(c10::Device expected) const {
   for (const auto* list : {&params_, &buffers_}) {
     for (const auto& t : *list) {
-      TORCH_CHECK(
+      TORCH_DP_CHECK(
           t.device() == expected, "module must have its parameters and buffers on device ", expected.str(),
           " (device_ids[0]) but found one of them on device: ", t.device().str());
     }
@@ -75,7 +77,7 @@ void Replicator::build_slots(at::ArrayRef<c10::Device> devices) {
 
 std::vector<std::vector<at::Tensor>> Replicator::replicate(
     at::ArrayRef<c10::Device> devices, size_t num_slots, bool differentiable) {
-  TORCH_CHECK(
+  TORCH_DP_CHECK(
       num_slots <= devices.size(), "replicate: asked for ", num_slots, " replicas but only ", devices.size(),
       " devices were given");
   if (devices_.size() != devices.size() || !std::equal(devices_.begin(), devices_.end(), devices.begin())) {

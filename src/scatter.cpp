@@ -1,5 +1,7 @@
 #include <torch_dp/scatter.h>
 
+#include "message.h"
+
 #include "autograd_functions.h"
 
 #include <ATen/ATen.h>
@@ -54,8 +56,8 @@ struct ScatterFunction : public torch::autograd::Function<ScatterFunction> {
 } // namespace
 
 std::vector<int64_t> chunk_sizes(int64_t size, int64_t num_chunks) {
-  TORCH_CHECK(num_chunks > 0, "chunk_sizes: the number of chunks must be positive, but got ", num_chunks);
-  TORCH_CHECK(size >= 0, "chunk_sizes: the size must be non-negative, but got ", size);
+  TORCH_DP_CHECK(num_chunks > 0, "chunk_sizes: the number of chunks must be positive, but got ", num_chunks);
+  TORCH_DP_CHECK(size >= 0, "chunk_sizes: the size must be non-negative, but got ", size);
   if (size == 0) {
     return std::vector<int64_t>(num_chunks, 0);
   }
@@ -72,9 +74,9 @@ std::vector<at::Tensor> scatter(
     at::ArrayRef<c10::Device> devices,
     const std::optional<std::vector<int64_t>>& sizes,
     int64_t dim) {
-  TORCH_CHECK(input.defined(), "scatter: expected a tensor, but got an undefined tensor");
-  TORCH_CHECK(!devices.empty(), "scatter: expected at least one device to scatter to");
-  TORCH_CHECK(
+  TORCH_DP_CHECK(input.defined(), "scatter: expected a tensor, but got an undefined tensor");
+  TORCH_DP_CHECK(!devices.empty(), "scatter: expected at least one device to scatter to");
+  TORCH_DP_CHECK(
       input.dim() > 0,
       "scatter: cannot split a 0-dim (scalar) tensor along dim ", dim,
       "; DataParallel splits tensor inputs along the batch dimension, so pass tensors with at least one dimension");
@@ -82,16 +84,16 @@ std::vector<at::Tensor> scatter(
   const int64_t length = input.size(dim);
   std::vector<int64_t> split;
   if (sizes) {
-    TORCH_CHECK(
+    TORCH_DP_CHECK(
         sizes->size() == devices.size(),
         "scatter: expected one chunk size per device, but got ", sizes->size(), " chunk sizes for ",
         devices.size(), " devices");
     for (size_t i = 0; i < sizes->size(); ++i) {
-      TORCH_CHECK((*sizes)[i] >= 0, "scatter: chunk sizes must be non-negative, but chunk ", i, " has size ",
+      TORCH_DP_CHECK((*sizes)[i] >= 0, "scatter: chunk sizes must be non-negative, but chunk ", i, " has size ",
                   (*sizes)[i]);
     }
     const int64_t total = std::accumulate(sizes->begin(), sizes->end(), int64_t{0});
-    TORCH_CHECK(
+    TORCH_DP_CHECK(
         total == length, "scatter: the chunk sizes add up to ", total, " but the tensor has ", length,
         " elements along dim ", dim, " (sizes ", c10::IntArrayRef(*sizes), ", tensor shape ", input.sizes(), ")");
     split = *sizes;
@@ -100,7 +102,7 @@ std::vector<at::Tensor> scatter(
   }
   std::vector<c10::Device> used(devices.begin(), devices.begin() + split.size());
   for (const auto& device : used) {
-    TORCH_CHECK(
+    TORCH_DP_CHECK(
         device.is_cpu() || device.has_index(), "scatter: device ", device.str(),
         " has no index; give every accelerator device an index");
   }

@@ -150,13 +150,14 @@ def test_is_a_torch_data_parallel_with_its_attributes():
 
 def test_state_dict_interchangeable_with_torch_data_parallel():
     ours = torch_dp.DataParallel(conv_net(training=False), cpus(2))
-    theirs = torch.nn.DataParallel(conv_net(training=False))  # a passthrough on CPU, still module.-prefixed
+    # A passthrough on CPU, still module.-prefixed; with one GPU it moves the module there.
+    theirs = torch.nn.DataParallel(conv_net(training=False))
     names = [name for name, _ in ours.module.state_dict().items()]
     assert list(ours.state_dict()) == ["module." + name for name in names]
     assert list(ours.state_dict()) == list(theirs.state_dict())
     theirs.load_state_dict(ours.state_dict())
     for key, value in ours.state_dict().items():
-        torch.testing.assert_close(theirs.state_dict()[key], value, rtol=0, atol=0)
+        torch.testing.assert_close(theirs.state_dict()[key].to(value.device), value, rtol=0, atol=0)
     fresh = torch_dp.DataParallel(conv_net(training=False), cpus(3))
     fresh.load_state_dict(theirs.state_dict())
     x = torch.randn(6, 3, 4, 4, dtype=torch.float64)

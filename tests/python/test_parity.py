@@ -443,7 +443,13 @@ def test_channels_last_layers_and_gradient_layouts(name, device_ids):
     ours_module = model().to(device)
     ours = torch_dp.DataParallel(ours_module, device_ids)
     out = ours(inputs(device)[0][0])
-    assert out.is_contiguous(memory_format=torch.channels_last)
+    # The output keeps the layout the module's own outputs have there: channels_last on the CPU; on CUDA in
+    # float64 the convolutions (not cuDNN's) return contiguous outputs.
+    plain_out = copy.deepcopy(ours_module)(inputs(device)[0][0])
+    assert out.is_contiguous(memory_format=torch.channels_last) == plain_out.is_contiguous(
+        memory_format=torch.channels_last)
+    if device.type == "cpu":
+        assert out.is_contiguous(memory_format=torch.channels_last)
     out.sum().backward()
     ref_module = copy.deepcopy(ours_module)
     ref_module.zero_grad(set_to_none=True)
