@@ -551,11 +551,16 @@ def metadata(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
 
 # ---- main --------------------------------------------------------------------------------------------------
 
+def add_common_arguments(parser: argparse.ArgumentParser, quick_help: str) -> None:
+    """--device, --quick and --json, as every benchmark script takes them."""
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--json", metavar="PATH", help="write every figure and the metadata there")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="few iterations; on CPU no ResNet-50")
-    parser.add_argument("--json", metavar="PATH", help="write every figure and the metadata there")
+    add_common_arguments(parser, "few iterations; on CPU no ResNet-50")
     parser.add_argument("--models", help="comma-separated subset of: " + ",".join(MODELS))
     parser.add_argument("--modes", default="inference,training", help="comma-separated: inference,training")
     parser.add_argument("--no-pieces", action="store_true", help="skip timing scatter/replicate/... on their own")

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_dp import Clock, Settings, ids_label, metadata, replica_lists, time_interleaved, torch_dp  # noqa: E402
+from bench_dp import (  # noqa: E402
+    Clock, Settings, add_common_arguments, ids_label, metadata, replica_lists, time_interleaved, torch_dp)
 
 
 def make_model() -> nn.Module:
@@ -47,9 +48,7 @@ def training_step(module: nn.Module, x: torch.Tensor) -> Any:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer iterations")
-    parser.add_argument("--json", metavar="PATH", help="write every figure and the metadata there")
+    add_common_arguments(parser, "fewer iterations")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a CUDA device")
