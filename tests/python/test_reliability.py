@@ -40,6 +40,15 @@ def _hang_guard():
     faulthandler.cancel_dump_traceback_later()
 
 
+@pytest.fixture(autouse=True)
+def _sigint_raises_keyboard_interrupt():
+    """Ctrl-C raises KeyboardInterrupt here whatever the process inherited: a non-interactive shell starts its
+    background jobs with SIGINT ignored, and Python then leaves it ignored (the SIGINT tests failed so)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 # ---- a module that fails on request --------------------------------------------------------------------------
 
 class FailingBackward(torch.autograd.Function):
