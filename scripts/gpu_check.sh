@@ -3,10 +3,9 @@
 # C++ tests (CUDA ones included), the Python tests including the parity suite against torch.nn.DataParallel,
 # compute-sanitizer over the CUDA C++ tests, the benchmarks, DDP over NCCL with torch_dp inside
 # (examples/python/ddp.py), the SyncBatchNorm benchmark and a profile of a small forward, in that order (most
-# wanted first). Logs and JSON go
-# to OUTDIR/logs (the first argument, else $OUT, else ./gpu_check_out; packed into OUTDIR/logs.tgz under $OUT,
-# whose files come back few), OUTDIR/summary.json holds the table, which is printed last, after the end of each
-# failed step's log. The whole run keeps within GPU_CHECK_BUDGET seconds (default 540): each step's limit is cut
+# wanted first). Logs and JSON go to OUTDIR/logs (the first argument, else $OUT, else ./gpu_check_out; packed
+# into OUTDIR/logs.tgz under $OUT, whose files come back few), OUTDIR/summary.json holds the table, which is
+# printed last, after the end of each failed step's log. The whole run keeps within GPU_CHECK_BUDGET seconds (default 540): each step's limit is cut
 # to what is left, and steps with no time left are reported as such.
 #
 #   bash scripts/gpu_check.sh [OUTDIR]
