@@ -189,8 +189,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         shape = [1, x.size(1)] + [1] * (x.dim() - 2)
         count = x.numel() // x.size(1)
         if count > 0:
-            mean = x.mean(dims)
-            m2 = (x - mean.view(shape)).square().sum(dims)
+            var, mean = torch.var_mean(x, dims, correction=0)  # one pass over the chunk
+            m2 = var * count
         else:
             mean = m2 = x.new_zeros(x.size(1))
         stats = torch.stack([mean.double(), m2.double(), torch.full_like(mean, count, dtype=torch.float64)])
@@ -224,9 +224,15 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.running_mean.data.mul_(1 - factor).add_(batch_mean.to(self.running_mean.dtype), alpha=factor)
                 self.running_var.data.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
         batch_var = (batch_m2 / total).to(x.dtype)
-        out = (x - batch_mean.to(x.dtype).view(shape)) * torch.rsqrt(batch_var.view(shape) + self.eps)
+        # y = (x - mean) / sqrt(var + eps) * weight + bias as one pass over the chunk, x * scale + shift, with the
+        # per-channel scale and shift computed first (differentiable, so gradients reach the statistics too).
+        scale = torch.rsqrt(batch_var + self.eps)
         if self.affine:
-            out = out * self.weight.view(shape) + self.bias.view(shape)
+            scale = scale * self.weight
+        shift = -batch_mean.to(x.dtype) * scale
+        if self.affine:
+            shift = shift + self.bias
+        out = torch.addcmul(shift.view(shape), x, scale.view(shape))
         return out.to(input.dtype)
 
 
