@@ -119,15 +119,19 @@ def _public_id(device: torch.device) -> Union[int, torch.device]:
 
 # ---- scatter -----------------------------------------------------------------------------------------------
 
+def _leaf_name(path: tuple, roots: Optional[tuple[str, ...]]) -> str:
+    """How error messages name the leaf at `path`: "args[0]", "kwargs['mask'][1]", or "input"."""
+    if roots is not None and path:
+        # (args, kwargs) from scatter_kwargs: name the argument, not its position in that pair.
+        return roots[path[0].idx] + pytree.keystr(path[1:])
+    return pytree.keystr(path) or "input"
+
+
 def _describe_counts(obj: Any, devices: list[torch.device], dim: int, roots: Optional[tuple[str, ...]] = None) -> str:
     parts = []
     for path, leaf in pytree.tree_flatten_with_path(obj)[0]:
         if isinstance(leaf, torch.Tensor):
-            if roots is not None and path:
-                # (args, kwargs) from scatter_kwargs: name the argument, not its position in that pair.
-                where = roots[path[0].idx] + pytree.keystr(path[1:])
-            else:
-                where = pytree.keystr(path) or "input"
+            where = _leaf_name(path, roots)
             size = leaf.size(dim) if leaf.dim() > 0 else "a scalar"
             chunks = len(_C.chunk_sizes(leaf.size(dim), len(devices))) if leaf.dim() > 0 else "-"
             parts.append(f"{where}: {size} along dim {dim} -> {chunks} chunks")
@@ -140,12 +144,10 @@ def _check_sizes_fit(obj: Any, sizes: Sequence[int], dim: int, roots: Optional[t
     for path, leaf in pytree.tree_flatten_with_path(obj)[0]:
         if not isinstance(leaf, torch.Tensor) or (leaf.dim() > 0 and leaf.size(dim) == total):
             continue
-        where = (roots[path[0].idx] + pytree.keystr(path[1:])) if roots is not None and path else (
-            pytree.keystr(path) or "input")
         size = f"{leaf.size(dim)} along dim {dim}" if leaf.dim() > 0 else "a 0-dim tensor"
         raise ValueError(
             f"DataParallel was given chunk_sizes={list(sizes)}, which split exactly {total} rows along dim {dim}, "
-            f"but {where} has {size}; give every batch {total} rows (for a DataLoader, drop_last=True) or "
+            f"but {_leaf_name(path, roots)} has {size}; give every batch {total} rows (for a DataLoader, drop_last=True) or "
             "leave chunk_sizes=None for torch.chunk's even split"
         )
 
@@ -484,7 +486,6 @@ class _Replicas:
                 replica.__dict__["_buffers"] = replica_buffers
                 targets += [(replica_params, k, source[id(p)]) for k, p in m._parameters.items() if p is not None]
                 targets += [(replica_buffers, k, source[id(b)]) for k, b in m._buffers.items() if b is not None]
-            for m, replica in zip(modules, copies):
                 if _is_compile_wrapper(replica):
                     # Note [Compiled replicas]
                     # torch.compile's wrapper holds a forward bound to the module it wrapped. Each replica's
