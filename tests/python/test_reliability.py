@@ -220,22 +220,12 @@ def test_sigint_while_the_main_thread_waits_for_the_workers():
 
 # ---- a replica that blocks -----------------------------------------------------------------------------------
 
-def test_blocking_replica_is_waited_for_and_the_result_is_right():
-    net, dp = faulty_dp(4)
+@pytest.mark.parametrize("replicas, sleeping", [(4, 1), (2, 0)], ids=["on-a-worker", "on-the-main-thread"])
+def test_blocking_replica_is_waited_for_and_the_result_is_right(replicas, sleeping):
+    net, dp = faulty_dp(replicas)
     threads = os_threads()
-    net.plan = {1: "sleep"}
-    x = batch(4)
-    out = dp(x)
-    net.plan = {}
-    torch.testing.assert_close(out, net(x))
-    assert_healthy(dp, net, threads)
-
-
-def test_blocking_replica_on_the_main_thread():
-    net, dp = faulty_dp(2)
-    threads = os_threads()
-    net.plan = {0: "sleep"}
-    x = batch(2)
+    net.plan = {sleeping: "sleep"}
+    x = batch(replicas)
     out = dp(x)
     net.plan = {}
     torch.testing.assert_close(out, net(x))
