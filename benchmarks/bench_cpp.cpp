@@ -1,5 +1,7 @@
 // bench_cpp: times, side by side in one run,
-//   torch_dp   torch_dp::DataParallel (persistent replicas and workers)
+//   threads    torch_dp::DataParallel issuing replicas from its persistent worker threads (Issuing::kThreads)
+//   serial     torch_dp::DataParallel issuing them one after another on the calling thread (Issuing::kSerial)
+//   torch_dp   whichever of the two the default, Issuing::kAuto, picks for these devices (not timed again)
 //   libtorch   torch::nn::parallel::data_parallel (only with a CUDA build of torch and CUDA devices: its
 //              Scatter/Gather are CUDA-only, and its header does not even compile against a CPU-only torch)
 //   plain      the unwrapped module on the whole batch
@@ -246,6 +248,7 @@ struct Method {
 
 struct Row {
   std::string devices, model, mode;
+  std::string issuing;  // what Issuing::kAuto picked
   std::map<std::string, double> ms;  // method -> median ms
 };
 
@@ -256,7 +259,9 @@ std::vector<Row> bench_model(const std::string& model_name, ModuleHolder model, 
   const auto device = devices.front();
   model->to(device);
   const auto x = input.to(device);
-  torch_dp::DataParallel parallel(model, torch_dp::DataParallelOptions(devices));
+  torch_dp::DataParallel threads(model, torch_dp::DataParallelOptions(devices).issuing(torch_dp::Issuing::kThreads));
+  torch_dp::DataParallel serial(model, torch_dp::DataParallelOptions(devices).issuing(torch_dp::Issuing::kSerial));
+  const bool auto_is_serial = torch_dp::resolve_issuing(torch_dp::Issuing::kAuto, devices) == torch_dp::Issuing::kSerial;
   const bool all_cuda =
       std::all_of(devices.begin(), devices.end(), [](const c10::Device& d) { return d.is_cuda(); });
 
@@ -284,7 +289,8 @@ std::vector<Row> bench_model(const std::string& model_name, ModuleHolder model, 
                            return torch::cat(outputs, 0);
                          });
                        }, {}});
-    methods.push_back({"torch_dp", [&] { run([&] { return parallel->forward(x); }); }, {}});
+    methods.push_back({"threads", [&] { run([&] { return threads->forward(x); }); }, {}});
+    methods.push_back({"serial", [&] { run([&] { return serial->forward(x); }); }, {}});
 #if TORCH_DP_BENCH_LIBTORCH_DP
     if (all_cuda) {
       methods.push_back({"libtorch", [&] {
@@ -309,10 +315,12 @@ std::vector<Row> bench_model(const std::string& model_name, ModuleHolder model, 
         method.ms.push_back(std::chrono::duration<double, std::milli>(stop - start).count());
       }
     }
-    Row row{describe(devices), model_name, mode, {}};
+    Row row{describe(devices), model_name, mode, {}, {}};
     for (const auto& method : methods) {
       row.ms[method.name] = median(method.ms);
     }
+    row.ms["torch_dp"] = row.ms[auto_is_serial ? "serial" : "threads"];
+    row.issuing = auto_is_serial ? "serial" : "threads";
     rows.push_back(row);
     std::fprintf(stderr, "  done: %s %s %s\n", row.devices.c_str(), model_name.c_str(), mode.c_str());
   }
@@ -383,13 +391,15 @@ int main(int argc, char** argv) {
   }
 
   std::printf("\nmedian ms per iteration; ratios against ideal (same chunks one after another) and libtorch\n\n");
-  std::printf("| devices | model | mode | plain | ideal | torch_dp | libtorch | torch_dp/ideal | torch_dp/libtorch | "
-              "torch_dp/plain |\n");
-  std::printf("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+  std::printf("torch_dp = the default (Issuing::kAuto), which issues as the 'auto picks' column says\n\n");
+  std::printf("| devices | model | mode | plain | ideal | threads | serial | libtorch | auto picks | torch_dp/ideal | "
+              "torch_dp/libtorch | torch_dp/plain |\n");
+  std::printf("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |\n");
   for (const auto& row : rows) {
-    std::printf("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", row.devices.c_str(), row.model.c_str(),
-                row.mode.c_str(), cell(row.ms, "plain").c_str(), cell(row.ms, "ideal").c_str(),
-                cell(row.ms, "torch_dp").c_str(), cell(row.ms, "libtorch").c_str(),
+    std::printf("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", row.devices.c_str(),
+                row.model.c_str(), row.mode.c_str(), cell(row.ms, "plain").c_str(), cell(row.ms, "ideal").c_str(),
+                cell(row.ms, "threads").c_str(), cell(row.ms, "serial").c_str(), cell(row.ms, "libtorch").c_str(),
+                row.issuing.c_str(),
                 ratio(row.ms, "torch_dp", "ideal").c_str(), ratio(row.ms, "torch_dp", "libtorch").c_str(),
                 ratio(row.ms, "torch_dp", "plain").c_str());
   }
@@ -402,7 +412,7 @@ int main(int argc, char** argv) {
     for (size_t r = 0; r < rows.size(); ++r) {
       const auto& row = rows[r];
       out << (r ? ", " : "") << "{\"devices\": \"" << row.devices << "\", \"model\": \"" << row.model
-          << "\", \"mode\": \"" << row.mode << "\", \"median_ms\": {";
+          << "\", \"mode\": \"" << row.mode << "\", \"auto_issuing\": \"" << row.issuing << "\", \"median_ms\": {";
       size_t k = 0;
       for (const auto& [name, ms] : row.ms) {
         out << (k++ ? ", " : "") << "\"" << name << "\": " << ms;

@@ -10,7 +10,10 @@ replica list ([0], [0, 0], [0, 0, 0, 0] and every GPU on CUDA; ["cpu"] * k on CP
   plain     the module on the whole batch
   ideal     the same chunks DataParallel would make, issued one after another through the plain module
   nn.DP     torch.nn.DataParallel(module, device_ids)
-  torch_dp  torch_dp.DataParallel(module, device_ids)
+  torch_dp  torch_dp.DataParallel(module, device_ids), issuing="auto" (the table says what auto picks)
+  other     the same with the other issuing mode ("threads" or "serial"; Note [Issuing replicas])
+  streams   (CUDA inference, one GPU) the ideal's chunks from one thread, one CUDA stream per chunk: whether
+            the GPU could overlap replicas that share it
 
 The variants of one configuration are timed interleaved (round-robin, rotating order) so that drift on a noisy
 machine hits all of them alike; each figure is the median over rounds of a block's mean time per iteration,
@@ -51,6 +54,7 @@ try:
 except ImportError:  # run from a source checkout with the module built in place (scripts/build.sh)
     sys.path.insert(0, os.path.join(REPO, "python"))
     import torch_dp
+from torch_dp import _C
 
 try:
     import torchvision
@@ -247,6 +251,14 @@ NN_DP_CPU_NOTE = (
 )
 
 
+VARIANTS = ("plain", "ideal", "nn.DP", "torch_dp", "torch_dp other", "streams")
+
+
+def auto_issuing(dp: torch_dp.DataParallel) -> str:
+    """What issuing="auto" resolves to for this DataParallel's devices: "threads" or "serial"."""
+    return _C.resolve_issuing(_C.Issuing.auto, dp._devices).name
+
+
 def bench_config(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -283,6 +295,18 @@ def bench_config(
             wrappers["torch_dp"] = torch_dp.DataParallel(model, device_ids=ids)
         except Exception as error:  # noqa: BLE001
             errors["torch_dp"] = _error_text(error)
+        if device.type == "cuda" and not training and len(ids) > 1 and len(set(ids)) == 1:
+            # An experiment for Note [Issuing replicas]: the chunks from one thread, each on its own stream,
+            # so the GPU may overlap them (torch_dp issues same-GPU replicas on the one current stream).
+            wrappers["streams"] = model
+            notes["streams"] = "the ideal's chunks from one thread, one CUDA stream per chunk"
+        if len(ids) > 1 and "torch_dp" in wrappers:
+            # The issuing mode the default did not pick, timed alongside (Note [Issuing replicas]).
+            picked = auto_issuing(wrappers["torch_dp"])
+            notes["torch_dp"] = f"issuing: auto picks {picked}"
+            other = "threads" if picked == "serial" else "serial"
+            wrappers["torch_dp other"] = torch_dp.DataParallel(model, device_ids=ids, issuing=other)
+            notes["torch_dp other"] = f"issuing: {other}"
 
     def make_fn(name: str, wrapper: torch.nn.Module) -> Callable[[], Any]:
         if name == "ideal":
@@ -299,6 +323,19 @@ def bench_config(
                     for c in chunks:
                         model(c)
             return ideal_infer
+        if name == "streams":
+            streams = [torch.cuda.Stream(device) for _ in chunks]
+
+            def streams_infer() -> None:
+                main = torch.cuda.current_stream(device)
+                with torch.no_grad():
+                    for c, stream in zip(chunks, streams):
+                        stream.wait_stream(main)
+                        with torch.cuda.stream(stream):
+                            model(c)
+                    for stream in streams:
+                        main.wait_stream(stream)
+            return streams_infer
         if training:
             def step() -> None:
                 opt.zero_grad(set_to_none=True)
@@ -312,10 +349,10 @@ def bench_config(
         return infer
 
     fns = {name: make_fn(name, w) for name, w in wrappers.items() if w is not None and name not in errors}
-    order = [n for n in ("plain", "ideal", "nn.DP", "torch_dp") if n in fns]
+    order = [n for n in VARIANTS if n in fns]
     timed = time_interleaved(clock, {n: fns[n] for n in order}, settings)
     row: dict[str, Any] = {"variants": {}}
-    for name in ("plain", "ideal", "nn.DP", "torch_dp"):
+    for name in VARIANTS:
         if name in errors:
             row["variants"][name] = {"error": errors[name]}
         elif name in timed:
@@ -354,6 +391,8 @@ def bench_config(
         ratios["nn.DP/torch_dp"] = ms("nn.DP") / ms("torch_dp")
     if ms("nn.DP") and ms("plain"):
         ratios["nn.DP/plain"] = ms("nn.DP") / ms("plain")
+    if ms("torch_dp other") and ms("torch_dp"):
+        ratios["other/torch_dp"] = ms("torch_dp other") / ms("torch_dp")
     row["ratios"] = ratios
     del wrappers, fns
     _recover(clock)
@@ -449,9 +488,9 @@ def fmt_ratio(value: Optional[float]) -> str:
 
 def print_table(rows: list[dict[str, Any]], cuda: bool) -> None:
     header = ["model", "mode", "replicas", "plain ms", "ideal ms", "nn.DP ms", "torch_dp ms",
-              "dp/plain", "dp/ideal", "nnDP/dp"]
+              "dp/plain", "dp/ideal", "nnDP/dp", "auto picks", "other ms", "other/dp"]
     if cuda:
-        header += ["peak MiB plain", "peak MiB nn.DP", "peak MiB torch_dp"]
+        header += ["streams ms", "peak MiB plain", "peak MiB nn.DP", "peak MiB torch_dp"]
     lines = [header]
     notes: list[str] = []
     for row in rows:
@@ -461,8 +500,11 @@ def print_table(rows: list[dict[str, Any]], cuda: bool) -> None:
         v, r = row["variants"], row["ratios"]
         line = [row["model"], row["mode"], row["replicas"], fmt_ms(v.get("plain")), fmt_ms(v.get("ideal")),
                 fmt_ms(v.get("nn.DP")), fmt_ms(v.get("torch_dp")), fmt_ratio(r.get("torch_dp/plain")),
-                fmt_ratio(r.get("torch_dp/ideal")), fmt_ratio(r.get("nn.DP/torch_dp"))]
+                fmt_ratio(r.get("torch_dp/ideal")), fmt_ratio(r.get("nn.DP/torch_dp")),
+                v.get("torch_dp", {}).get("note", "-").replace("issuing: auto picks ", ""),
+                fmt_ms(v.get("torch_dp other")), fmt_ratio(r.get("other/torch_dp"))]
         if cuda:
+            line.append(fmt_ms(v.get("streams")))
             for name in ("plain", "nn.DP", "torch_dp"):
                 peak = v.get(name, {}).get("peak_mib")
                 line.append("-" if peak is None else f"{peak:.0f}")

@@ -370,7 +370,7 @@ c10::IValue gather_ivalues(const std::vector<c10::IValue>& outputs, c10::Device 
 namespace {
 bool same_options(const DataParallelOptions& a, const DataParallelOptions& b) {
   return a.devices() == b.devices() && a.output_device() == b.output_device() && a.dim() == b.dim() &&
-      a.chunk_sizes() == b.chunk_sizes();
+      a.chunk_sizes() == b.chunk_sizes() && a.issuing() == b.issuing();
 }
 } // namespace
 

@@ -29,6 +29,19 @@
 // After fork() only the forking thread exists in the child, and the pool's mutexes may be held by threads that
 // are gone. run() notices the new process id and starts a fresh set of workers; the parent's bookkeeping is
 // deliberately leaked in the child, as nothing there can be safely joined or unlocked.
+//
+// Note [Issuing replicas]
+// ~~~~~~~~~~~~~~~~~~~~~~~
+// Replicas on distinct devices must be issued at once, from threads, or one device idles while the next is
+// fed. Replicas sharing one device also share its current stream, so their device work runs one after another
+// however it is issued; threads then only overlap the *launching*, and launches from several threads into one
+// stream contend for the same driver and allocator locks. Measured on an H200 (BENCHMARKS.md), threads made a
+// launch-bound C++ MLP forward on {0,0} 1.5x slower than issuing the same chunks from one thread, and the
+// Python hand-off to a worker was most of a tiny model's forward. So Issuing::kAuto issues replicas that share
+// one accelerator serially on the calling thread and uses the worker threads across devices. CPU replicas have
+// no stream: there threads do run them in parallel (a conv net's inference on ["cpu"] x 2 took 0.63x the time
+// of serial issuing on the 2-core dev machine), so kAuto keeps threads for them. kThreads stays available
+// everywhere, and is what synchronized batch norm needs, its replicas waiting for each other in one forward.
 
 namespace torch_dp {
 namespace {
@@ -131,7 +144,7 @@ size_t WorkerPool::num_threads() const {
   return state_->workers.size();
 }
 
-std::vector<std::exception_ptr> WorkerPool::run(size_t n, const std::function<void(size_t)>& task) {
+std::vector<std::exception_ptr> WorkerPool::run(size_t n, const std::function<void(size_t)>& task, bool serial) {
   std::vector<std::exception_ptr> errors(n);
   if (state_->pid != getpid()) {
     new std::shared_ptr<State>(std::move(state_));  // forked child: see Note [Worker pool]
@@ -144,7 +157,7 @@ std::vector<std::exception_ptr> WorkerPool::run(size_t n, const std::function<vo
       errors[i] = std::current_exception();
     }
   };
-  if (n <= 1 || current_pool == state_.get()) {
+  if (serial || n <= 1 || current_pool == state_.get()) {
     for (size_t i = 0; i < n; ++i) {
       run_inline(i);
     }
@@ -216,7 +229,36 @@ ReplicaError::ReplicaError(size_t replica, c10::Device device, std::exception_pt
       device_(device),
       original_(std::move(original)) {}
 
-void parallel_apply(WorkerPool& pool, at::ArrayRef<c10::Device> devices, const std::function<void(size_t)>& task) {
+Issuing resolve_issuing(Issuing issuing, at::ArrayRef<c10::Device> devices) {
+  if (issuing != Issuing::kAuto) {
+    return issuing;
+  }
+  // CPU replicas have no stream to share: threads run them in parallel (Note [Issuing replicas]).
+  for (const auto& device : devices) {
+    if (device != devices.front() || device.is_cpu()) {
+      return Issuing::kThreads;
+    }
+  }
+  return Issuing::kSerial;
+}
+
+const char* issuing_name(Issuing issuing) {
+  switch (issuing) {
+    case Issuing::kAuto:
+      return "auto";
+    case Issuing::kThreads:
+      return "threads";
+    case Issuing::kSerial:
+      return "serial";
+  }
+  return "unknown";
+}
+
+void parallel_apply(
+    WorkerPool& pool,
+    at::ArrayRef<c10::Device> devices,
+    const std::function<void(size_t)>& task,
+    Issuing issuing) {
   const size_t n = devices.size();
   // Threads do not inherit thread-local state: capture the caller's (grad mode, inference mode, autocast
   // state and dtype, dispatch keys, ...) and its current stream per device, and install them in each worker.
@@ -240,7 +282,7 @@ void parallel_apply(WorkerPool& pool, at::ArrayRef<c10::Device> devices, const s
     }
     task(i);
   };
-  auto errors = pool.run(n, run_replica);
+  auto errors = pool.run(n, run_replica, resolve_issuing(issuing, devices) == Issuing::kSerial);
   for (size_t i = 0; i < n; ++i) {
     if (errors[i]) {
       throw ReplicaError(i, devices[i], errors[i]);

@@ -39,6 +39,9 @@ struct DataParallelOptions {
   TORCH_ARG(int64_t, dim) = 0;
   /// Rows per device instead of torch.chunk's split (one per device, adding up to the batch).
   TORCH_ARG(std::optional<std::vector<int64_t>>, chunk_sizes) = std::nullopt;
+  /// How replicas are run: kAuto (one after another on the calling thread where they share one accelerator
+  /// device, on worker threads across devices and on CPU), kThreads or kSerial (Note [Issuing replicas]).
+  TORCH_ARG(Issuing, issuing) = Issuing::kAuto;
 };
 
 namespace detail {
@@ -223,13 +226,16 @@ ReturnType DataParallelImpl::forward_as(const ArgumentTypes&... arguments) {
   auto modules = replicas(count);
   std::vector<std::optional<ReturnType>> results(count);
   std::vector<c10::Device> used(devices_.begin(), devices_.begin() + count);
-  parallel_apply(pool(), used, [&](size_t i) {
-    results[i] = std::apply(
-        [&](const auto&... per_replica) {
-          return modules[i]->template forward<ReturnType>(detail::replica_argument(arguments, per_replica, i)...);
-        },
-        split);
-  });
+  parallel_apply(
+      pool(), used,
+      [&](size_t i) {
+        results[i] = std::apply(
+            [&](const auto&... per_replica) {
+              return modules[i]->template forward<ReturnType>(detail::replica_argument(arguments, per_replica, i)...);
+            },
+            split);
+      },
+      options.issuing());
   guard.unlock();
   std::vector<ReturnType> outputs;
   outputs.reserve(count);

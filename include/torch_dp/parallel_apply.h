@@ -26,7 +26,8 @@ class WorkerPool {
   /// Runs task(i) for every i in [0, n): task(0) on the calling thread, task(i) on worker thread i - 1.
   /// Returns once every task has finished, with the exception each task threw (nullptr where none).
   /// Safe to call from several threads at once; a call from inside one of this pool's tasks runs inline.
-  std::vector<std::exception_ptr> run(size_t n, const std::function<void(size_t)>& task);
+  /// With `serial`, every task runs on the calling thread, one after another (no worker is involved).
+  std::vector<std::exception_ptr> run(size_t n, const std::function<void(size_t)>& task, bool serial = false);
 
   /// Number of worker threads started so far.
   size_t num_threads() const;
@@ -51,11 +52,33 @@ class ReplicaError : public std::runtime_error {
   std::exception_ptr original_;
 };
 
+/// How parallel_apply runs the replicas of one call (Note [Issuing replicas] in parallel_apply.cpp).
+enum class Issuing {
+  /// kSerial when every replica is on the same accelerator device (so on one stream, where threads buy no
+  /// overlap of device work), kThreads otherwise (several devices, or CPU replicas).
+  kAuto,
+  /// Replica 0 on the calling thread and replica i on persistent worker thread i - 1, all at once.
+  kThreads,
+  /// Every replica on the calling thread, one after another. Replicas that wait for each other (synchronized
+  /// batch norm) need kThreads.
+  kSerial,
+};
+
+/// kAuto resolved for these devices: kThreads or kSerial; other values are returned as they are.
+Issuing resolve_issuing(Issuing issuing, at::ArrayRef<c10::Device> devices);
+
+/// "auto", "threads" or "serial".
+const char* issuing_name(Issuing issuing);
+
 /// Runs task(i) for each replica i, each under the caller's thread-local state (grad mode, inference mode,
 /// autocast and its dtype, ...), with devices[i] as the current device and the caller's current stream for
-/// devices[i] as the current stream. After every task finished, the first failure (lowest i) is rethrown as
-/// a ReplicaError.
-void parallel_apply(WorkerPool& pool, at::ArrayRef<c10::Device> devices, const std::function<void(size_t)>& task);
+/// devices[i] as the current stream, issued as `issuing` says. After every task finished, the first failure
+/// (lowest i) is rethrown as a ReplicaError.
+void parallel_apply(
+    WorkerPool& pool,
+    at::ArrayRef<c10::Device> devices,
+    const std::function<void(size_t)>& task,
+    Issuing issuing = Issuing::kAuto);
 
 /// How a device is named in error messages: "cpu" for the CPU, the index for accelerators (as PyTorch does).
 std::string device_label(c10::Device device);

@@ -240,6 +240,17 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("num_params", &torch_dp::Replicator::num_params)
       .def_property_readonly("num_buffers", &torch_dp::Replicator::num_buffers);
 
+  py::enum_<torch_dp::Issuing>(m, "Issuing")
+      .value("auto", torch_dp::Issuing::kAuto)
+      .value("threads", torch_dp::Issuing::kThreads)
+      .value("serial", torch_dp::Issuing::kSerial);
+  m.def(
+      "resolve_issuing",
+      [](torch_dp::Issuing issuing, const std::vector<c10::Device>& devices) {
+        return torch_dp::resolve_issuing(issuing, devices);
+      },
+      py::arg("issuing"), py::arg("devices"));
+
   py::class_<torch_dp::WorkerPool>(m, "WorkerPool")
       .def(py::init<>())
       .def_property_readonly("num_threads", &torch_dp::WorkerPool::num_threads);
@@ -248,7 +259,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "parallel_apply",
       // fn(i) runs replica i; it is expected to catch its own Python exceptions (torch_dp.parallel does, to
       // re-raise them the way PyTorch does). Anything that escapes is re-raised here after all replicas ran.
-      [](torch_dp::WorkerPool& pool, const std::vector<c10::Device>& devices, const py::function& fn) {
+      [](torch_dp::WorkerPool& pool, const std::vector<c10::Device>& devices, const py::function& fn,
+         torch_dp::Issuing issuing) {
         std::exception_ptr failure;
         {
           py::gil_scoped_release no_gil;
@@ -258,7 +270,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
             fn(i);
           };
           try {
-            torch_dp::parallel_apply(pool, devices, task);
+            torch_dp::parallel_apply(pool, devices, task, issuing);
           } catch (const torch_dp::ReplicaError& e) {
             failure = e.original();
           } catch (...) {
@@ -271,7 +283,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           END_HANDLE_TH_ERRORS_PYBIND
         }
       },
-      py::arg("pool"), py::arg("devices"), py::arg("fn"));
+      py::arg("pool"), py::arg("devices"), py::arg("fn"), py::arg("issuing") = torch_dp::Issuing::kThreads);
 
   py::class_<DictWatch>(m, "DictWatch")
       .def(py::init<py::list>(), py::arg("dicts"))

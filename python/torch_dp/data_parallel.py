@@ -15,6 +15,7 @@ from torch_dp.parallel import (
     _accelerator_type,
     _as_device,
     _as_output_device,
+    _checked_issuing,
     _gather,
     _parallel_apply,
     _public_id,
@@ -61,6 +62,12 @@ class DataParallel(torch.nn.DataParallel):
     ``chunk_sizes`` (keyword only, not in PyTorch's signature) gives the rows of each device's chunk instead of
     the even split, for devices of unequal memory or speed: ``chunk_sizes=[16, 24, 24]`` over three GPUs takes
     batches of exactly 64 rows along ``dim``. A size may be 0 (that replica gets an empty chunk).
+
+    ``issuing`` (keyword only) says how the replicas run: ``"auto"`` (the default) runs replicas that share one
+    GPU one after another on the calling thread, where they would share one stream anyway, and replicas on
+    distinct devices or on CPU at once on persistent worker threads; ``"threads"`` always uses the threads
+    (upstream's behaviour); ``"serial"`` never does. SyncBatchNorm layers need their replicas running at once, so with them
+    ``"auto"`` uses the threads and ``"serial"`` is an error.
     """
 
     def __init__(
@@ -71,11 +78,13 @@ class DataParallel(torch.nn.DataParallel):
         dim: int = 0,
         *,
         chunk_sizes: Optional[Sequence[int]] = None,
+        issuing: str = "auto",
     ) -> None:
         torch.nn.Module.__init__(self)  # nn.DataParallel.__init__ would reject CPU devices
         torch._C._log_api_usage_once("torch_dp.DataParallel")
         self._engine: Optional[_Engine] = None
         self.chunk_sizes: Optional[tuple[int, ...]] = None
+        self.issuing = _checked_issuing(issuing)
         accelerator = _accelerator_type()
         if accelerator is None and not _names_cpu(device_ids):
             # No accelerator: call the module directly, as torch.nn.DataParallel does.
@@ -150,7 +159,7 @@ class DataParallel(torch.nn.DataParallel):
         engine = self._get_engine()
         return _parallel_apply(
             replicas, inputs, kwargs, self._devices[: len(replicas)], engine.pool,
-            synchronize=engine.replicas.has_sync_batchnorm,
+            synchronize=engine.replicas.has_sync_batchnorm, issuing=self.issuing,
         )
 
     def gather(self, outputs: Any, output_device: DeviceLike) -> Any:
@@ -177,6 +186,7 @@ class DataParallel(torch.nn.DataParallel):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("issuing", "auto")  # pickled before `issuing` existed
         super().__setstate__(state)
         self._engine = None
 

@@ -548,14 +548,32 @@ def _device_of(inputs: Any) -> torch.device:
     return torch.device(accelerator, getattr(torch, accelerator).current_device())
 
 
+ISSUING_MODES = ("auto", "threads", "serial")
+
+
+def _checked_issuing(issuing: str) -> str:
+    if issuing not in ISSUING_MODES:
+        raise ValueError(f"issuing must be one of {', '.join(map(repr, ISSUING_MODES))}, but got {issuing!r}")
+    return issuing
+
+
 def _parallel_apply(
-    modules, inputs, kwargs_tup, devices: list[torch.device], pool, synchronize: bool = False
+    modules, inputs, kwargs_tup, devices: list[torch.device], pool, synchronize: bool = False,
+    issuing: str = "threads",
 ) -> list[Any]:
-    """Runs replica i on inputs[i] and kwargs_tup[i] on the pool. With `synchronize` (replicas holding
-    SyncBatchNorm layers), those layers meet across replicas (Note [Synchronized batch norm]); only for a pool no
-    other call can use at the same time, since replicas waiting for each other must all be running."""
+    """Runs replica i on inputs[i] and kwargs_tup[i] on the pool, issued as `issuing` says (Note [Issuing
+    replicas] in parallel_apply.cpp). With `synchronize` (replicas holding SyncBatchNorm layers), those layers
+    meet across replicas (Note [Synchronized batch norm]); only for a pool no other call can use at the same
+    time, since replicas waiting for each other must all be running."""
     results: list[Any] = [None] * len(modules)
     group = SyncGroup(len(modules)) if synchronize and len(modules) > 1 and not in_replica() else None
+    if group is not None:
+        if issuing == "serial":
+            raise RuntimeError(
+                "issuing='serial' runs replicas one after another, but the module has SyncBatchNorm layers, whose "
+                "replicas wait for each other inside a forward; use issuing='auto' or 'threads'"
+            )
+        issuing = "threads"
 
     def run_replica(i: int) -> None:
         failed = False
@@ -577,7 +595,7 @@ def _parallel_apply(
 
     if _rebuild_autograd_engine_first:
         _rebuild_autograd_engine()  # Note [After fork]
-    _C.parallel_apply(pool, devices, run_replica)
+    _C.parallel_apply(pool, devices, run_replica, getattr(_C.Issuing, issuing))
     failures = [r for r in results if isinstance(r, ExceptionWrapper)]
     if failures:
         # A replica that waited for a failed one reports that; raise the failure itself.
@@ -695,6 +713,6 @@ def data_parallel(
         if len(devices) == 1:
             return module(*inputs[0], **kwargs[0])
         modules = replicas.get(len(inputs), differentiable=torch.is_grad_enabled())
-        outputs = _parallel_apply(modules, inputs, kwargs, devices[: len(inputs)], _default_pool())
+        outputs = _parallel_apply(modules, inputs, kwargs, devices[: len(inputs)], _default_pool(), issuing="auto")
     return gather(outputs, output_device, dim)
 

@@ -237,12 +237,13 @@ TEST_CASE("DataParallel: numerical equivalence with the unwrapped module over SG
   // After LibTorch's DataParallelNumericalEquivalence: same init (clone), SGD on each, 3 steps, params allclose.
   const size_t n = GENERATE(1, 2, 3, 4);
   const int64_t batch = GENERATE(16, 15);  // 15 over 4: chunks 4, 4, 4, 3
-  CAPTURE(n, batch);
+  const auto issuing = GENERATE(torch_dp::Issuing::kAuto, torch_dp::Issuing::kSerial);
+  CAPTURE(n, batch, torch_dp::issuing_name(issuing));
   torch::manual_seed(0);
   auto model = make_net();
   auto model_dp = clone_of(model);
   REQUIRE(same_parameters(*model, *model_dp, 0));
-  torch_dp::DataParallel dp(model_dp, torch_dp::DataParallelOptions(cpu_devices(n)));
+  torch_dp::DataParallel dp(model_dp, torch_dp::DataParallelOptions(cpu_devices(n)).issuing(issuing));
   torch::optim::SGD optim(model->parameters(), torch::optim::SGDOptions(0.1).momentum(0.5));
   torch::optim::SGD optim_dp(dp->parameters(), torch::optim::SGDOptions(0.1).momentum(0.5));
   for (int step = 0; step < 3; ++step) {

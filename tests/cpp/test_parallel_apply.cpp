@@ -174,6 +174,61 @@ TEST_CASE("parallel_apply rethrows the lowest failing replica after all finished
   }
 }
 
+TEST_CASE("Issuing::kAuto is serial on one accelerator and threads elsewhere", "[parallel_apply][issuing]") {
+  using torch_dp::Issuing;
+  const c10::Device cuda0(c10::kCUDA, 0), cuda1(c10::kCUDA, 1);
+  CHECK(torch_dp::resolve_issuing(Issuing::kAuto, {cuda0, cuda0}) == Issuing::kSerial);
+  CHECK(torch_dp::resolve_issuing(Issuing::kAuto, {cuda0, cuda0, cuda0, cuda0}) == Issuing::kSerial);
+  CHECK(torch_dp::resolve_issuing(Issuing::kAuto, {cuda0, cuda1}) == Issuing::kThreads);
+  CHECK(torch_dp::resolve_issuing(Issuing::kAuto, {cuda0, cuda0, cuda1}) == Issuing::kThreads);
+  CHECK(torch_dp::resolve_issuing(Issuing::kAuto, cpus(2)) == Issuing::kThreads);
+  CHECK(torch_dp::resolve_issuing(Issuing::kThreads, {cuda0, cuda0}) == Issuing::kThreads);
+  CHECK(torch_dp::resolve_issuing(Issuing::kSerial, cpus(3)) == Issuing::kSerial);
+  CHECK(std::string(torch_dp::issuing_name(Issuing::kSerial)) == "serial");
+}
+
+TEST_CASE("Issuing::kSerial runs every replica on the caller, in order, and still reports failures",
+          "[parallel_apply][issuing][errors]") {
+  torch_dp::WorkerPool pool;
+  std::vector<size_t> order;
+  std::vector<std::thread::id> ids;
+  bool grad_mode_seen = true;
+  {
+    c10::AutoGradMode no_grad(false);
+    torch_dp::parallel_apply(
+        pool, cpus(4),
+        [&](size_t i) {
+          order.push_back(i);  // no lock: the tasks must not run at once
+          ids.push_back(std::this_thread::get_id());
+          grad_mode_seen = grad_mode_seen && !c10::GradMode::is_enabled();
+          c10::GradMode::set_enabled(true);  // must not leak into the next replica or the caller
+        },
+        torch_dp::Issuing::kSerial);
+    CHECK_FALSE(c10::GradMode::is_enabled());
+  }
+  CHECK(order == std::vector<size_t>{0, 1, 2, 3});
+  CHECK(std::set<std::thread::id>(ids.begin(), ids.end()) == std::set<std::thread::id>{std::this_thread::get_id()});
+  CHECK(grad_mode_seen);
+  CHECK(pool.num_threads() == 0);  // no worker was started
+
+  std::vector<int> ran(3);
+  try {
+    torch_dp::parallel_apply(
+        pool, cpus(3),
+        [&](size_t i) {
+          ran[i]++;
+          TORCH_CHECK(i == 0, "replica ", i, " failed");
+        },
+        torch_dp::Issuing::kSerial);
+    FAIL("expected a ReplicaError");
+  } catch (const torch_dp::ReplicaError& e) {
+    CHECK(e.replica() == 1);
+    CHECK_THAT(std::string(e.what()), Contains("in replica 1 on device cpu"));
+    CHECK_THAT(std::string(e.what()), Contains("replica 1 failed"));
+  }
+  CHECK(ran == std::vector<int>{1, 1, 1});  // the replicas after the failure ran too, as with threads
+}
+
 TEST_CASE("device_label names devices as PyTorch does", "[parallel_apply]") {
   CHECK(torch_dp::device_label(c10::Device(c10::kCPU)) == "cpu");
   CHECK(torch_dp::device_label(c10::Device(c10::kCUDA, 1)) == "1");

@@ -962,3 +962,120 @@ def test_bad_input_chunk_sizes(sizes, error, fragments):
     net = MLP()
     raises_and_leaves_module_unchanged(
         net, lambda: torch_dp.DataParallel(net, cpus(2), chunk_sizes=sizes), error, *fragments)
+
+
+# ---- issuing (Note [Issuing replicas]) -----------------------------------------------------------------------
+
+class RecordsThread(nn.Module):
+    """Records which thread ran each chunk (keyed by the chunk's first value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+        self.threads = {}
+
+    def forward(self, x):
+        self.threads[float(x[0, 0])] = threading.get_ident()
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("issuing, on_caller", [("serial", True), ("threads", False), ("auto", False)])
+def test_issuing_decides_which_threads_run_the_replicas(issuing, on_caller):
+    net = RecordsThread()
+    dp = torch_dp.DataParallel(net, cpus(3), issuing=issuing)
+    x = torch.arange(3.0).repeat_interleave(5).reshape(3, 5)  # chunk i starts with the value i
+    torch.testing.assert_close(dp(x), net.fc(x))
+    assert sorted(net.threads) == [0.0, 1.0, 2.0]
+    me = threading.get_ident()
+    assert net.threads[0.0] == me  # replica 0 always runs on the calling thread
+    others = {net.threads[1.0], net.threads[2.0]}
+    assert others == {me} if on_caller else (me not in others and len(others) == 2)
+
+
+def test_issuing_auto_resolves_by_devices():
+    def picks(*devices):
+        return torch_dp._C.resolve_issuing(torch_dp._C.Issuing.auto, [torch.device(d) for d in devices]).name
+
+    assert picks("cuda:0", "cuda:0") == "serial"  # one GPU: one stream, so no threads
+    assert picks("cuda:0", "cuda:0", "cuda:0", "cuda:0") == "serial"
+    assert picks("cuda:0", "cuda:1") == "threads"
+    assert picks("cuda:0", "cuda:0", "cuda:1") == "threads"
+    assert picks("cpu", "cpu") == "threads"  # CPU replicas run in parallel on threads
+    explicit = torch_dp._C.resolve_issuing(torch_dp._C.Issuing.serial, [torch.device("cpu")] * 2)
+    assert explicit.name == "serial"
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_serial_issuing_matches_the_unwrapped_module_over_steps(n):
+    torch.manual_seed(0)
+    net = conv_net(training=False)  # eval: BatchNorm normalises every chunk as the whole batch
+    reference = copy.deepcopy(net)
+    dp = torch_dp.DataParallel(net, cpus(n), issuing="serial")
+    for step in range(3):
+        x = torch.randn(2 * n + 1, 3, 4, 4, dtype=torch.double, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_()
+        out, out_ref = dp(x), reference(x_ref)
+        torch.testing.assert_close(out, out_ref)
+        out.square().sum().backward()
+        out_ref.square().sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad)
+        for p, p_ref in zip(net.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, p_ref.grad)
+            with torch.no_grad():
+                p -= 0.1 * p.grad
+                p_ref -= 0.1 * p_ref.grad
+            p.grad = p_ref.grad = None
+
+
+def test_serial_issuing_runs_every_replica_and_raises_the_first_failure():
+    ran = []
+
+    class FailsOnOddChunks(nn.Module):
+        def forward(self, x):
+            ran.append(int(x[0]))
+            if int(x[0]) % 2:
+                raise ValueError(f"chunk {int(x[0])} failed")
+            return x
+
+    dp = torch_dp.DataParallel(FailsOnOddChunks(), cpus(4), issuing="serial")
+    with pytest.raises(ValueError, match="Caught ValueError in replica 1 on device cpu") as info:
+        dp(torch.arange(4.0))
+    assert "chunk 1 failed" in str(info.value)
+    assert sorted(ran) == [0, 1, 2, 3]  # as with threads: every replica ran before the error surfaced
+
+
+def test_serial_issuing_keeps_the_callers_grad_mode():
+    class TurnsGradOff(nn.Module):
+        def forward(self, x):
+            torch.set_grad_enabled(False)
+            return x * 2
+
+    dp = torch_dp.DataParallel(TurnsGradOff(), cpus(2), issuing="serial")
+    dp(torch.ones(4, requires_grad=True))
+    assert torch.is_grad_enabled()  # the replica's change did not leak into the caller
+
+
+def test_bad_input_issuing():
+    net = MLP()
+    raises_and_leaves_module_unchanged(
+        net, lambda: torch_dp.DataParallel(net, cpus(2), issuing="fast"), ValueError,
+        "issuing must be one of 'auto', 'threads', 'serial', but got 'fast'")
+    raises_and_leaves_module_unchanged(
+        net, lambda: torch_dp.DataParallel(net, cpus(2), issuing=None), ValueError, "but got None")
+
+
+def test_serial_issuing_refuses_sync_batchnorm_and_auto_uses_threads():
+    net = torch_dp.convert_sync_batchnorm(nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4)))
+    x = torch.randn(8, 5)
+    dp = torch_dp.DataParallel(net, cpus(2), issuing="serial")
+    raises_and_leaves_module_unchanged(
+        net, lambda: dp(x), RuntimeError, "issuing='serial' runs replicas one after another",
+        "SyncBatchNorm layers", "use issuing='auto' or 'threads'")
+    out = torch_dp.DataParallel(net, cpus(2), issuing="auto")(x)  # would hang if the replicas ran serially
+    assert out.shape == (8, 4)
+
+
+def test_issuing_is_kept_by_pickling():
+    dp = torch_dp.DataParallel(MLP(), cpus(2), issuing="serial")
+    assert pickle.loads(pickle.dumps(dp)).issuing == "serial"
+    assert torch_dp.DataParallel(MLP(), cpus(2)).issuing == "auto"

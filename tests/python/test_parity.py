@@ -86,12 +86,23 @@ class CopyingDevices(list):
     machine without accelerators."""
 
 
+class IssuedDevices(list):
+    """A device list whose DataParallel issues its replicas as `issuing` says instead of the default, so both
+    ways of running replicas (Note [Issuing replicas]) go through the whole suite: the default uses threads for
+    CPU replicas and runs replicas sharing one GPU serially."""
+
+    def __init__(self, ids: list, issuing: str) -> None:
+        super().__init__(ids)
+        self.issuing = issuing
+
+
 def _device_lists() -> list[tuple[str, list]]:
     """(id, device_ids) pairs: CPU replica lists here; repeated and distinct GPUs on a GPU machine."""
     lists = [("cpu1", ["cpu"]), ("cpu2", ["cpu"] * 2), ("cpu3", ["cpu"] * 3), ("cpu4", ["cpu"] * 4)]
     lists.append(("cpu3_copies", CopyingDevices(["cpu"] * 3)))
+    lists.append(("cpu3_serial", IssuedDevices(["cpu"] * 3, "serial")))
     if CUDA:
-        lists += [("cuda00", [0, 0]), ("cuda0000", [0, 0, 0, 0])]
+        lists += [("cuda00", [0, 0]), ("cuda0000", [0, 0, 0, 0]), ("cuda00_threads", IssuedDevices([0, 0], "threads"))]
         if torch.cuda.device_count() > 1:
             lists.append(("cuda_all", list(range(torch.cuda.device_count()))))
     return lists
@@ -106,6 +117,8 @@ def _device_of(device_ids: list) -> torch.device:
 
 
 def _ours(module: nn.Module, device_ids: list, **kwargs: Any) -> torch_dp.DataParallel:
+    if isinstance(device_ids, IssuedDevices):
+        kwargs.setdefault("issuing", device_ids.issuing)
     dp = torch_dp.DataParallel(module, list(device_ids), **kwargs)
     if isinstance(device_ids, CopyingDevices):
         dp._get_engine().replicas._replicator = torch_dp._C.Replicator(copy_everything=True)
