@@ -2,7 +2,7 @@
 # The GPU check: one command for a GPU machine. Builds torch_dp there against that machine's torch, runs the
 # C++ tests (CUDA ones included), the Python tests including the parity suite against torch.nn.DataParallel,
 # compute-sanitizer over the CUDA C++ tests, the benchmarks, DDP over NCCL with torch_dp inside
-# (examples/python/ddp.py), the SyncBatchNorm benchmark and a profile of a small forward, in that order (most
+# (examples/python/ddp.py), the SyncBatchNorm benchmark and profiles of a small and a large forward, in that order (most
 # wanted first). Logs and JSON go to OUTDIR/logs (the first argument, else $OUT, else ./gpu_check_out; packed
 # into OUTDIR/logs.tgz under $OUT, whose files come back few), OUTDIR/summary.json holds the table, which is
 # printed last, after the end of each failed step's log. The whole run keeps within GPU_CHECK_BUDGET seconds (default 540): each step's limit is cut
@@ -109,8 +109,13 @@ if [ $built -eq 0 ]; then
   step ddp_nccl 120 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 1 examples/python/ddp.py \
     --device cuda --replicas 2 --epochs 2
   step bench_sync_bn 120 "$PYTHON" benchmarks/bench_sync_bn.py --device cuda --quick --json "$logs/bench_sync_bn.json"
-  # Where Linear(5, 2)'s forward on [0, 0] spends its time (issue 5's 0.12 ms target): a profiler table.
+  # Where the time goes against the ideal: Linear(5, 2) on [0, 0] (issue 5's 0.12 ms target) and ResNet-50 on
+  # [0, 0, 0, 0] (issue 5's 1.25x target): wall clock, profiler totals and a table.
   step profile 90 "$PYTHON" benchmarks/profile_forward.py --device cuda --model tiny --replicas 2
+  if "$PYTHON" -c "import torchvision" 2>/dev/null; then
+    step profile_resnet 120 "$PYTHON" benchmarks/profile_forward.py --device cuda --model resnet50 --replicas 4 \
+      --iters 30
+  fi
 fi
 
 # The end of each failed step's log, then summary.json and the table.
