@@ -9,6 +9,8 @@
 #include <c10/util/Exception.h>
 #include <c10/util/Type.h>
 
+#include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
@@ -34,14 +36,22 @@
 // ~~~~~~~~~~~~~~~~~~~~~~~
 // Replicas on distinct devices must be issued at once, from threads, or one device idles while the next is
 // fed. Replicas sharing one device also share its current stream, so their device work runs one after another
-// however it is issued; threads then only overlap the *launching*, and launches from several threads into one
-// stream contend for the same driver and allocator locks. Measured on an H200 (BENCHMARKS.md), threads made a
-// launch-bound C++ MLP forward on {0,0} 1.5x slower than issuing the same chunks from one thread, and the
-// Python hand-off to a worker was most of a tiny model's forward. So Issuing::kAuto issues replicas that share
-// one accelerator serially on the calling thread and uses the worker threads across devices. CPU replicas have
-// no stream: there threads do run them in parallel (a conv net's inference on ["cpu"] x 2 took 0.63x the time
-// of serial issuing on the 2-core dev machine), so kAuto keeps threads for them. kThreads stays available
-// everywhere, and is what synchronized batch norm needs, its replicas waiting for each other in one forward.
+// however it is issued, and the two ways differ only on the host:
+//  - serial (every replica on the calling thread) pays no hand-off to a worker and no contention, and wins
+//    where host work per replica is light: on an H200, Linear(5, 2) on [0, 0] took 0.087 ms per forward against
+//    0.132 ms with threads, and a C++ MLP forward on {0, 0} 0.73 ms against 0.89 ms (launches from two threads
+//    into one stream contend for the same driver and allocator locks);
+//  - threads win where host work per replica is heavy and runs without the GIL (cuDNN convolutions spend tens
+//    of microseconds of CPU each): ResNet-50 inference on [0, 0, 0, 0] took 20.6 ms with threads against 27.9
+//    ms serially in one run (18.7 against 18.4 in another), the C++ conv net 4.3 against 5.6 ms.
+// Neither is right for every model, and which one is depends on the model, the batch and the machine, so
+// Issuing::kAuto measures: the pool's first calls on replicas sharing one device alternate the two ways and
+// time each call on the host (the only place they differ; device work is the same kernels on the same
+// stream), and after kTrialCalls of each it keeps the one with the lower median for good. Results are the same
+// either way, only the speed differs. Replicas on distinct devices always use threads. kThreads and kSerial
+// force a way; synchronized batch norm needs kThreads, its replicas waiting for each other in one forward.
+// The first kWarmupCalls calls (lazy initialisation, allocator growth) run on threads and are not timed, so a
+// pool's workers exist from its first call whichever way it settles.
 
 namespace torch_dp {
 namespace {
@@ -123,16 +133,85 @@ struct WorkerPool::State {
     }
   }
 
-  std::mutex mutex;  // guards `workers`
+  std::mutex mutex;  // guards `workers` and `trial`
   std::vector<std::unique_ptr<Worker>> workers;
   const pid_t pid = getpid();
+
+  // Issuing::kAuto's measurement (Note [Issuing replicas]).
+  static constexpr size_t kWarmupCalls = 2;
+  static constexpr size_t kTrialCalls = 5;  // timed calls per way
+  struct Trial {
+    size_t calls = 0;  // started, warm-up included
+    std::vector<double> seconds[2];  // [0]: threads, [1]: serial
+    Issuing settled = Issuing::kAuto;
+  } trial;
 };
+
+namespace {
+
+double median_of(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  const size_t mid = values.size() / 2;
+  return values.size() % 2 ? values[mid] : 0.5 * (values[mid - 1] + values[mid]);
+}
+
+} // namespace
+
+Issuing WorkerPool::next_auto_issuing() {
+  renew_after_fork();  // the parent's lock may be held by a thread the child does not have
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  const auto& trial = state_->trial;
+  if (trial.settled != Issuing::kAuto) {
+    return trial.settled;
+  }
+  if (trial.calls < State::kWarmupCalls) {
+    return Issuing::kThreads;
+  }
+  // Alternate, starting with whichever way has fewer timed calls (calls may fail and go unrecorded).
+  return trial.seconds[1].size() < trial.seconds[0].size() ? Issuing::kSerial : Issuing::kThreads;
+}
+
+void WorkerPool::record_auto_issuing(Issuing used, double seconds) {
+  TORCH_DP_CHECK(used == Issuing::kThreads || used == Issuing::kSerial,
+                 "record_auto_issuing: expected threads or serial, got ", issuing_name(used));
+  renew_after_fork();
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  auto& trial = state_->trial;
+  if (trial.settled != Issuing::kAuto) {
+    return;
+  }
+  if (trial.calls++ < State::kWarmupCalls) {
+    return;
+  }
+  auto& times = trial.seconds[used == Issuing::kSerial ? 1 : 0];
+  if (times.size() < State::kTrialCalls) {
+    times.push_back(seconds);
+  }
+  if (trial.seconds[0].size() == State::kTrialCalls && trial.seconds[1].size() == State::kTrialCalls) {
+    trial.settled = median_of(trial.seconds[1]) < median_of(trial.seconds[0]) ? Issuing::kSerial : Issuing::kThreads;
+  }
+}
+
+Issuing WorkerPool::settled_auto_issuing() const {
+  if (state_->pid != getpid()) {
+    return Issuing::kAuto;  // a forked child measures anew
+  }
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  return state_->trial.settled;
+}
 
 WorkerPool::WorkerPool() : state_(std::make_shared<State>()) {}
 
 WorkerPool::~WorkerPool() {
   if (state_ && state_->pid != getpid()) {
     new std::shared_ptr<State>(std::move(state_));  // forked child: see Note [Worker pool]
+  }
+}
+
+void WorkerPool::renew_after_fork() {
+  if (state_->pid != getpid()) {
+    new std::shared_ptr<State>(std::move(state_));  // forked child: see Note [Worker pool]
+    state_ = std::make_shared<State>();
   }
 }
 
@@ -146,10 +225,7 @@ size_t WorkerPool::num_threads() const {
 
 std::vector<std::exception_ptr> WorkerPool::run(size_t n, const std::function<void(size_t)>& task, bool serial) {
   std::vector<std::exception_ptr> errors(n);
-  if (state_->pid != getpid()) {
-    new std::shared_ptr<State>(std::move(state_));  // forked child: see Note [Worker pool]
-    state_ = std::make_shared<State>();
-  }
+  renew_after_fork();
   auto run_inline = [&](size_t i) {
     try {
       task(i);
@@ -233,13 +309,12 @@ Issuing resolve_issuing(Issuing issuing, at::ArrayRef<c10::Device> devices) {
   if (issuing != Issuing::kAuto) {
     return issuing;
   }
-  // CPU replicas have no stream to share: threads run them in parallel (Note [Issuing replicas]).
   for (const auto& device : devices) {
-    if (device != devices.front() || device.is_cpu()) {
+    if (device != devices.front()) {
       return Issuing::kThreads;
     }
   }
-  return Issuing::kSerial;
+  return Issuing::kAuto;  // replicas sharing one device: settled by the pool (Note [Issuing replicas])
 }
 
 const char* issuing_name(Issuing issuing) {
@@ -282,7 +357,19 @@ void parallel_apply(
     }
     task(i);
   };
-  auto errors = pool.run(n, run_replica, resolve_issuing(issuing, devices) == Issuing::kSerial);
+  issuing = resolve_issuing(issuing, devices);
+  std::vector<std::exception_ptr> errors;
+  if (issuing == Issuing::kAuto && n > 1) {
+    issuing = pool.next_auto_issuing();
+    const auto start = std::chrono::steady_clock::now();
+    errors = pool.run(n, run_replica, issuing == Issuing::kSerial);
+    const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
+    if (std::none_of(errors.begin(), errors.end(), [](const std::exception_ptr& e) { return bool(e); })) {
+      pool.record_auto_issuing(issuing, took.count());
+    }
+  } else {
+    errors = pool.run(n, run_replica, issuing == Issuing::kSerial);
+  }
   for (size_t i = 0; i < n; ++i) {
     if (errors[i]) {
       throw ReplicaError(i, devices[i], errors[i]);

@@ -39,8 +39,9 @@ struct DataParallelOptions {
   TORCH_ARG(int64_t, dim) = 0;
   /// Rows per device instead of torch.chunk's split (one per device, adding up to the batch).
   TORCH_ARG(std::optional<std::vector<int64_t>>, chunk_sizes) = std::nullopt;
-  /// How replicas are run: kAuto (one after another on the calling thread where they share one accelerator
-  /// device, on worker threads across devices and on CPU), kThreads or kSerial (Note [Issuing replicas]).
+  /// How replicas are run: kThreads (at once, on persistent worker threads), kSerial (one after another on the
+  /// calling thread) or kAuto: threads across devices, and for replicas sharing one device whichever of the
+  /// two was faster over the first forwards (Note [Issuing replicas]).
   TORCH_ARG(Issuing, issuing) = Issuing::kAuto;
 };
 
@@ -200,10 +201,12 @@ class DataParallelImpl : public torch::nn::Cloneable<DataParallelImpl> {
   const std::vector<c10::Device>& devices() const { return devices_; }
   c10::Device output_device() const;
 
+  /// The worker pool the replicas run on; its settled_auto_issuing() says how Issuing::kAuto issues them.
+  WorkerPool& pool();
+
  private:
   /// Ensures replicas for the first `count` devices are current and returns them (Note [C++ replicas]).
   std::vector<detail::ModuleCaller*> replicas(size_t count);
-  WorkerPool& pool();
   std::unique_lock<std::mutex> lock();
 
   detail::ModuleCaller module_;

@@ -14,6 +14,18 @@
 
 namespace torch_dp {
 
+/// How parallel_apply runs the replicas of one call (Note [Issuing replicas] in parallel_apply.cpp).
+enum class Issuing {
+  /// Replicas on several devices: kThreads. Replicas sharing one device: whichever of kThreads and kSerial
+  /// ran faster on this pool's first calls, both being timed there.
+  kAuto,
+  /// Replica 0 on the calling thread and replica i on persistent worker thread i - 1, all at once.
+  kThreads,
+  /// Every replica on the calling thread, one after another. Replicas that wait for each other (synchronized
+  /// batch norm) need kThreads.
+  kSerial,
+};
+
 /// A pool of persistent worker threads, one per replica slot beyond the first (Note [Worker pool] in
 /// parallel_apply.cpp). Threads start on first use and live as long as the pool.
 class WorkerPool {
@@ -32,8 +44,17 @@ class WorkerPool {
   /// Number of worker threads started so far.
   size_t num_threads() const;
 
+  /// Issuing::kAuto on replicas sharing one device, as this pool settles it (Note [Issuing replicas]): the mode
+  /// its next call uses (both alternately while measuring, then the faster one) ...
+  Issuing next_auto_issuing();
+  /// ... the host time such a call took ...
+  void record_auto_issuing(Issuing used, double seconds);
+  /// ... and the mode settled on, kAuto while still measuring.
+  Issuing settled_auto_issuing() const;
+
  private:
   struct State;
+  void renew_after_fork();
   std::shared_ptr<State> state_;
 };
 
@@ -52,19 +73,8 @@ class ReplicaError : public std::runtime_error {
   std::exception_ptr original_;
 };
 
-/// How parallel_apply runs the replicas of one call (Note [Issuing replicas] in parallel_apply.cpp).
-enum class Issuing {
-  /// kSerial when every replica is on the same accelerator device (so on one stream, where threads buy no
-  /// overlap of device work), kThreads otherwise (several devices, or CPU replicas).
-  kAuto,
-  /// Replica 0 on the calling thread and replica i on persistent worker thread i - 1, all at once.
-  kThreads,
-  /// Every replica on the calling thread, one after another. Replicas that wait for each other (synchronized
-  /// batch norm) need kThreads.
-  kSerial,
-};
-
-/// kAuto resolved for these devices: kThreads or kSerial; other values are returned as they are.
+/// kAuto over several distinct devices is kThreads; over replicas sharing one device it stays kAuto (the pool
+/// settles it by measurement). Other values are returned as they are.
 Issuing resolve_issuing(Issuing issuing, at::ArrayRef<c10::Device> devices);
 
 /// "auto", "threads" or "serial".

@@ -253,7 +253,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   py::class_<torch_dp::WorkerPool>(m, "WorkerPool")
       .def(py::init<>())
-      .def_property_readonly("num_threads", &torch_dp::WorkerPool::num_threads);
+      .def_property_readonly("num_threads", &torch_dp::WorkerPool::num_threads)
+      .def_property_readonly("settled_auto_issuing", &torch_dp::WorkerPool::settled_auto_issuing);
 
   m.def(
       "parallel_apply",

@@ -63,11 +63,12 @@ class DataParallel(torch.nn.DataParallel):
     the even split, for devices of unequal memory or speed: ``chunk_sizes=[16, 24, 24]`` over three GPUs takes
     batches of exactly 64 rows along ``dim``. A size may be 0 (that replica gets an empty chunk).
 
-    ``issuing`` (keyword only) says how the replicas run: ``"auto"`` (the default) runs replicas that share one
-    GPU one after another on the calling thread, where they would share one stream anyway, and replicas on
-    distinct devices or on CPU at once on persistent worker threads; ``"threads"`` always uses the threads
-    (upstream's behaviour); ``"serial"`` never does. SyncBatchNorm layers need their replicas running at once, so with them
-    ``"auto"`` uses the threads and ``"serial"`` is an error.
+    ``issuing`` (keyword only) says how the replicas run: ``"threads"`` runs them at once on persistent worker
+    threads (upstream's behaviour), ``"serial"`` one after another on the calling thread. ``"auto"`` (the
+    default) uses threads across distinct devices; for replicas sharing one device, which share its stream and
+    so differ only in host time, it times both ways over the first forwards and keeps the faster (serial wins
+    for small models, threads for heavy ones). Results are the same either way. SyncBatchNorm layers need
+    their replicas running at once, so with them ``"auto"`` uses the threads and ``"serial"`` is an error.
     """
 
     def __init__(

@@ -174,17 +174,80 @@ TEST_CASE("parallel_apply rethrows the lowest failing replica after all finished
   }
 }
 
-TEST_CASE("Issuing::kAuto is serial on one accelerator and threads elsewhere", "[parallel_apply][issuing]") {
+TEST_CASE("Issuing::kAuto uses threads across devices and measures on one device", "[parallel_apply][issuing]") {
   using torch_dp::Issuing;
   const c10::Device cuda0(c10::kCUDA, 0), cuda1(c10::kCUDA, 1);
-  CHECK(torch_dp::resolve_issuing(Issuing::kAuto, {cuda0, cuda0}) == Issuing::kSerial);
-  CHECK(torch_dp::resolve_issuing(Issuing::kAuto, {cuda0, cuda0, cuda0, cuda0}) == Issuing::kSerial);
+  CHECK(torch_dp::resolve_issuing(Issuing::kAuto, {cuda0, cuda0}) == Issuing::kAuto);
+  CHECK(torch_dp::resolve_issuing(Issuing::kAuto, cpus(4)) == Issuing::kAuto);
   CHECK(torch_dp::resolve_issuing(Issuing::kAuto, {cuda0, cuda1}) == Issuing::kThreads);
   CHECK(torch_dp::resolve_issuing(Issuing::kAuto, {cuda0, cuda0, cuda1}) == Issuing::kThreads);
-  CHECK(torch_dp::resolve_issuing(Issuing::kAuto, cpus(2)) == Issuing::kThreads);
   CHECK(torch_dp::resolve_issuing(Issuing::kThreads, {cuda0, cuda0}) == Issuing::kThreads);
   CHECK(torch_dp::resolve_issuing(Issuing::kSerial, cpus(3)) == Issuing::kSerial);
   CHECK(std::string(torch_dp::issuing_name(Issuing::kSerial)) == "serial");
+}
+
+TEST_CASE("WorkerPool settles Issuing::kAuto on the faster way after timing both", "[parallel_apply][issuing]") {
+  using torch_dp::Issuing;
+  const bool serial_faster = GENERATE(true, false);
+  CAPTURE(serial_faster);
+  torch_dp::WorkerPool pool;
+  CHECK(pool.settled_auto_issuing() == Issuing::kAuto);
+  // Warm-up calls run on threads and are not counted.
+  for (int i = 0; i < 2; ++i) {
+    REQUIRE(pool.next_auto_issuing() == Issuing::kThreads);
+    pool.record_auto_issuing(Issuing::kThreads, 100.0);  // far slower than anything below: must be ignored
+  }
+  std::vector<Issuing> order;
+  while (pool.settled_auto_issuing() == Issuing::kAuto) {
+    REQUIRE(order.size() < 20);
+    const auto next = pool.next_auto_issuing();
+    order.push_back(next);
+    const bool fast = (next == Issuing::kSerial) == serial_faster;
+    // One outlier per way, which a median ignores.
+    const double seconds = order.size() <= 2 ? (fast ? 1.0 : 0.001) : (fast ? 0.001 : 0.002);
+    pool.record_auto_issuing(next, seconds);
+  }
+  CHECK(order.size() == 10);  // five timed calls each, alternating
+  for (size_t i = 0; i < order.size(); ++i) {
+    CHECK(order[i] == (i % 2 ? Issuing::kSerial : Issuing::kThreads));
+  }
+  const auto expected = serial_faster ? Issuing::kSerial : Issuing::kThreads;
+  CHECK(pool.settled_auto_issuing() == expected);
+  CHECK(pool.next_auto_issuing() == expected);
+  pool.record_auto_issuing(serial_faster ? Issuing::kThreads : Issuing::kSerial, 0.0);  // settled for good
+  CHECK(pool.settled_auto_issuing() == expected);
+  CHECK_THROWS_WITH(pool.record_auto_issuing(Issuing::kAuto, 1.0),
+                    Contains("record_auto_issuing: expected threads or serial, got auto"));
+}
+
+TEST_CASE("parallel_apply with Issuing::kAuto settles after its trial calls and keeps its choice",
+          "[parallel_apply][issuing]") {
+  torch_dp::WorkerPool pool;
+  const auto devices = cpus(3);
+  std::mutex mutex;
+  std::set<std::thread::id> ids;
+  auto task = [&](size_t) {
+    std::lock_guard<std::mutex> lock(mutex);
+    ids.insert(std::this_thread::get_id());
+  };
+  for (int call = 0; call < 12; ++call) {
+    torch_dp::parallel_apply(pool, devices, task);
+  }
+  CHECK(pool.num_threads() == 2);  // the warm-up calls started the workers
+  const auto settled = pool.settled_auto_issuing();
+  REQUIRE(settled != torch_dp::Issuing::kAuto);
+  for (int call = 0; call < 3; ++call) {
+    ids.clear();
+    torch_dp::parallel_apply(pool, devices, task);
+    CHECK(ids.size() == (settled == torch_dp::Issuing::kSerial ? 1u : 3u));
+  }
+  // Failed calls are not timed: a pool whose every call fails never settles, and keeps reporting the failures.
+  torch_dp::WorkerPool failing;
+  for (int call = 0; call < 14; ++call) {
+    CHECK_THROWS_AS(torch_dp::parallel_apply(failing, devices, [](size_t) { TORCH_CHECK(false, "no"); }),
+                    torch_dp::ReplicaError);
+  }
+  CHECK(failing.settled_auto_issuing() == torch_dp::Issuing::kAuto);
 }
 
 TEST_CASE("Issuing::kSerial runs every replica on the caller, in order, and still reports failures",

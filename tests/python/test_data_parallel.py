@@ -979,7 +979,7 @@ class RecordsThread(nn.Module):
         return self.fc(x)
 
 
-@pytest.mark.parametrize("issuing, on_caller", [("serial", True), ("threads", False), ("auto", False)])
+@pytest.mark.parametrize("issuing, on_caller", [("serial", True), ("threads", False)])
 def test_issuing_decides_which_threads_run_the_replicas(issuing, on_caller):
     net = RecordsThread()
     dp = torch_dp.DataParallel(net, cpus(3), issuing=issuing)
@@ -992,17 +992,35 @@ def test_issuing_decides_which_threads_run_the_replicas(issuing, on_caller):
     assert others == {me} if on_caller else (me not in others and len(others) == 2)
 
 
-def test_issuing_auto_resolves_by_devices():
-    def picks(*devices):
+def test_issuing_auto_uses_threads_across_devices_and_measures_on_one():
+    def resolved(*devices):
         return torch_dp._C.resolve_issuing(torch_dp._C.Issuing.auto, [torch.device(d) for d in devices]).name
 
-    assert picks("cuda:0", "cuda:0") == "serial"  # one GPU: one stream, so no threads
-    assert picks("cuda:0", "cuda:0", "cuda:0", "cuda:0") == "serial"
-    assert picks("cuda:0", "cuda:1") == "threads"
-    assert picks("cuda:0", "cuda:0", "cuda:1") == "threads"
-    assert picks("cpu", "cpu") == "threads"  # CPU replicas run in parallel on threads
-    explicit = torch_dp._C.resolve_issuing(torch_dp._C.Issuing.serial, [torch.device("cpu")] * 2)
-    assert explicit.name == "serial"
+    assert resolved("cuda:0", "cuda:1") == "threads"
+    assert resolved("cuda:0", "cuda:0", "cuda:1") == "threads"
+    assert resolved("cuda:0", "cuda:0") == "auto"  # one device: settled by measuring both ways
+    assert resolved("cpu", "cpu", "cpu") == "auto"
+    assert torch_dp._C.resolve_issuing(torch_dp._C.Issuing.serial, [torch.device("cpu")] * 2).name == "serial"
+
+
+def test_issuing_auto_settles_on_one_way_and_keeps_it():
+    net = RecordsThread()
+    dp = torch_dp.DataParallel(net, cpus(3))
+    x = torch.arange(3.0).repeat_interleave(5).reshape(3, 5)
+    pool = dp._get_engine().pool
+    seen = set()
+    for _ in range(12):  # 2 warm-up calls on threads, then 5 timed calls of each way
+        assert pool.settled_auto_issuing.name == "auto"
+        net.threads.clear()
+        torch.testing.assert_close(dp(x), net.fc(x))
+        seen.add("serial" if len(set(net.threads.values())) == 1 else "threads")
+    assert seen == {"serial", "threads"}  # both ways were tried
+    settled = pool.settled_auto_issuing.name
+    assert settled in ("serial", "threads")
+    for _ in range(5):
+        net.threads.clear()
+        dp(x)
+        assert len(set(net.threads.values())) == (1 if settled == "serial" else 3)
 
 
 @pytest.mark.parametrize("n", [2, 4])
