@@ -2,7 +2,8 @@
 """Where a forward through torch_dp.DataParallel spends its time, against the ideal (the same chunks one after
 another through the plain module): wall-clock time per forward of the plain module, the ideal and torch_dp side
 by side; then torch.profiler over every thread (the replicas' workers included) for torch_dp and for the ideal:
-CPU and device totals per forward, and a table of torch_dp's events with the most CPU time.
+CPU time and kernel time per forward (a device busy well below 100% means the host cannot issue the work fast
+enough), and a table of torch_dp's events with the most CPU time.
 
     python benchmarks/profile_forward.py [--device cpu|cuda] [--model tiny|mlp|resnet50] [--replicas N]
                                          [--iters N] [--issuing auto|threads|serial] [--trace PATH]
@@ -90,7 +91,10 @@ def main() -> int:
         profiles[name] = profile
 
     where = f"{args.device}{', ' + torch.cuda.get_device_name() if cuda else ''}"
-    print(f"{label} on {args.replicas} replicas ({where}, torch {torch.__version__}, issuing={args.issuing}), "
+    issuing = args.issuing
+    if issuing == "auto" and args.replicas > 1:
+        issuing += f", settled on {dp._get_engine().pool.settled_auto_issuing.name}"
+    print(f"{label} on {args.replicas} replicas ({where}, torch {torch.__version__}, issuing={issuing}), "
           f"wall clock per forward, {args.iters} forwards after 20 warm-up:")
     print("  " + ", ".join(f"{name} {ms:.4f} ms" for name, ms in wall.items())
           + f"; torch_dp/ideal {wall['torch_dp'] / wall['ideal']:.2f}, torch_dp/plain {wall['torch_dp'] / wall['plain']:.2f}")
@@ -98,9 +102,13 @@ def main() -> int:
     for name, profile in profiles.items():
         events = profile.key_averages()
         cpu_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / args.iters
-        device_ms = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3 / args.iters
-        ops = sum(e.count for e in events if e.key.startswith("aten::")) / args.iters
-        print(f"  {name:8s}: self CPU {cpu_ms:.3f} ms, self device {device_ms:.3f} ms, {ops:.0f} aten ops")
+        # Kernel time through the aten ops that launched it: the kernels' own rows, and the device-side ranges
+        # of record_function annotations, would count it again.
+        aten = [e for e in events if e.key.startswith("aten::")]
+        device_ms = sum(getattr(e, "self_device_time_total", 0) for e in aten) / 1e3 / args.iters
+        ops = sum(e.count for e in aten) / args.iters
+        busy = f" (device busy {100 * device_ms / wall[name]:.0f}% of the wall clock)" if cuda else ""
+        print(f"  {name:8s}: self CPU {cpu_ms:.3f} ms, kernels {device_ms:.3f} ms{busy}, {ops:.0f} aten ops")
     print(profiles["torch_dp"].key_averages().table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60))
     if args.trace:
         profiles["torch_dp"].export_chrome_trace(args.trace)
