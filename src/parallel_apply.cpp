@@ -51,7 +51,9 @@
 // either way, only the speed differs. Replicas on distinct devices always use threads. kThreads and kSerial
 // force a way; synchronized batch norm needs kThreads, its replicas waiting for each other in one forward.
 // The first kWarmupCalls calls (lazy initialisation, allocator growth) run on threads and are not timed, so a
-// pool's workers exist from its first call whichever way it settles.
+// pool's workers exist from its first call whichever way it settles. A DataParallel has its own pool; the pool
+// shared by the functional forms settles once for every module they run. The measurement is short and times
+// the forward only: on the H200 it kept the slower way in 3 of 16 configurations, by 15-18% (BENCHMARKS.md).
 
 namespace torch_dp {
 namespace {
