@@ -68,7 +68,8 @@ class DataParallel(torch.nn.DataParallel):
     default) uses threads across distinct devices; for replicas sharing one device, which share its stream and
     so differ only in host time, it times both ways over the first forwards and keeps the faster (serial wins
     for small models, threads for heavy ones). Results are the same either way. SyncBatchNorm layers need
-    their replicas running at once, so with them ``"auto"`` uses the threads and ``"serial"`` is an error.
+    their replicas running at once, so with them ``"auto"`` uses the threads and ``"serial"`` is an error;
+    ``torch.compile``'d modules are run serially by ``"auto"`` on one device, dynamo not being thread-safe.
     """
 
     def __init__(
@@ -158,9 +159,13 @@ class DataParallel(torch.nn.DataParallel):
     def parallel_apply(self, replicas: Sequence[T], inputs: Sequence[Any], kwargs: Any) -> list[Any]:
         # The engine's pool serves one forward at a time (the replicas' lock), so SyncBatchNorm layers can meet.
         engine = self._get_engine()
+        devices = self._devices[: len(replicas)]
+        issuing = self.issuing
+        if issuing == "auto" and engine.replicas.has_compiled and len(set(devices)) == 1:
+            issuing = "serial"  # dynamo is not thread-safe (Note [Compiled replicas])
         return _parallel_apply(
-            replicas, inputs, kwargs, self._devices[: len(replicas)], engine.pool,
-            synchronize=engine.replicas.has_sync_batchnorm, issuing=self.issuing,
+            replicas, inputs, kwargs, devices, engine.pool,
+            synchronize=engine.replicas.has_sync_batchnorm, issuing=issuing,
         )
 
     def gather(self, outputs: Any, output_device: DeviceLike) -> Any:

@@ -414,6 +414,7 @@ class _Replicas:
         self._targets: list[list[tuple[dict, str, int]]] = []  # per slot: (dict, key, source index)
         self._source_dicts: list[dict] = []  # the module tree's dicts, for DictWatch (not the modules)
         self.has_sync_batchnorm = False
+        self.has_compiled = False  # torch.compile wrappers in the tree (Note [Compiled replicas])
         # One forward at a time: the replicas are shared state. threading.Lock releases the GIL while it
         # waits, so a waiting thread cannot starve the replicas' workers of the GIL.
         self.lock = threading.Lock()
@@ -494,6 +495,11 @@ class _Replicas:
                     # compiles one graph for every replica (a closure over each replica, as the wrapper builds,
                     # would recompile per replica and, beyond torch._dynamo's recompile limit, run uncompiled).
                     # _CompiledReplicaCall also keeps replicas from compiling the same graph side by side.
+                    # Dynamo is not thread-safe beyond that (pytorch#118260): replicas checking their guards
+                    # on several threads at once now and then fail them spuriously and compile again, and from
+                    # torch 2.12 its config is per thread (pytorch#186537), so worker threads would not see the
+                    # caller's. issuing="auto" therefore runs compiled replicas that share a device serially,
+                    # on the caller's thread (DataParallel.parallel_apply).
                     if id(m) not in callers:
                         callers[id(m)] = _CompiledReplicaCall(m.dynamo_ctx)
                     replica.__dict__["forward"] = functools.partial(callers[id(m)], replica._modules["_orig_mod"])
@@ -502,6 +508,7 @@ class _Replicas:
         self._module, self._devices, self._watch = weakref.ref(module), list(devices), None
         self._source_dicts = [d for m in modules for d in (m.__dict__, m._parameters, m._buffers, m._modules)]
         self.has_sync_batchnorm = any(isinstance(m, SyncBatchNorm) for m in modules)
+        self.has_compiled = bool(callers)
         # Watch at once: a DataParallel on one device never calls get(), and without a watch every sync()
         # rebuilt the replicas (on every forward). get() takes the watch again after it installs new tensors.
         self._watch_all()
@@ -713,6 +720,8 @@ def data_parallel(
         if len(devices) == 1:
             return module(*inputs[0], **kwargs[0])
         modules = replicas.get(len(inputs), differentiable=torch.is_grad_enabled())
-        outputs = _parallel_apply(modules, inputs, kwargs, devices[: len(inputs)], _default_pool(), issuing="auto")
+        used = devices[: len(inputs)]
+        issuing = "serial" if replicas.has_compiled and len(set(used)) == 1 else "auto"  # Note [Compiled replicas]
+        outputs = _parallel_apply(modules, inputs, kwargs, used, _default_pool(), issuing=issuing)
     return gather(outputs, output_device, dim)
 

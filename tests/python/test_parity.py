@@ -800,11 +800,33 @@ def test_torch_compile_module_runs_compiled_replicas(name, device_ids):
     # One graph for every replica: two where replicas hold copies (dynamo guards on Parameter against tensor),
     # one per device on distinct GPUs (it guards on the device).
     expected = 2 if isinstance(device_ids, CopyingDevices) else len(set(device_ids))
-    assert backend.graphs == expected, f"{backend.graphs} graphs compiled for {len(device_ids)} replicas"
+    threaded = getattr(device_ids, "issuing", "auto") == "threads" or len(set(device_ids)) > 1
+    if threaded:
+        # Dynamo is not thread-safe (pytorch#118260): replicas checking guards on several threads at once now
+        # and then fail them spuriously and compile once more. On one device, issuing="auto" runs them serially.
+        assert expected <= backend.graphs <= expected + 1, f"{backend.graphs} graphs for {len(device_ids)} replicas"
+    else:
+        assert backend.graphs == expected, f"{backend.graphs} graphs compiled for {len(device_ids)} replicas"
     module = compiled[0]
     assert list(module._modules) == ["conv", "bn", "fc"]
     assert [name for name, _ in module.named_parameters()] == [
         "conv.weight", "conv.bias", "bn.weight", "bn.bias", "fc.weight", "fc.bias"]
+
+
+def test_torch_compile_module_on_one_device_runs_serially():
+    # Note [Compiled replicas]: dynamo is not thread-safe, so issuing="auto" keeps compiled replicas that share
+    # a device on the calling thread: no worker is ever started, and each replica list compiles a fixed count.
+    torch._dynamo.reset()
+    backend = CountingBackend()
+    module = ConvBN().double()
+    dp = torch_dp.DataParallel(torch.compile(module, backend=backend), ["cpu"] * 3)
+    for _ in range(14):  # past issuing="auto"'s trial, which would otherwise have tried threads
+        dp(_x(torch.device("cpu"), 12, 3, 6, 6)).sum().backward()
+    assert dp._get_engine().pool.num_threads == 0
+    assert backend.graphs == 1
+    forced = torch_dp.DataParallel(torch.compile(ConvBN().double(), backend="eager"), ["cpu"] * 3, issuing="threads")
+    forced(_x(torch.device("cpu"), 12, 3, 6, 6))
+    assert forced._get_engine().pool.num_threads == 2  # an explicit choice is kept
 
 
 def test_torch_compile_module_state_dict_keys_as_upstream():

@@ -155,3 +155,56 @@ def test_dict_watch_sees_every_change_to_a_watched_dict():
     watch.retake()
     module.weight = torch.nn.Parameter(torch.zeros(2, 2))
     assert not watch.unchanged()
+
+
+def test_dict_watch_fast_path_sees_changes_made_every_way():
+    """DictWatch's cheap proof of 'nothing changed' (a dict watcher from Python 3.12, version tags before;
+    Note [Watching a module tree]) must notice every kind of write, since it skips the entry walk."""
+    import sys
+
+    from torch_dp import _C
+
+    broken_watchers = sys.version_info[:3] == (3, 13, 0)  # CPython issue 125608: walks the entries instead
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    dicts = [m.__dict__ for m in module.modules()] + [m._parameters for m in module.modules()]
+    dicts += [m._buffers for m in module.modules()] + [m._modules for m in module.modules()]
+    watch = _C.DictWatch(dicts)
+    assert watch.fast == (not broken_watchers)
+    changes = [
+        lambda: setattr(module[0], "scale", 2.0),
+        lambda: delattr(module[0], "scale"),
+        lambda: module.train(False),
+        lambda: module[0].__dict__.update(extra=1),
+        lambda: module[0].__dict__.pop("extra"),
+        lambda: module[1].register_buffer("shift", torch.zeros(2)),
+        lambda: setattr(module[1], "shift", torch.ones(2)),
+        lambda: setattr(module[1], "weight", torch.nn.Parameter(torch.ones(2))),
+        lambda: setattr(module, "0", torch.nn.Linear(2, 2)),  # last: the new submodule's dicts are not watched
+    ]
+    for i, change in enumerate(changes):
+        assert watch.unchanged(), i
+        change()
+        assert not watch.unchanged(), f"change {i} not seen"
+        watch.retake()
+
+
+def test_dict_watches_sharing_a_dict_each_see_its_changes():
+    from torch_dp import _C
+
+    d = {"a": 1}
+    first, second = _C.DictWatch([d]), _C.DictWatch([d, d])  # a dict listed twice is held twice
+    d["a"] = 2
+    assert not first.unchanged() and not second.unchanged()
+    first.retake()
+    second.retake()
+    del second  # the other watch keeps seeing changes
+    d["b"] = 3
+    assert not first.unchanged()
+    first.retake()
+    assert first.unchanged()
+    del first
+    d["c"] = 4  # nobody watches any more: nothing to notify, nothing breaks
+    third = _C.DictWatch([d])
+    assert third.unchanged()
+    d.clear()
+    assert not third.unchanged()
