@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The benchmarks, side by side: torch_dp against the plain module, the ideal and torch.nn.DataParallel (Python),
-# against LibTorch's data_parallel (C++, CUDA builds of torch only), and what SyncBatchNorm costs. Builds first
+# against LibTorch's data_parallel (C++, CUDA builds of torch only), what SyncBatchNorm costs, and what finding an
+# unchanged module tree costs (bench_dict_watch.py). Builds first
 # (scripts/build.sh, benchmarks on). Writes the JSON of each run into OUTDIR (default build/bench).
 #
 #   bash scripts/bench.sh [--quick] [--device cpu|cuda] [--out OUTDIR]
@@ -23,4 +24,5 @@ PYTHON=${PYTHON:-python3}
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 "$PYTHON" benchmarks/bench_dp.py "${device[@]}" "${quick[@]}" --json "$outdir/bench_dp.json"
 "$PYTHON" benchmarks/bench_sync_bn.py "${device[@]}" "${quick[@]}" --json "$outdir/bench_sync_bn.json"
+"$PYTHON" benchmarks/bench_dict_watch.py
 build/benchmarks/bench_cpp "${quick[@]}" --json "$outdir/bench_cpp.json"
