@@ -257,9 +257,8 @@ AUTO_TRIAL_CALLS = 16  # more than the 2 warm-up and 2 x 5 timed calls issuing="
 
 def settled_issuing(dp: torch_dp.DataParallel) -> str:
     """What issuing="auto" uses now: "threads" or "serial", or "auto" while still measuring."""
-    if len(set(dp._devices)) > 1:
-        return "threads"
-    return dp._get_engine().pool.settled_auto_issuing.name
+    resolved = torch_dp._C.resolve_issuing(torch_dp._C.Issuing.auto, dp._devices)
+    return (dp._get_engine().pool.settled_auto_issuing if resolved == torch_dp._C.Issuing.auto else resolved).name
 
 
 def bench_config(

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_dp import MODELS, torch_dp  # noqa: E402
+from bench_dp import MODELS, settled_issuing, torch_dp  # noqa: E402
 
 
 def main() -> int:
@@ -93,7 +93,7 @@ def main() -> int:
     where = f"{args.device}{', ' + torch.cuda.get_device_name() if cuda else ''}"
     issuing = args.issuing
     if issuing == "auto" and args.replicas > 1:
-        issuing += f", settled on {dp._get_engine().pool.settled_auto_issuing.name}"
+        issuing += f", settled on {settled_issuing(dp)}"
     print(f"{label} on {args.replicas} replicas ({where}, torch {torch.__version__}, issuing={issuing}), "
           f"wall clock per forward, {args.iters} forwards after 20 warm-up:")
     print("  " + ", ".join(f"{name} {ms:.4f} ms" for name, ms in wall.items())

@@ -360,17 +360,15 @@ void parallel_apply(
     task(i);
   };
   issuing = resolve_issuing(issuing, devices);
-  std::vector<std::exception_ptr> errors;
-  if (issuing == Issuing::kAuto && n > 1) {
+  const bool measuring = issuing == Issuing::kAuto && n > 1;  // the pool settles kAuto (Note [Issuing replicas])
+  if (measuring) {
     issuing = pool.next_auto_issuing();
-    const auto start = std::chrono::steady_clock::now();
-    errors = pool.run(n, run_replica, issuing == Issuing::kSerial);
-    const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
-    if (std::none_of(errors.begin(), errors.end(), [](const std::exception_ptr& e) { return bool(e); })) {
-      pool.record_auto_issuing(issuing, took.count());
-    }
-  } else {
-    errors = pool.run(n, run_replica, issuing == Issuing::kSerial);
+  }
+  const auto start = std::chrono::steady_clock::now();
+  const auto errors = pool.run(n, run_replica, issuing == Issuing::kSerial);
+  const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
+  if (measuring && std::none_of(errors.begin(), errors.end(), [](const std::exception_ptr& e) { return bool(e); })) {
+    pool.record_auto_issuing(issuing, took.count());
   }
   for (size_t i = 0; i < n; ++i) {
     if (errors[i]) {

@@ -133,7 +133,7 @@ class DataParallel(torch.nn.DataParallel):
                 if len(self.device_ids) == 1:
                     return self.module(*inputs[0], **module_kwargs[0])
                 # replicate checks the module tree again (an overridden scatter may have changed it); with
-                # nothing changed that check is one version-tag comparison per dict (Note [Watching a module tree]).
+                # nothing changed that check reads no dict entry (Note [Watching a module tree]).
                 replicas = self.replicate(self.module, self.device_ids[: len(inputs)])
                 outputs = self.parallel_apply(replicas, inputs, module_kwargs)
             return self.gather(outputs, self.output_device)
@@ -159,13 +159,10 @@ class DataParallel(torch.nn.DataParallel):
     def parallel_apply(self, replicas: Sequence[T], inputs: Sequence[Any], kwargs: Any) -> list[Any]:
         # The engine's pool serves one forward at a time (the replicas' lock), so SyncBatchNorm layers can meet.
         engine = self._get_engine()
-        devices = self._devices[: len(replicas)]
-        issuing = self.issuing
-        if issuing == "auto" and engine.replicas.has_compiled and len(set(devices)) == 1:
-            issuing = "serial"  # dynamo is not thread-safe (Note [Compiled replicas])
         return _parallel_apply(
-            replicas, inputs, kwargs, devices, engine.pool,
-            synchronize=engine.replicas.has_sync_batchnorm, issuing=issuing,
+            replicas, inputs, kwargs, self._devices[: len(replicas)], engine.pool,
+            synchronize=engine.replicas.has_sync_batchnorm, issuing=self.issuing,
+            compiled=engine.replicas.has_compiled,
         )
 
     def gather(self, outputs: Any, output_device: DeviceLike) -> Any:

@@ -499,7 +499,7 @@ class _Replicas:
                     # on several threads at once now and then fail them spuriously and compile again, and from
                     # torch 2.12 its config is per thread (pytorch#186537), so worker threads would not see the
                     # caller's. issuing="auto" therefore runs compiled replicas that share a device serially,
-                    # on the caller's thread (DataParallel.parallel_apply).
+                    # on the caller's thread (_parallel_apply).
                     if id(m) not in callers:
                         callers[id(m)] = _CompiledReplicaCall(m.dynamo_ctx)
                     replica.__dict__["forward"] = functools.partial(callers[id(m)], replica._modules["_orig_mod"])
@@ -566,12 +566,13 @@ def _checked_issuing(issuing: str) -> str:
 
 def _parallel_apply(
     modules, inputs, kwargs_tup, devices: list[torch.device], pool, synchronize: bool = False,
-    issuing: str = "threads",
+    issuing: str = "threads", compiled: bool = False,
 ) -> list[Any]:
     """Runs replica i on inputs[i] and kwargs_tup[i] on the pool, issued as `issuing` says (Note [Issuing
     replicas] in parallel_apply.cpp). With `synchronize` (replicas holding SyncBatchNorm layers), those layers
     meet across replicas (Note [Synchronized batch norm]); only for a pool no other call can use at the same
-    time, since replicas waiting for each other must all be running."""
+    time, since replicas waiting for each other must all be running. `compiled` (replicas of a torch.compile
+    wrapper) makes "auto" serial on one device (Note [Compiled replicas])."""
     results: list[Any] = [None] * len(modules)
     group = SyncGroup(len(modules)) if synchronize and len(modules) > 1 and not in_replica() else None
     if group is not None:
@@ -581,6 +582,8 @@ def _parallel_apply(
                 "replicas wait for each other inside a forward; use issuing='auto' or 'threads'"
             )
         issuing = "threads"
+    elif issuing == "auto" and compiled and len(set(devices)) == 1:
+        issuing = "serial"  # dynamo is not thread-safe (Note [Compiled replicas])
 
     def run_replica(i: int) -> None:
         failed = False
@@ -720,8 +723,9 @@ def data_parallel(
         if len(devices) == 1:
             return module(*inputs[0], **kwargs[0])
         modules = replicas.get(len(inputs), differentiable=torch.is_grad_enabled())
-        used = devices[: len(inputs)]
-        issuing = "serial" if replicas.has_compiled and len(set(used)) == 1 else "auto"  # Note [Compiled replicas]
-        outputs = _parallel_apply(modules, inputs, kwargs, used, _default_pool(), issuing=issuing)
+        outputs = _parallel_apply(
+            modules, inputs, kwargs, devices[: len(inputs)], _default_pool(), issuing="auto",
+            compiled=replicas.has_compiled,
+        )
     return gather(outputs, output_device, dim)
 
