@@ -2,11 +2,12 @@
 # The GPU check: one command for a GPU machine. Builds torch_dp there against that machine's torch, runs the
 # C++ tests (CUDA ones included), the Python tests including the parity suite against torch.nn.DataParallel,
 # compute-sanitizer over the CUDA C++ tests, the benchmarks, DDP over NCCL with torch_dp inside
-# (examples/python/ddp.py), the SyncBatchNorm benchmark and profiles of a small and a large forward, in that order (most
-# wanted first). Logs and JSON go to OUTDIR/logs (the first argument, else $OUT, else ./gpu_check_out; packed
-# into OUTDIR/logs.tgz under $OUT, whose files come back few), OUTDIR/summary.json holds the table, which is
-# printed last, after the end of each failed step's log. The whole run keeps within GPU_CHECK_BUDGET seconds (default 540): each step's limit is cut
-# to what is left, and steps with no time left are reported as such.
+# (examples/python/ddp.py), the SyncBatchNorm benchmark and profiles of a small and a large forward, in that
+# order (most wanted first). Logs and JSON go to OUTDIR/logs (the first argument, else $OUT, else
+# ./gpu_check_out; packed into OUTDIR/logs.tgz under $OUT, whose files come back few), OUTDIR/summary.json holds
+# the table, which is printed last, after the end of each failed step's log. The whole run keeps within
+# GPU_CHECK_BUDGET seconds (default 540): each step's limit is cut to what is left, and steps with no time left
+# are reported as such.
 #
 #   bash scripts/gpu_check.sh [OUTDIR]
 #   GPU_CHECK_SKIP=memcheck,racecheck bash scripts/gpu_check.sh   # leave steps out

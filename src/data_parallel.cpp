@@ -141,7 +141,7 @@ void build_slot(ReplicaSet& set, const ModuleCaller& module, size_t j) {
   auto original_modules = original_root->modules();
   auto replica_modules = replica_root->modules();
   TORCH_DP_CHECK(original_modules.size() == replica_modules.size(), "DataParallel: the clone of the module has ",
-              replica_modules.size(), " submodules, but the module has ", original_modules.size());
+                 replica_modules.size(), " submodules, but the module has ", original_modules.size());
   for (size_t m = 0; m < original_modules.size(); ++m) {
     slot.trees.emplace_back(original_modules[m].get(), replica_modules[m].get());
   }
@@ -306,8 +306,9 @@ c10::IValue gather_ivalues(const std::vector<c10::IValue>& outputs, c10::Device 
   TORCH_DP_CHECK(!outputs.empty(), "DataParallel: no outputs to gather");
   const auto& first = outputs[0];
   auto mismatch = [&](size_t i) {
-    return detail::message("DataParallel: replica ", i, " returned a ", outputs[i].tagKind(), " where replica 0 returned a ",
-                    first.tagKind(), "; every replica must return the same structure");
+    return detail::message("DataParallel: replica ", i, " returned a ", outputs[i].tagKind(),
+                           " where replica 0 returned a ", first.tagKind(),
+                           "; every replica must return the same structure");
   };
   if (first.isTensor()) {
     std::vector<at::Tensor> tensors;
@@ -327,7 +328,7 @@ c10::IValue gather_ivalues(const std::vector<c10::IValue>& outputs, c10::Device 
       std::vector<c10::IValue> column;
       for (size_t i = 0; i < outputs.size(); ++i) {
         TORCH_DP_CHECK(outputs[i].isTuple() && outputs[i].toTupleRef().elements().size() == size, mismatch(i),
-                    " (tuples of the same size)");
+                       " (tuples of the same size)");
         column.push_back(outputs[i].toTupleRef().elements()[e]);
       }
       gathered.push_back(gather_ivalues(column, destination, dim));
@@ -340,7 +341,8 @@ c10::IValue gather_ivalues(const std::vector<c10::IValue>& outputs, c10::Device 
     for (size_t e = 0; e < size; ++e) {
       std::vector<c10::IValue> column;
       for (size_t i = 0; i < outputs.size(); ++i) {
-        TORCH_DP_CHECK(outputs[i].isList() && outputs[i].toList().size() == size, mismatch(i), " (lists of the same size)");
+        TORCH_DP_CHECK(outputs[i].isList() && outputs[i].toList().size() == size, mismatch(i),
+                       " (lists of the same size)");
         column.push_back(outputs[i].toList().get(e));
       }
       gathered.push_back(gather_ivalues(column, destination, dim));
@@ -356,7 +358,7 @@ c10::IValue gather_ivalues(const std::vector<c10::IValue>& outputs, c10::Device 
         TORCH_DP_CHECK(outputs[i].isGenericDict(), mismatch(i));
         auto other = outputs[i].toGenericDict();
         TORCH_DP_CHECK(other.size() == dict.size() && other.contains(entry.key()), "DataParallel: replica ", i,
-                    " returned a dict with other keys than replica 0's; all dicts must have the same keys");
+                       " returned a dict with other keys than replica 0's; all dicts must have the same keys");
         column.push_back(other.at(entry.key()));
       }
       gathered.insert(entry.key(), gather_ivalues(column, destination, dim));
@@ -364,7 +366,7 @@ c10::IValue gather_ivalues(const std::vector<c10::IValue>& outputs, c10::Device 
     return gathered;
   }
   TORCH_DP_CHECK(false, "DataParallel can only gather tensors, alone or inside tuples, lists and dicts (and None), "
-              "but replica 0 returned a ", first.tagKind(), "; return a tensor instead");
+                 "but replica 0 returned a ", first.tagKind(), "; return a tensor instead");
 }
 
 namespace {
@@ -426,11 +428,11 @@ void DataParallelImpl::reset() {
   }
   for (const auto& device : devices_) {
     TORCH_DP_CHECK(device.is_cpu() || device.has_index(), "DataParallel: device ", device.str(),
-                " has no index; give every accelerator device an index, e.g. cuda:0");
+                   " has no index; give every accelerator device an index, e.g. cuda:0");
   }
   if (options.chunk_sizes()) {
-    TORCH_DP_CHECK(options.chunk_sizes()->size() == devices_.size(), "DataParallel: expected one chunk size per device (",
-                devices_.size(), " devices), but got ", options.chunk_sizes()->size(), " chunk sizes");
+    TORCH_DP_CHECK(options.chunk_sizes()->size() == devices_.size(), "DataParallel: expected one chunk size per ",
+                   "device (", devices_.size(), " devices), but got ", options.chunk_sizes()->size(), " chunk sizes");
   }
   replica_set_ = std::make_shared<detail::ReplicaSet>();
 }

@@ -108,7 +108,7 @@ at::Tensor gather(at::TensorList tensors, c10::Device destination, int64_t dim) 
   }
   const auto& first = inputs[0];
   TORCH_DP_CHECK(first.dim() > 0, "gather: cannot concatenate 0-dim tensors along dim ", dim,
-              "; tensor at index 0 is a scalar");
+                 "; tensor at index 0 is a scalar");
   dim = c10::maybe_wrap_dim(dim, first.dim());
   for (size_t i = 1; i < inputs.size(); ++i) {
     const auto& t = inputs[i];

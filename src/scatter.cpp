@@ -90,7 +90,7 @@ std::vector<at::Tensor> scatter(
         devices.size(), " devices");
     for (size_t i = 0; i < sizes->size(); ++i) {
       TORCH_DP_CHECK((*sizes)[i] >= 0, "scatter: chunk sizes must be non-negative, but chunk ", i, " has size ",
-                  (*sizes)[i]);
+                     (*sizes)[i]);
     }
     const int64_t total = std::accumulate(sizes->begin(), sizes->end(), int64_t{0});
     TORCH_DP_CHECK(
