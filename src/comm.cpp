@@ -7,6 +7,7 @@
 #include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
 #include <torch/csrc/autograd/custom_function.h>
 
 #include <map>
@@ -16,11 +17,25 @@
 // A model has hundreds of small tensors; copying them one by one costs a kernel launch (and on the way back a
 // reduction) each. CoalescedCopies lays the copies of all sources of one dtype end to end in one flat buffer
 // on the target device, each copy a view of it. Refreshing a group is then one `cat` into the flat buffer (on
-// the source's device) or one `cat` plus one copy (across devices). A group is refreshed only when it is stale:
-// a source was written to (its version counter moved), a source was re-pointed at other memory (`.data = ...`
-// keeps the version but changes the data pointer), or one of the copies was written to (the copies are views of
-// the flat buffer, so they share its version counter). Inference tensors have no version counter; a group with
-// one is copied on every refresh.
+// the source's device) or one `cat` plus one copy (across devices).
+//
+// Note [Stale copies]
+// ~~~~~~~~~~~~~~~~~~~
+// A replica must never run on state older than the module's, and nothing cheap proves that a tensor is
+// unchanged: torch's fused optimizers (`fused=True`), the batch-norm op's running-statistics update, an
+// in-place edit through `.data` and a write through `data_ptr()` from an extension move neither the version
+// counter nor the data pointer. So every refresh copies every group, as torch.nn.DataParallel's broadcast does
+// on every forward (coalesced here, into memory that is kept). `trust_version_counters` is the opt-in
+// exception: a group is copied again only if a source's version counter or data pointer moved, or one of the
+// copies was written to (they are views of the flat buffer and share its version counter); inference tensors
+// have no version counter, so a group holding one is always copied.
+//
+// Copies handed out under grad mode may be saved by that forward's autograd graph (a Linear saves its weight),
+// and a graph may be run backward after a later forward (two forwards, one loss). Overwriting them in place
+// would make that backward fail with a version-counter error where torch.nn.DataParallel, which broadcasts into
+// new tensors, works. So an unbound group handed out under grad mode is refreshed into new memory; in
+// inference, and for copies bound into a C++ replica's own tensors (bind(), whose tensors the replica keeps),
+// it is overwritten in place.
 
 namespace torch_dp {
 namespace {
@@ -225,7 +240,8 @@ std::vector<at::Tensor> reduce_add_coalesced(
 
 namespace detail {
 
-CoalescedCopies::CoalescedCopies(at::TensorList sources, c10::Device device) : device_(device) {
+CoalescedCopies::CoalescedCopies(at::TensorList sources, c10::Device device, bool trust_version_counters)
+    : device_(device), trust_version_counters_(trust_version_counters) {
   c10::InferenceMode not_inference(false);
   at::NoGradGuard no_grad;
   c10::OptionalDeviceGuard guard;
@@ -254,13 +270,18 @@ CoalescedCopies::CoalescedCopies(at::TensorList sources, c10::Device device) : d
       total += sources[k].numel();
     }
     Group group{at::empty({total}, at::TensorOptions().dtype(dtype).device(device)), members, -1};
-    int64_t offset = 0;
-    for (auto k : members) {
-      const int64_t numel = sources[k].numel();
-      copies_[k] = group.flat.narrow(0, offset, numel).view(sources[k].sizes());
-      offset += numel;
-    }
+    view_copies_in(group);
     groups_.push_back(std::move(group));
+  }
+}
+
+void CoalescedCopies::view_copies_in(const Group& group) {
+  int64_t offset = 0;
+  for (auto k : group.members) {
+    const auto& sizes = sizes_[k];
+    const int64_t numel = c10::multiply_integers(sizes);
+    copies_[k] = group.flat.narrow(0, offset, numel).view(sizes);
+    offset += numel;
   }
 }
 
@@ -278,16 +299,34 @@ bool CoalescedCopies::layout_matches(at::TensorList sources) const {
   return true;
 }
 
+bool CoalescedCopies::group_is_stale(const Group& group, at::TensorList sources) const {
+  if (!trust_version_counters_ || group.flat_version < 0 || version_of(group.flat) != group.flat_version) {
+    return true;
+  }
+  for (auto k : group.members) {
+    const auto& s = sources[k];
+    if (stamps_[k].data != s.const_data_ptr() || stamps_[k].version < 0 || version_of(s) != stamps_[k].version ||
+        (!aliases_.empty() && version_of(aliases_[k]) != alias_versions_[k])) {
+      return true;
+    }
+  }
+  return false;
+}
+
 bool CoalescedCopies::refresh(at::TensorList sources) {
   if (!layout_matches(sources)) {
     return false;
   }
+  // Read before the guards below: whether the copies handed out after this refresh may be saved by autograd.
+  const bool with_grad = c10::GradMode::is_enabled();
   c10::InferenceMode not_inference(false);
   at::NoGradGuard no_grad;
   c10::OptionalDeviceGuard guard;
   if (!device_.is_cpu()) {
     guard.reset_device(device_);
   }
+  // Note [Stale copies]: never overwrite unbound copies that an autograd graph may have saved.
+  const bool into_new_memory = handed_out_with_grad_ && aliases_.empty();
   for (auto& group : groups_) {
     if (!group.flat.defined()) {
       const auto k = group.members[0];
@@ -297,14 +336,12 @@ bool CoalescedCopies::refresh(at::TensorList sources) {
       }
       continue;
     }
-    bool stale = group.flat_version < 0 || version_of(group.flat) != group.flat_version;
-    for (auto k : group.members) {
-      const auto& s = sources[k];
-      stale = stale || stamps_[k].data != s.const_data_ptr() || version_of(s) != stamps_[k].version ||
-          stamps_[k].version < 0 || (!aliases_.empty() && version_of(aliases_[k]) != alias_versions_[k]);
-    }
-    if (!stale) {
+    if (!group_is_stale(group, sources)) {
       continue;
+    }
+    if (into_new_memory) {
+      group.flat = at::empty_like(group.flat);
+      view_copies_in(group);
     }
     if (group.members.size() == 1) {
       const auto k = group.members[0];
@@ -329,6 +366,7 @@ bool CoalescedCopies::refresh(at::TensorList sources) {
     }
     group.flat_version = version_of(group.flat);
   }
+  handed_out_with_grad_ = with_grad;
   return true;
 }
 

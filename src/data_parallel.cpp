@@ -1,6 +1,7 @@
 #include <torch_dp/data_parallel.h>
 
 #include "message.h"
+#include "test_access.h"
 
 #include <torch_dp/comm.h>
 
@@ -27,9 +28,9 @@
 //  - The first slot on the module's device runs the module itself: no copy, and its in-place buffer updates
 //    (BatchNorm) land in the module, which is PyTorch's replica-0 rule.
 //  - A later slot on that device points its parameters at the module's memory (set_data), so an optimizer
-//    step is seen without any copy, and keeps private buffers, refreshed from the module's before a forward
-//    when either side changed (detail::CoalescedCopies, bound to the replica's own tensors).
-//  - A slot on another device holds coalesced copies of parameters and buffers, refreshed when they changed.
+//    step is seen without any copy, and keeps private buffers, refreshed from the module's before every
+//    forward (detail::CoalescedCopies, bound to the replica's own tensors; Note [Stale copies]).
+//  - A slot on another device holds coalesced copies of parameters and buffers, refreshed the same way.
 // A clone's parameters are tensors of their own, so on each forward with grad mode on they get one
 // ReplicaGrad node per slot (torch::autograd::set_history) whose edges lead to the module's parameters: their
 // gradients pass through (same device) or are reduce-added onto the module's device (coalesced), and
@@ -100,6 +101,8 @@ struct ReplicaSet {
 
   std::mutex mutex;
   WorkerPool pool;
+  bool trust_version_counters = false;
+  bool copy_everything = false;  // test hook: later slots on the module's device copy parameters too
   std::vector<at::Tensor> params;
   std::vector<at::Tensor> buffers;
   std::vector<c10::Device> devices;
@@ -146,7 +149,7 @@ void build_slot(ReplicaSet& set, const ModuleCaller& module, size_t j) {
     slot.trees.emplace_back(original_modules[m].get(), replica_modules[m].get());
   }
   for (size_t k = 0; k < set.params.size(); ++k) {
-    if (set.params[k].device() == slot.device) {
+    if (set.params[k].device() == slot.device && !set.copy_everything) {
       slot.shared_params.push_back(k);
     } else {
       slot.copied_sources.push_back(set.params[k]);
@@ -159,7 +162,7 @@ void build_slot(ReplicaSet& set, const ModuleCaller& module, size_t j) {
   }
   slot.shared_data.assign(slot.shared_params.size(), nullptr);
   if (!slot.copied_sources.empty()) {
-    slot.copies.emplace(slot.copied_sources, slot.device);
+    slot.copies.emplace(slot.copied_sources, slot.device, set.trust_version_counters);
     slot.copies->bind(slot.copied_aliases);
   }
   set.slots.push_back(std::move(slot));
@@ -176,13 +179,13 @@ void refresh_slot(ReplicaSet& set, ReplicaSet::Slot& slot) {
       const auto k = slot.shared_params[n];
       const auto& source = set.params[k];
       if (slot.shared_data[n] != source.const_data_ptr() || slot.params[k].sizes() != source.sizes() ||
-          slot.params[k].scalar_type() != source.scalar_type()) {
+          slot.params[k].strides() != source.strides() || slot.params[k].scalar_type() != source.scalar_type()) {
         slot.params[k].set_data(source);
         slot.shared_data[n] = source.const_data_ptr();
       }
     }
     if (slot.copies && !slot.copies->refresh(slot.copied_sources)) {
-      slot.copies.emplace(slot.copied_sources, slot.device);  // a source changed shape or dtype
+      slot.copies.emplace(slot.copied_sources, slot.device, set.trust_version_counters);  // new shape or dtype
       slot.copies->bind(slot.copied_aliases);
       slot.copies->refresh(slot.copied_sources);
     }
@@ -372,7 +375,8 @@ c10::IValue gather_ivalues(const std::vector<c10::IValue>& outputs, c10::Device 
 namespace {
 bool same_options(const DataParallelOptions& a, const DataParallelOptions& b) {
   return a.devices() == b.devices() && a.output_device() == b.output_device() && a.dim() == b.dim() &&
-      a.chunk_sizes() == b.chunk_sizes() && a.issuing() == b.issuing();
+      a.chunk_sizes() == b.chunk_sizes() && a.issuing() == b.issuing() &&
+      a.trust_version_counters() == b.trust_version_counters();
 }
 } // namespace
 
@@ -435,6 +439,7 @@ void DataParallelImpl::reset() {
                    "device (", devices_.size(), " devices), but got ", options.chunk_sizes()->size(), " chunk sizes");
   }
   replica_set_ = std::make_shared<detail::ReplicaSet>();
+  replica_set_->trust_version_counters = options.trust_version_counters();
 }
 
 std::shared_ptr<torch::nn::Module> DataParallelImpl::clone(const std::optional<c10::Device>& device) const {
@@ -479,6 +484,12 @@ std::vector<detail::ModuleCaller*> DataParallelImpl::replicas(size_t count) {
     result.push_back(&set.slots[j].module);
   }
   return result;
+}
+
+void detail::TestAccess::copy_everything(DataParallelImpl& parallel) {
+  auto guard = parallel.lock();
+  parallel.replica_set_->copy_everything = true;
+  parallel.replica_set_->slots.clear();
 }
 
 WorkerPool& DataParallelImpl::pool() {

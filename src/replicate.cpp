@@ -10,7 +10,7 @@
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~
 // torch.nn.DataParallel rebuilds every replica on every forward: it broadcasts every parameter and buffer and
 // copies every submodule, even when nothing changed since the last step. The Replicator keeps, per replica
-// slot, what that slot needs and refreshes only what changed:
+// slot, what that slot needs:
 //  - On a parameter's own device there is nothing to copy: the replica uses the parameter itself. Its gradient
 //    then accumulates straight into the original's .grad, which is the sum over replicas that PyTorch's
 //    broadcast backward computes, with no reduction step at all. (With device_ids=[0, 0] or ["cpu"] * 4,
@@ -18,7 +18,7 @@
 //  - Buffers are updated in place by forward (BatchNorm's running statistics). PyTorch keeps replica 0's
 //    updates, because replica 0 aliases the original buffers, and drops the others'. The first slot on the
 //    source device therefore uses the original buffers; every other slot gets private copies, brought back to
-//    the source's values before each forward if either side changed (Note [Coalesced copies]).
+//    the source's values before each forward (Note [Coalesced copies], Note [Stale copies]).
 //  - Copies on other devices are cached the same way and wrapped, per call, in one broadcast autograd node
 //    (Note [Broadcast grad]) so their gradients are reduce-added onto the source device.
 
@@ -68,7 +68,7 @@ void Replicator::build_slots(at::ArrayRef<c10::Device> devices) {
       }
     }
     if (!slot.copied_sources.empty()) {
-      slot.copies.emplace(slot.copied_sources, slot.device);
+      slot.copies.emplace(slot.copied_sources, slot.device, trust_version_counters_);
     }
     slots_.push_back(std::move(slot));
   }
@@ -90,7 +90,7 @@ std::vector<std::vector<at::Tensor>> Replicator::replicate(
     auto& slot = slots_[j];
     if (slot.copies && !slot.copies->refresh(slot.copied_sources)) {
       // A source changed shape, dtype or layout (`module.double()`, `.data = ...`): lay the copies out anew.
-      slot.copies.emplace(slot.copied_sources, slot.device);
+      slot.copies.emplace(slot.copied_sources, slot.device, trust_version_counters_);
       slot.copies->refresh(slot.copied_sources);
     }
     auto& tensors = result[j];

@@ -25,15 +25,19 @@ std::vector<at::Tensor> reduce_add_coalesced(
 namespace detail {
 
 /// Copies of some source tensors on one device, packed into one flat buffer per dtype (Note [Coalesced
-/// copies] in comm.cpp). refresh() copies again only what changed since the last refresh.
+/// copies] and Note [Stale copies] in comm.cpp).
 class CoalescedCopies {
  public:
-  CoalescedCopies(at::TensorList sources, c10::Device device);
+  /// With `trust_version_counters`, refresh() skips a dtype group whose sources' version counters and data
+  /// pointers did not move, which misses writes that move neither (fused optimizers, `.data`, BatchNorm's
+  /// running statistics, raw pointers). Without it, every refresh copies everything.
+  CoalescedCopies(at::TensorList sources, c10::Device device, bool trust_version_counters = false);
 
-  /// Brings the copies up to date with `sources` (the same tensors, in the same order, as at construction):
-  /// a dtype group is copied again, in one copy, if any of its sources was written to (version counter),
-  /// re-pointed (data pointer) or any of its copies was written to. Returns false, copying nothing, when a
-  /// source changed shape, dtype, device or layout: the caller must build new CoalescedCopies.
+  /// Brings the copies up to date with `sources` (the same tensors, in the same order, as at construction),
+  /// one copy per dtype group. Copies handed out under grad mode since the last refresh may be saved by an
+  /// autograd graph, so unbound copies are then written into new memory rather than overwritten (copies()
+  /// returns new tensors). Returns false, copying nothing, when a source changed shape, dtype, device or
+  /// layout: the caller must build new CoalescedCopies.
   bool refresh(at::TensorList sources);
 
   /// Makes `aliases` (tensors the caller owns, such as a replica module's parameters, one per source) share
@@ -55,8 +59,12 @@ class CoalescedCopies {
     int64_t flat_version = -1;      // the flat buffer's version after our last write
   };
   bool layout_matches(at::TensorList sources) const;
+  bool group_is_stale(const Group& group, at::TensorList sources) const;
+  void view_copies_in(const Group& group);  // copies_[k], for k in the group: views of its flat buffer
 
   c10::Device device_;
+  bool trust_version_counters_ = false;
+  bool handed_out_with_grad_ = false;  // the copies since the last refresh may be saved by autograd
   std::vector<at::Tensor> copies_;
   std::vector<Group> groups_;
   std::vector<Stamp> stamps_;       // per source, as of the last refresh

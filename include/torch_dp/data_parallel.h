@@ -43,11 +43,17 @@ struct DataParallelOptions {
   /// calling thread) or kAuto: threads across devices, and for replicas sharing one device whichever of the
   /// two was faster over the first forwards (Note [Issuing replicas]).
   TORCH_ARG(Issuing, issuing) = Issuing::kAuto;
+  /// Opt-in, for inference on several devices: copy the module's tensors to a replica again only when their
+  /// version counter or data pointer moved. Off by default because writes that move neither are missed:
+  /// fused optimizers (`fused=true`), BatchNorm's running statistics updated by the module itself, edits
+  /// through `.data()` or a raw pointer (Note [Stale copies]).
+  TORCH_ARG(bool, trust_version_counters) = false;
 };
 
 namespace detail {
 
 struct ReplicaSet;  // persistent replicas and workers, data_parallel.cpp
+struct TestAccess;  // test hooks, src/test_access.h
 
 /// The wrapped module and a way to call its forward: through AnyModule, or, for nn::Sequential (which
 /// AnyModule cannot hold, its forward being a template), through Sequential's own forward.
@@ -156,7 +162,7 @@ ReturnType gather_outputs(std::vector<ReturnType>& outputs, c10::Device destinat
 ///
 /// Unlike torch::nn::parallel::data_parallel, replicas are built once (with clone()) and kept: the replica on
 /// the module's own device is the module itself, others share its parameters' memory where they are on the
-/// same device, and copies elsewhere are refreshed only when the parameters changed. Gradients reach the
+/// same device, and copies elsewhere are refreshed before every forward. Gradients reach the
 /// wrapped module's parameters, BatchNorm statistics follow PyTorch's rule (the first replica's updates are
 /// kept), grad mode and autocast reach the workers, and a failing replica is rethrown as a ReplicaError that
 /// names it. The wrapped module must be Cloneable when several replicas are used.
@@ -208,6 +214,7 @@ class DataParallelImpl : public torch::nn::Cloneable<DataParallelImpl> {
   /// Ensures replicas for the first `count` devices are current and returns them (Note [C++ replicas]).
   std::vector<detail::ModuleCaller*> replicas(size_t count);
   std::unique_lock<std::mutex> lock();
+  friend struct detail::TestAccess;
 
   detail::ModuleCaller module_;
   std::vector<c10::Device> devices_;

@@ -1,5 +1,5 @@
 #pragma once
-// replicate: the tensors of a module's replicas, kept between calls and refreshed only where they changed.
+// replicate: the tensors of a module's replicas, kept between calls and refreshed before each one.
 
 #include <torch_dp/comm.h>
 
@@ -20,18 +20,22 @@ namespace torch_dp {
 ///    straight into the original;
 ///  - a buffer on d is the source tensor itself for the first slot on d (PyTorch's replica 0, whose in-place
 ///    updates such as BatchNorm's running statistics are kept) and a private copy for later slots;
-///  - anything on another device is a copy, refreshed only when the source or the copy changed, one coalesced
-///    copy per dtype; with `differentiable`, copies of tensors that require grad carry a broadcast autograd node
-///    that reduce-adds their gradients onto the source device.
+///  - anything on another device is a copy, refreshed on every call (Note [Stale copies] in comm.cpp), one
+///    coalesced copy per dtype; with `differentiable`, copies of tensors that require grad carry a broadcast
+///    autograd node that reduce-adds their gradients onto the source device.
 class Replicator {
  public:
   Replicator() = default;
 
+  /// `trust_version_counters`: refresh a copy only when its source's version counter or data pointer moved
+  /// (detail::CoalescedCopies; misses fused optimizers, `.data` edits and BatchNorm's statistics).
+  ///
   /// With `copy_everything`, only the first slot on the sources' device shares them; every later slot gets
   /// copies of everything, as if it were on another device, and so takes that path (coalesced copies,
   /// broadcast gradients). That path is otherwise only reachable with several accelerators; this lets
   /// CPU-only tests exercise it.
-  explicit Replicator(bool copy_everything) : copy_everything_(copy_everything) {}
+  explicit Replicator(bool trust_version_counters, bool copy_everything = false)
+      : trust_version_counters_(trust_version_counters), copy_everything_(copy_everything) {}
 
   /// Sets the tensors to replicate (dropping every cached copy). All must be on one device.
   void set_sources(std::vector<at::Tensor> params, std::vector<at::Tensor> buffers);
@@ -66,6 +70,7 @@ class Replicator {
   std::vector<c10::Device> devices_;
   std::vector<Slot> slots_;
   std::vector<bool> changed_;
+  bool trust_version_counters_ = false;
   bool copy_everything_ = false;
 };
 

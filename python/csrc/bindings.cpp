@@ -300,7 +300,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("inputs"), py::arg("destination"));
 
   py::class_<torch_dp::Replicator>(m, "Replicator")
-      .def(py::init<bool>(), py::arg("copy_everything") = false)
+      .def(py::init<bool, bool>(), py::arg("trust_version_counters") = false, py::arg("copy_everything") = false)
       .def(
           "set_sources",
           [](torch_dp::Replicator& self, std::vector<at::Tensor> params, std::vector<at::Tensor> buffers) {

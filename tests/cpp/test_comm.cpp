@@ -219,18 +219,14 @@ TEST_CASE("CoalescedCopies on the source device", "[comm][coalesced]") {
     CHECK(at::equal(c[0], at::full({2, 3}, 7.0)));
     CHECK(all_equal());
   }
-  SECTION("refresh copies nothing when nothing changed") {
-    // Write through an alias with a separate version counter: the copies cannot see this write, so an
-    // unconditional copy would show up as a changed copy.
+  SECTION("a write that moves no version counter or data pointer is copied on the next refresh") {
+    // Through another tensor over the same memory, as `.data`, fused optimizers and raw pointers write.
     auto alias = at::from_blob(f1.data_ptr<float>(), {4}, at::kFloat);
-    const auto before = c[2].clone();
     alias.fill_(-9.0);
-    REQUIRE(copies.refresh(sources));
-    CHECK(at::equal(c[2], before));
-    // An honest in-place write (version counter) does propagate.
-    f1.add_(0.0);
+    d0.variable_data().fill_(3.0);
     REQUIRE(copies.refresh(sources));
     CHECK(at::equal(c[2], at::full({4}, -9.0)));
+    CHECK(all_equal());
   }
   SECTION("refresh returns false when a source changed shape, dtype or count") {
     auto other = sources;
@@ -245,6 +241,68 @@ TEST_CASE("CoalescedCopies on the source device", "[comm][coalesced]") {
     // The same tensor object resized through set_data.
     f0.set_data(at::zeros({3, 3}));
     CHECK_FALSE(copies.refresh(sources));
+  }
+}
+
+TEST_CASE("CoalescedCopies with trust_version_counters copy a group again only when a counter moved",
+          "[comm][coalesced]") {
+  auto f0 = at::randn({2, 3});
+  auto f1 = at::randn({4});
+  auto d0 = at::randn({5}, at::kDouble);
+  const std::vector<at::Tensor> sources = {f0, d0, f1};
+  at::NoGradGuard no_grad;
+  torch_dp::detail::CoalescedCopies copies(sources, kCpu, /*trust_version_counters=*/true);
+  REQUIRE(copies.refresh(sources));
+  const auto& c = copies.copies();
+
+  // The assumption it makes, and what it misses: a write through another tensor over the same memory.
+  auto alias = at::from_blob(f1.data_ptr<float>(), {4}, at::kFloat);
+  const auto before = c[2].clone();
+  alias.fill_(-9.0);
+  REQUIRE(copies.refresh(sources));
+  CHECK(at::equal(c[2], before));
+  // A write that moves the version counter is copied, for the whole dtype group and no other.
+  const auto double_copy = c[1].clone();
+  d0.variable_data().fill_(1.5);  // missed too: the double group is not stale
+  f1.add_(0.0);
+  REQUIRE(copies.refresh(sources));
+  CHECK(at::equal(c[2], at::full({4}, -9.0)));
+  CHECK(at::equal(c[0], f0));
+  CHECK(at::equal(c[1], double_copy));
+  // A write into a copy is still undone (the copies share their flat buffer's version counter).
+  c[0].fill_(5.0);
+  REQUIRE(copies.refresh(sources));
+  CHECK(at::equal(c[0], f0));
+}
+
+TEST_CASE("CoalescedCopies never overwrite copies handed out under grad mode", "[comm][coalesced][autograd]") {
+  auto w = at::randn({3, 2}, at::kDouble);
+  auto b = at::randn({2}, at::kDouble);
+  const std::vector<at::Tensor> sources = {w, b};
+  torch_dp::detail::CoalescedCopies copies(sources, kCpu);
+
+  SECTION("with grad mode on, the next refresh writes into new memory") {
+    REQUIRE(copies.refresh(sources));
+    const auto handed_out = copies.copies();  // e.g. saved by a Linear in this forward's graph
+    const auto saved_w = handed_out[0].clone();
+    const auto saved_version = handed_out[0]._version();
+    w.mul_(2.0);
+    REQUIRE(copies.refresh(sources));
+    CHECK(at::equal(copies.copies()[0], w));
+    CHECK(at::equal(copies.copies()[1], b));
+    CHECK_FALSE(copies.copies()[0].storage().is_alias_of(handed_out[0].storage()));
+    CHECK(at::equal(handed_out[0], saved_w));
+    CHECK(handed_out[0]._version() == saved_version);  // a backward through them still works
+    CHECK(copies.copies()[0].storage().is_alias_of(copies.copies()[1].storage()));  // still one buffer
+  }
+  SECTION("in inference, refresh overwrites the same memory") {
+    at::NoGradGuard no_grad;
+    REQUIRE(copies.refresh(sources));
+    const auto handed_out = copies.copies();
+    w.mul_(2.0);
+    REQUIRE(copies.refresh(sources));
+    CHECK(copies.copies()[0].is_same(handed_out[0]));
+    CHECK(at::equal(handed_out[0], w));
   }
 }
 
@@ -281,6 +339,15 @@ TEST_CASE("CoalescedCopies::bind makes caller-owned tensors share the copies and
     CHECK(at::equal(aliases[k], sources[k]));
   }
 
+  SECTION("bound copies are overwritten in place, also under grad mode: the caller keeps its tensors") {
+    REQUIRE(c10::GradMode::is_enabled());
+    const auto memory = aliases[0].const_data_ptr();
+    a.mul_(3.0);
+    REQUIRE(copies.refresh(sources));
+    CHECK(aliases[0].const_data_ptr() == memory);
+    CHECK(copies.copies()[0].const_data_ptr() == memory);
+    CHECK(at::equal(aliases[0], a));
+  }
   SECTION("a write through an alias is undone by the next refresh") {
     // set_data keeps the alias's own version counter, so only the alias's version records this write.
     aliases[1].fill_(5.0);

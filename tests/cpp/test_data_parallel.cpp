@@ -27,9 +27,12 @@
 
 #include <torch_dp/torch_dp.h>
 
+#include "test_access.h"
+
 #include "catch.h"
 
 #include <atomic>
+#include <cstring>
 #include <cstdio>
 #include <map>
 #include <memory>
@@ -662,6 +665,80 @@ TEST_CASE("DataParallel: in-place weight changes between forwards reach every re
   net->to(torch::kFloat32);
   auto input32 = input.to(torch::kFloat32);
   CHECK(close(dp->forward(input32), net->forward(input32), 1e-6));
+}
+
+TEST_CASE("DataParallel: writes that move no version counter reach every replica, on both replica paths",
+          "[data_parallel]") {
+  // torch's fused optimizers, `.data` edits (variable_data() in C++), the batch-norm op's running statistics
+  // and writes through raw pointers move neither a tensor's version counter nor its data pointer.
+  const bool copy_path = GENERATE(false, true);  // true: every replica but the first copies the parameters too
+  CAPTURE(copy_path);
+  torch::manual_seed(11);
+  torch::nn::Sequential net(torch::nn::Linear(6, 8), torch::nn::BatchNorm1d(8), torch::nn::ReLU(),
+                            torch::nn::Linear(8, 3));
+  net->to(torch::kFloat64);
+  net->eval();  // whole-batch BatchNorm equals chunk-wise BatchNorm only with running statistics
+  auto reference = clone_of(net);
+  reference->eval();
+  torch_dp::DataParallel dp(net, torch_dp::DataParallelOptions(cpu_devices(3)));
+  if (copy_path) {
+    torch_dp::detail::TestAccess::copy_everything(*dp);
+  }
+  auto input = torch::randn({9, 6}, f64);
+
+  // A fused optimizer: SGD steps written into the parameters' memory without moving their version counters.
+  for (int step = 0; step < 4; ++step) {
+    auto batch = torch::randn({9, 6}, f64);
+    auto target = torch::randn({9, 3}, f64);
+    auto output = dp->forward(batch);
+    auto reference_output = reference->forward(batch);
+    INFO("step " << step);
+    REQUIRE(close(output, reference_output));
+    torch::mse_loss(output, target).backward();
+    torch::mse_loss(reference_output, target).backward();
+    for (auto* module : {static_cast<torch::nn::Module*>(net.get()), static_cast<torch::nn::Module*>(reference.get())}) {
+      for (auto& p : module->parameters()) {
+        p.variable_data().sub_(0.1 * p.grad());
+        p.mutable_grad().zero_();
+      }
+    }
+  }
+  CHECK(same_parameters(*net, *reference));
+  CHECK(close(dp->forward(input), reference->forward(input)));
+
+  // BatchNorm's running mean edited through .data.
+  torch::NoGradGuard no_grad;
+  auto* bn = net[1]->as<torch::nn::BatchNorm1dImpl>();
+  bn->running_mean.variable_data().add_(5.0);
+  CHECK(close(dp->forward(input), net->forward(input)));
+  // BatchNorm recalibrated by running the module itself in training mode.
+  net->train();
+  net->forward(torch::randn({16, 6}, f64) * 2 + 3);
+  net->eval();
+  CHECK(close(dp->forward(input), net->forward(input)));
+  // A write through the raw pointer, as a CUDA extension's optimizer writes.
+  auto weight = net[3]->as<torch::nn::LinearImpl>()->weight;
+  const auto replacement = torch::randn(weight.sizes(), f64);
+  std::memcpy(weight.data_ptr(), replacement.const_data_ptr(), weight.nbytes());
+  CHECK(close(dp->forward(input), net->forward(input)));
+}
+
+TEST_CASE("DataParallel: trust_version_counters opts out of refreshing copies and misses such writes",
+          "[data_parallel]") {
+  torch::manual_seed(12);
+  torch::nn::BatchNorm1d bn(torch::nn::BatchNorm1dOptions(4));
+  bn->to(torch::kFloat64);
+  bn->eval();
+  torch_dp::DataParallel dp(bn, torch_dp::DataParallelOptions(cpu_devices(2)).trust_version_counters(true));
+  auto input = torch::randn({4, 4}, f64);
+  torch::NoGradGuard no_grad;
+  const auto before = dp->forward(input);
+  bn->running_mean.variable_data().add_(5.0);
+  const auto after = dp->forward(input);
+  // Replica 0 is the module itself and sees the edit; replica 1's copy does not.
+  CHECK(close(after.slice(0, 0, 2), bn->forward(input.slice(0, 0, 2))));
+  CHECK(close(after.slice(0, 2, 4), before.slice(0, 2, 4)));
+  CHECK_FALSE(close(after.slice(0, 2, 4), bn->forward(input.slice(0, 2, 4))));
 }
 
 TEST_CASE("DataParallel: train() and eval() reach the replicas", "[data_parallel]") {

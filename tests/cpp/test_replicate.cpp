@@ -4,6 +4,7 @@
 
 #include <torch_dp/replicate.h>
 
+#include <cstring>
 #include <vector>
 
 using tdp_test::Contains;
@@ -90,6 +91,7 @@ TEST_CASE("Replicator refreshes buffer copies when either side changed", "[repli
 
 TEST_CASE("Replicator::changed reports whether a slot got other tensor objects", "[replicate]") {
   Fixture f;
+  at::NoGradGuard inference;  // copies handed out under grad mode are refreshed into new tensors (below)
   f.replicator.replicate(f.devices, 3, true);
   CHECK(f.replicator.changed() == std::vector<bool>{true, true, true});
   const auto again = f.replicator.replicate(f.devices, 3, true);
@@ -111,8 +113,35 @@ TEST_CASE("Replicator::changed reports whether a slot got other tensor objects",
   CHECK(at::equal(relaid[2][2], f.running_mean));
 }
 
+TEST_CASE("Replicator refreshes copies after writes that move no version counter", "[replicate]") {
+  // torch's fused optimizers, `.data` edits, the batch-norm op's running statistics and raw pointers write
+  // without moving a version counter; variable_data() is C++'s `.data`.
+  Fixture f;
+  at::NoGradGuard inference;
+  f.replicator.replicate(f.devices, 3, true);
+  f.running_mean.variable_data().add_(5.0);
+  std::memset(f.steps.data_ptr(), 0, sizeof(int64_t));
+  auto slots = f.replicator.replicate(f.devices, 3, true);
+  for (size_t j = 1; j < 3; ++j) {
+    INFO("slot " << j);
+    CHECK(at::equal(slots[j][2], f.running_mean));
+    CHECK(slots[j][3].item<int64_t>() == 0);
+  }
+
+  SECTION("trust_version_counters opts out, and misses them") {
+    torch_dp::Replicator trusting(/*trust_version_counters=*/true);
+    trusting.set_sources({f.w, f.b}, {f.running_mean, f.steps});
+    const auto before = trusting.replicate(f.devices, 3, true)[1][2].clone();
+    f.running_mean.variable_data().add_(5.0);
+    CHECK(at::equal(trusting.replicate(f.devices, 3, true)[1][2], before));
+    f.running_mean.add_(0.0);  // a write that moves the counter
+    CHECK(at::equal(trusting.replicate(f.devices, 3, true)[1][2], f.running_mean));
+  }
+}
+
 TEST_CASE("Replicator returns the requested number of slots", "[replicate]") {
   Fixture f;
+  at::NoGradGuard inference;
   const auto two = f.replicator.replicate(f.devices, 2, true);
   REQUIRE(two.size() == 2);
   CHECK(f.replicator.changed().size() == 2);
@@ -211,7 +240,7 @@ TEST_CASE("Replicator(copy_everything) copies parameters too and routes their gr
   const auto options = at::TensorOptions().dtype(at::kDouble);
   auto w = at::randn({3, 2}, options).requires_grad_(true);
   auto running = at::randn({2}, options);
-  torch_dp::Replicator replicator(/*copy_everything=*/true);
+  torch_dp::Replicator replicator(/*trust_version_counters=*/false, /*copy_everything=*/true);
   replicator.set_sources({w}, {running});
   const auto devices = cpus(3);
 
@@ -258,10 +287,29 @@ TEST_CASE("Replicator(copy_everything) copies parameters too and routes their gr
   SECTION("without differentiable or grad mode the copies carry no autograd history") {
     const auto plain = replicator.replicate(devices, 3, /*differentiable=*/false);
     CHECK_FALSE(plain[1][0].requires_grad());
-    replicator.replicate(devices, 3, false);
-    CHECK(replicator.changed() == std::vector<bool>{false, false, false});
     at::NoGradGuard no_grad;
     const auto no_grad_slots = replicator.replicate(devices, 3, true);
     CHECK_FALSE(no_grad_slots[2][0].requires_grad());
+    replicator.replicate(devices, 3, true);
+    CHECK(replicator.changed() == std::vector<bool>{false, false, false});
+  }
+  SECTION("two forwards before one backward: the first forward's copies are not overwritten") {
+    std::vector<at::Tensor> xs;
+    auto loss = at::zeros({}, options);
+    for (int forward = 0; forward < 2; ++forward) {
+      const auto tensors = replicator.replicate(devices, 3, true);
+      for (size_t j = 0; j < 3; ++j) {
+        xs.push_back(at::randn({4, 3}, options).requires_grad_(true));  // so that matmul saves the weight
+        loss = loss + at::matmul(xs.back(), tensors[j][0]).pow(2).sum();
+      }
+    }
+    loss.backward();  // would fail on a version counter if the second refresh had written in place
+    auto reference = w.detach().clone().requires_grad_(true);
+    auto ref_loss = at::zeros({}, options);
+    for (const auto& x : xs) {
+      ref_loss = ref_loss + at::matmul(x, reference).pow(2).sum();
+    }
+    ref_loss.backward();
+    CHECK(tdp_test::close64(w.grad(), reference.grad()));
   }
 }

@@ -30,60 +30,7 @@ CUDA = torch.cuda.is_available()
 
 # ---- the reference ----------------------------------------------------------------------------------------
 
-def _reference_split(args: tuple, kwargs: dict, count: int, dim: int) -> list[tuple[tuple, dict]]:
-    """torch.nn.DataParallel's scatter, written independently of torch_dp: tensors chunked with torch.chunk."""
-    leaves, spec = pytree.tree_flatten((args, kwargs))
-    chunked = {i: torch.chunk(x, count, dim) for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)}
-    if not chunked:
-        return [(args, kwargs)] * (count if (args or kwargs) else 1)
-    replicas = min(len(c) for c in chunked.values())
-    result = []
-    for r in range(replicas):
-        replica_leaves = [chunked[i][r] if i in chunked else x for i, x in enumerate(leaves)]
-        result.append(pytree.tree_unflatten(replica_leaves, spec))
-    return result
-
-
-def _reference_gather(outputs: list, dim: int) -> Any:
-    first, spec = pytree.tree_flatten(outputs[0])
-    columns = [pytree.tree_flatten(out)[0] for out in outputs]
-    gathered = []
-    for position, leaf in enumerate(first):
-        column = [c[position] for c in columns]
-        if leaf is None:
-            gathered.append(None)
-        elif all(t.dim() == 0 for t in column) and dim == 0:
-            gathered.append(torch.stack(column))
-        else:
-            gathered.append(torch.cat(column, dim))
-    return pytree.tree_unflatten(gathered, spec)
-
-
-class ChunkedReference(nn.Module):
-    """torch.nn.DataParallel's semantics on one device, computed by hand: chunk i runs through the module with
-    its own parameters; replica 0 uses (and updates) the module's buffers, replica i > 0 copies of them."""
-
-    def __init__(self, module: nn.Module, count: int, dim: int = 0) -> None:
-        super().__init__()
-        self.module, self.count, self.dim = module, count, dim
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        outputs = []
-        for i, (a, k) in enumerate(_reference_split(args, kwargs, self.count, self.dim)):
-            if i == 0:
-                outputs.append(self.module(*a, **k))
-            else:
-                buffers = {name: b.clone() for name, b in self.module.named_buffers()}
-                outputs.append(torch.func.functional_call(self.module, buffers, a, k))
-        if len(outputs) == 1 and self.count == 1:
-            return outputs[0]
-        return _reference_gather(outputs, self.dim)
-
-
-class CopyingDevices(list):
-    """A CPU device list whose replicas copy every tensor instead of sharing the module's, so the path of
-    replicas on other devices (coalesced copies, broadcast gradients reduce-added onto the source) runs on a
-    machine without accelerators."""
+from reference import ChunkedReference, CopyingDevices, copying  # noqa: E402
 
 
 class IssuedDevices(list):
@@ -102,7 +49,8 @@ def _device_lists() -> list[tuple[str, list]]:
     lists.append(("cpu3_copies", CopyingDevices(["cpu"] * 3)))
     lists.append(("cpu3_serial", IssuedDevices(["cpu"] * 3, "serial")))
     if CUDA:
-        lists += [("cuda00", [0, 0]), ("cuda0000", [0, 0, 0, 0]), ("cuda00_threads", IssuedDevices([0, 0], "threads"))]
+        lists += [("cuda00", [0, 0]), ("cuda0000", [0, 0, 0, 0]), ("cuda00_threads", IssuedDevices([0, 0], "threads")),
+                  ("cuda00_copies", CopyingDevices([0, 0]))]
         if torch.cuda.device_count() > 1:
             lists.append(("cuda_all", list(range(torch.cuda.device_count()))))
     return lists
@@ -121,7 +69,7 @@ def _ours(module: nn.Module, device_ids: list, **kwargs: Any) -> torch_dp.DataPa
         kwargs.setdefault("issuing", device_ids.issuing)
     dp = torch_dp.DataParallel(module, list(device_ids), **kwargs)
     if isinstance(device_ids, CopyingDevices):
-        dp._get_engine().replicas._replicator = torch_dp._C.Replicator(copy_everything=True)
+        copying(dp)
     return dp
 
 

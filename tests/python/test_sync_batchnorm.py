@@ -13,6 +13,7 @@ from torch import nn
 
 import torch_dp
 from helpers import cpus
+from reference import copying
 
 
 def convnet(**bn_options):
@@ -44,7 +45,7 @@ def assert_trains_like_whole_batch(make_model, make_input, device_ids, steps=3, 
     model = torch_dp.convert_sync_batchnorm(copy.deepcopy(reference))
     dp = torch_dp.DataParallel(model, device_ids, **dp_options)
     if copy_everything:  # the path of replicas on other devices: copies of every tensor
-        dp._get_engine().replicas._replicator = torch_dp._C.Replicator(copy_everything=True)
+        copying(dp)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
     for step in range(steps):
