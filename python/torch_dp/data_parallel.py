@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from typing import Any, Optional, TypeVar
 
 import torch
-from torch._utils import _get_all_device_indices
 from torch.nn.parallel.data_parallel import _check_balance
 
 from torch_dp import _C
@@ -14,7 +13,7 @@ from torch_dp.parallel import (
     DeviceLike,
     _accelerator_type,
     _as_device,
-    _as_output_device,
+    _checked_arguments,
     _checked_issuing,
     _gather,
     _parallel_apply,
@@ -38,8 +37,8 @@ class _Engine:
     """What a DataParallel keeps between forwards: its replicas and its worker threads. Not part of the
     module's state: dropped by pickling and deepcopy, rebuilt on the next forward."""
 
-    def __init__(self) -> None:
-        self.replicas = _Replicas()
+    def __init__(self, trust_version_counters: bool) -> None:
+        self.replicas = _Replicas(trust_version_counters)
         self.pool = _C.WorkerPool()
 
 
@@ -51,9 +50,9 @@ class DataParallel(torch.nn.DataParallel):
     The input is split along ``dim`` into one chunk per device (``torch.chunk`` rule), the module runs on each
     chunk in a replica, and the outputs are concatenated on ``output_device``. Unlike PyTorch's version,
     replicas and worker threads persist between forwards: a replica's parameters are the module's own where
-    they live on the same device, and copies elsewhere are refreshed only when they changed. Anything changed on
-    ``dp.module`` between forwards (weights, submodules, attributes, train/eval, hooks, dtype) is seen by the
-    next forward.
+    they live on the same device, and copies elsewhere are refreshed before every forward. Anything changed on
+    ``dp.module`` between forwards (weights, also through ``.data``, fused optimizers or BatchNorm's running
+    statistics, submodules, attributes, train/eval, hooks, dtype) is seen by the next forward.
 
     ``device_ids`` entries may be ints, strings or ``torch.device`` objects, including ``"cpu"``: with
     ``device_ids=["cpu"] * 4`` four replicas run on CPU threads. Repeated ids run several replicas on one
@@ -70,6 +69,12 @@ class DataParallel(torch.nn.DataParallel):
     for small models, threads for heavy ones). Results are the same either way. SyncBatchNorm layers need
     their replicas running at once, so with them ``"auto"`` uses the threads and ``"serial"`` is an error;
     ``torch.compile``'d modules are run serially by ``"auto"`` on one device, dynamo not being thread-safe.
+
+    ``trust_version_counters`` (keyword only, default ``False``) is an opt-in for inference on several
+    devices: replicas' copies of the module's tensors are refreshed only when a tensor's version counter or data
+    pointer moved. Writes that move neither are then missed: fused optimizers (``fused=True``), in-place edits
+    through ``.data``, BatchNorm statistics updated by running ``dp.module`` itself, writes through
+    ``data_ptr()`` from extensions. Leave it off when training.
     """
 
     def __init__(
@@ -81,31 +86,27 @@ class DataParallel(torch.nn.DataParallel):
         *,
         chunk_sizes: Optional[Sequence[int]] = None,
         issuing: str = "auto",
+        trust_version_counters: bool = False,
     ) -> None:
         torch.nn.Module.__init__(self)  # nn.DataParallel.__init__ would reject CPU devices
         torch._C._log_api_usage_once("torch_dp.DataParallel")
         self._engine: Optional[_Engine] = None
         self.chunk_sizes: Optional[tuple[int, ...]] = None
         self.issuing = _checked_issuing(issuing)
+        if not isinstance(trust_version_counters, bool):
+            raise TypeError(f"trust_version_counters must be a bool, but got {trust_version_counters!r}")
+        self.trust_version_counters = trust_version_counters
         accelerator = _accelerator_type()
         if accelerator is None and not _names_cpu(device_ids):
             # No accelerator: call the module directly, as torch.nn.DataParallel does.
             self.module = module
             self.device_ids = []
             return
-        if device_ids is None:
-            device_ids = _get_all_device_indices()
-        if isinstance(device_ids, (str, int, torch.device)):
-            raise TypeError(f"device_ids must be a sequence of devices, but got a single device {device_ids!r}")
-        if len(device_ids) == 0:
-            raise ValueError("device_ids is empty: give at least one device, e.g. device_ids=[0] or ['cpu']")
-        if not isinstance(dim, int) or isinstance(dim, bool):
-            raise TypeError(f"dim must be an int, but got {type(dim).__name__}: {dim!r}")
-        devices = [_as_device(d, accelerator) for d in device_ids]
+        # The same checks, and errors, as torch_dp.data_parallel's.
+        devices, output_device, self._output_device_obj = _checked_arguments(
+            device_ids, output_device, dim, accelerator
+        )
         self.chunk_sizes = _checked_chunk_sizes(chunk_sizes, len(devices))
-        if output_device is None:
-            output_device = _public_id(devices[0])
-        self._output_device_obj = _checked_output_device(output_device)
         self.dim = dim
         self.module = module
         self.device_ids = [_public_id(d) for d in devices]
@@ -174,7 +175,7 @@ class DataParallel(torch.nn.DataParallel):
 
     def _get_engine(self) -> _Engine:
         if self._engine is None:
-            self._engine = _Engine()
+            self._engine = _Engine(self.trust_version_counters)
         return self._engine
 
     def _is_prefix(self, device_ids: Sequence[DeviceLike]) -> bool:
@@ -190,17 +191,23 @@ class DataParallel(torch.nn.DataParallel):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("issuing", "auto")  # pickled before `issuing` existed
+        state.setdefault("trust_version_counters", False)
         super().__setstate__(state)
         self._engine = None
 
 
 def _names_cpu(device_ids: Optional[Sequence[DeviceLike]]) -> bool:
-    if device_ids is None or isinstance(device_ids, (str, int, torch.device)):
+    def is_cpu(d: Any) -> bool:
+        return (isinstance(d, str) and d.split(":")[0] == "cpu") or (isinstance(d, torch.device) and d.type == "cpu")
+
+    if device_ids is None or isinstance(device_ids, int):
         return False
-    for d in device_ids:
-        if (isinstance(d, str) and d.split(":")[0] == "cpu") or (isinstance(d, torch.device) and d.type == "cpu"):
-            return True
-    return False
+    if isinstance(device_ids, (str, torch.device)):
+        # device_ids="cpu" asks for CPU replicas, in the wrong form: an error (as from data_parallel), not a
+        # silent call of the module.
+        return is_cpu(device_ids)
+    # Anything else that is not a list of devices is ignored without an accelerator, as upstream does.
+    return isinstance(device_ids, Sequence) and any(is_cpu(d) for d in device_ids)
 
 
 def _check_movable(module: torch.nn.Module, device: torch.device) -> None:
@@ -232,12 +239,6 @@ def _checked_chunk_sizes(chunk_sizes: Optional[Sequence[int]], num_devices: int)
     if any(n < 0 for n in sizes) or sum(sizes) == 0:
         raise ValueError(f"chunk_sizes must be non-negative and not all 0, but got {list(sizes)}")
     return sizes
-
-
-def _checked_output_device(output_device: DeviceLike) -> torch.device:
-    if isinstance(output_device, int) and not isinstance(output_device, bool) and output_device == -1:
-        return torch.device("cpu")  # upstream's way of saying CPU; gather warns that it is deprecated
-    return _as_device(output_device, _accelerator_type())
 
 
 # ---- patching torch.nn.DataParallel ------------------------------------------------------------------------

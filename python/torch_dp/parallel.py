@@ -11,12 +11,12 @@ import threading
 import types
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.utils._pytree as pytree
-from torch._utils import ExceptionWrapper, _get_available_device_type
+from torch._utils import ExceptionWrapper, _get_all_device_indices, _get_available_device_type
 
 from torch_dp import _C
 from torch_dp.sync_batchnorm import PeerReplicaFailed, SyncBatchNorm, SyncGroup, in_replica, replica_context
@@ -82,11 +82,37 @@ def _usable_devices(accelerator: Optional[str]) -> str:
     return f"'cpu' or a {accelerator} device, index 0 to {count - 1}"
 
 
-def _as_devices(devices: Sequence[DeviceLike]) -> list[torch.device]:
+def _as_devices(
+    devices: Sequence[DeviceLike], name: str = "target_gpus", accelerator: Optional[str] = None
+) -> list[torch.device]:
+    """A list of devices (``name`` is the argument's name, for the error messages), each checked."""
     if isinstance(devices, (str, int, torch.device)):
-        raise TypeError(f"expected a sequence of devices, but got a single device {devices!r}")
-    accelerator = _accelerator_type()
-    return [_as_device(d, accelerator) for d in devices]
+        # A string is a sequence too, and would be read character by character ("invalid device 'c'").
+        raise TypeError(f"{name} must be a sequence of devices, but got a single device {devices!r}")
+    try:
+        entries = list(devices)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be a sequence of devices, but got {type(devices).__name__}: {devices!r}"
+        ) from None
+    accelerator = accelerator if accelerator is not None else _accelerator_type()
+    return [_as_device(d, accelerator) for d in entries]
+
+
+def _checked_dim(dim: int) -> int:
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        raise TypeError(f"dim must be an int, but got {type(dim).__name__}: {dim!r}")
+    return dim
+
+
+def _is_minus_one(device: Optional[DeviceLike]) -> bool:
+    """Whether device is upstream's -1, its deprecated way of saying the CPU."""
+    return isinstance(device, int) and not isinstance(device, bool) and device == -1
+
+
+_MINUS_ONE_DEPRECATED = (
+    'Using -1 to represent CPU tensor is deprecated. Please use a device object or string instead, e.g., "cpu".'
+)
 
 
 def _as_output_device(device: Optional[DeviceLike]) -> torch.device:
@@ -96,15 +122,34 @@ def _as_output_device(device: Optional[DeviceLike]) -> torch.device:
         if accelerator is None:
             return torch.device("cpu")
         return torch.device(accelerator, getattr(torch, accelerator).current_device())
-    if isinstance(device, int) and not isinstance(device, bool) and device == -1:
-        warnings.warn(
-            'Using -1 to represent CPU tensor is deprecated. Please use a device object or string instead, '
-            'e.g., "cpu".',
-            FutureWarning,
-            stacklevel=3,
-        )
+    if _is_minus_one(device):
+        warnings.warn(_MINUS_ONE_DEPRECATED, FutureWarning, stacklevel=3)
         return torch.device("cpu")
     return _as_device(device, _accelerator_type())
+
+
+def _checked_arguments(
+    device_ids: Optional[Sequence[DeviceLike]],
+    output_device: Optional[DeviceLike],
+    dim: int,
+    accelerator: Optional[str],
+) -> tuple[list[torch.device], DeviceLike, torch.device]:
+    """The argument checks DataParallel and data_parallel share, so that a mistake gets the same error from
+    both, before anything runs: the devices of ``device_ids`` (every accelerator device for None),
+    ``output_device`` as given (``device_ids[0]`` for None) with the device it names, and ``dim``."""
+    if device_ids is None:
+        if accelerator is None:
+            raise RuntimeError("device type could not be determined")  # upstream's text
+        device_ids = _get_all_device_indices()
+    devices = _as_devices(device_ids, "device_ids", accelerator)
+    if not devices:
+        raise ValueError("device_ids is empty: give at least one device, e.g. device_ids=[0] or ['cpu']")
+    _checked_dim(dim)
+    if output_device is None:
+        output_device = _public_id(devices[0])
+    # -1 is checked here but warned about where it is used, at every gather, as upstream.
+    target = torch.device("cpu") if _is_minus_one(output_device) else _as_device(output_device, accelerator)
+    return devices, output_device, target
 
 
 def _label(device: torch.device) -> str:
@@ -215,14 +260,26 @@ def scatter_kwargs(
 
     Tensors anywhere in the nested structure (tuple, list, dict, namedtuple and any pytree-registered type)
     are chunked along ``dim`` like ``torch.chunk``; other values are passed to every replica as they are."""
+    devices = _as_devices(target_gpus)
+    kwargs = _checked_kwargs(kwargs, "kwargs")
     inputs = tuple(inputs) if inputs is not None else ()
-    return _scatter_kwargs(inputs, kwargs or {}, _as_devices(target_gpus), dim)
+    return _scatter_kwargs(inputs, kwargs, devices, _checked_dim(dim))
+
+
+def _checked_kwargs(kwargs: Optional[dict[str, Any]], name: str) -> dict[str, Any]:
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping):
+        # Found here, before anything runs, rather than by ** in every replica's call.
+        raise TypeError(f"{name} must be a dict of keyword arguments, but got {type(kwargs).__name__}: {kwargs!r}")
+    return kwargs
 
 
 def scatter(inputs: Any, target_gpus: Sequence[DeviceLike], dim: int = 0) -> Any:
     """Splits ``inputs`` across devices: a tuple of chunks for a tensor, else a list with one copy of the
     structure per device, its tensors chunked."""
     devices = _as_devices(target_gpus)
+    _checked_dim(dim)
     if isinstance(inputs, torch.Tensor):
         return tuple(_C.scatter(inputs, devices, None, dim))
     split = _split_tree(inputs, devices, dim)
@@ -233,9 +290,11 @@ def scatter(inputs: Any, target_gpus: Sequence[DeviceLike], dim: int = 0) -> Any
 
 def gather(outputs: Sequence[Any], target_device: Optional[DeviceLike], dim: int = 0) -> Any:
     """Concatenates the replicas' outputs on ``target_device`` along ``dim``, keeping their structure."""
+    target = _as_output_device(target_device)
+    _checked_dim(dim)
     if len(outputs) == 0:
         raise ValueError("gather: expected the outputs of at least one replica, but got none")
-    return _gather(outputs, _as_output_device(target_device), dim)
+    return _gather(outputs, target, dim)
 
 
 def _gather(outputs: Sequence[Any], target: torch.device, dim: int) -> Any:
@@ -401,10 +460,11 @@ class _Replicas:
 
     Replica modules are built with ``Module._replicate_for_data_parallel`` (as PyTorch does, so modules that
     customise it, such as RNNs, keep working) once, and again only when the module tree changed. Their tensors
-    come from the C++ Replicator on every call and are written into the replicas only when they changed."""
+    come from the C++ Replicator on every call and are written into the replicas only when they are other
+    tensor objects than last time."""
 
-    def __init__(self) -> None:
-        self._replicator = _C.Replicator()
+    def __init__(self, trust_version_counters: bool = False) -> None:
+        self._replicator = _C.Replicator(trust_version_counters)
         # Weak: torch_dp.data_parallel keeps a _Replicas per module in a WeakKeyDictionary, whose values must
         # not keep their key alive (that leaked every module ever passed to data_parallel).
         self._module: Optional[weakref.ref] = None
@@ -525,7 +585,7 @@ def replicate(network: torch.nn.Module, devices: Sequence[DeviceLike], detach: b
     elsewhere they hold copies whose gradients flow back to the network (unless ``detach``)."""
     if not devices:
         return []
-    targets = _as_devices(devices)
+    targets = _as_devices(devices, "devices")
     replicas = _Replicas()
     replicas.sync(network, targets)
     return replicas.get(len(targets), differentiable=not detach)
@@ -700,16 +760,10 @@ def data_parallel(
     ``torch.nn.parallel.data_parallel``. Replicas are cached per module between calls."""
     if not isinstance(inputs, tuple):
         inputs = (inputs,) if inputs is not None else ()
-    accelerator = _accelerator_type()
-    if device_ids is None:
-        if accelerator is None:
-            raise RuntimeError("device type could not be determined")
-        device_ids = list(range(getattr(torch, accelerator).device_count()))
-    if len(device_ids) == 0:
-        raise ValueError("device_ids is empty: give at least one device")
-    devices = [_as_device(d, accelerator) for d in device_ids]
-    if output_device is None:
-        output_device = _public_id(devices[0])
+    # Every check that does not need the replicas' outputs comes first, gather's included: a training-mode
+    # module's BatchNorm statistics must not move for a call that fails.
+    devices, output_device, target = _checked_arguments(device_ids, output_device, dim, _accelerator_type())
+    module_kwargs = _checked_kwargs(module_kwargs, "module_kwargs")
     with _functional_lock:
         replicas = _functional_replicas.get(module)
         if replicas is None:
@@ -717,7 +771,7 @@ def data_parallel(
     with replicas.lock:
         replicas.sync(module, devices)
         replicas.check_device(devices[0])
-        inputs, kwargs = _scatter_kwargs(inputs, module_kwargs or {}, devices, dim)
+        inputs, kwargs = _scatter_kwargs(inputs, module_kwargs, devices, dim)
         if not inputs and not kwargs:
             inputs, kwargs = ((),), ({},)
         if len(devices) == 1:
@@ -727,5 +781,7 @@ def data_parallel(
             modules, inputs, kwargs, devices[: len(inputs)], _default_pool(), issuing="auto",
             compiled=replicas.has_compiled,
         )
-    return gather(outputs, output_device, dim)
+    if _is_minus_one(output_device):
+        warnings.warn(_MINUS_ONE_DEPRECATED, FutureWarning, stacklevel=2)
+    return _gather(outputs, target, dim)
 

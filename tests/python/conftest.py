@@ -35,3 +35,18 @@ def _seed():
 def cpu_ids(request):
     """CPU device lists of 1 to 4 replicas."""
     return ["cpu"] * request.param
+
+
+@pytest.fixture
+def no_accelerator(monkeypatch):
+    """Makes torch report no CUDA device, so that the rows about machines without one hold on a GPU machine too."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
+@pytest.fixture
+def two_fake_gpus(monkeypatch):
+    """Makes torch report two CUDA devices, for the device checks that only run with an accelerator. Nothing
+    may touch CUDA under it: the tests use it only for errors raised before any tensor moves."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -1,6 +1,7 @@
 """torch_dp.gather: concatenation, nested outputs, None and scalar leaves, output devices, errors, gradients."""
 
 import collections
+import copy
 import warnings
 
 import pytest
@@ -202,19 +203,22 @@ def test_gradient_flows_back_to_each_part():
     torch.testing.assert_close(parts[1].grad, weights[2:])
 
 
-# ---- bad input: each gets an error naming the problem and the expected value, and leaves the module as it was --
-# (the table "Bad input and the errors it gets" in README.md)
+# ---- bad input: each gets an error naming the problem and the expected value ----------------------------------
+# (the table "Bad input and the errors it gets" in README.md). These are found in the replicas' outputs, so only
+# after the forward ran: the module's state is then what one successful forward leaves.
 
 class PerReplica(torch.nn.Module):
-    """Returns ``self.make(replica, y)``: column 0 of each input row holds the index of the replica that gets it."""
+    """Returns ``self.make(replica, y)``: column 0 of each input row holds the index of the replica that gets it.
+    Its BatchNorm is in training mode, so a forward that ran shows in the running statistics."""
 
     def __init__(self, make):
         super().__init__()
         self.fc = torch.nn.Linear(3, 2)
+        self.bn = torch.nn.BatchNorm1d(2)
         self.make = make
 
     def forward(self, x):
-        return self.make(int(x[0, 0]), self.fc(x[:, 1:]))
+        return self.make(int(x[0, 0]), self.bn(self.fc(x[:, 1:])))
 
 
 def marked_batch(replicas, rows=2):
@@ -223,19 +227,37 @@ def marked_batch(replicas, rows=2):
     return x
 
 
+def assert_same_bits(actual, expected):
+    assert actual.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert actual[name].dtype == tensor.dtype and actual[name].shape == tensor.shape, name
+        assert torch.equal(actual[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), name
+
+
 def assert_gather_error(make, error, *fragments, replicas=3):
-    net = PerReplica(make)
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    dp = torch_dp.DataParallel(net, ["cpu"] * replicas)
-    with pytest.raises(error) as info:
-        dp(marked_batch(replicas))
-    for fragment in fragments:
-        assert fragment in str(info.value), f"{fragment!r} not in {str(info.value)!r}"
-    after = net.state_dict()
-    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
-    net.make = lambda replica, y: y  # and the next forward works
+    """The class and the functional form raise the same error, and leave the module as one forward does: the
+    parameters unchanged, the BatchNorm statistics updated by replica 0 exactly as by the module on chunk 0."""
     x = marked_batch(replicas)
-    torch.testing.assert_close(dp(x), net.fc(x[:, 1:]))
+    reference = PerReplica(make)
+    nets = [copy.deepcopy(reference), copy.deepcopy(reference)]
+    reference(x.chunk(replicas)[0])
+    expected = reference.state_dict()
+    dp = torch_dp.DataParallel(nets[0], ["cpu"] * replicas)
+    raised = []
+    calls = [lambda: dp(x), lambda: torch_dp.data_parallel(nets[1], x, ["cpu"] * replicas)]
+    for net, call in zip(nets, calls):
+        with pytest.raises(error) as info:
+            call()
+        raised.append(info.value)
+        assert_same_bits(net.state_dict(), expected)
+        assert net.bn.num_batches_tracked.item() == 1  # the forward ran: once, on replica 0's chunk
+    assert type(raised[0]) is type(raised[1]) and str(raised[0]) == str(raised[1])
+    for fragment in fragments:
+        assert fragment in str(raised[0]), f"{fragment!r} not in {str(raised[0])!r}"
+    nets[0].make = lambda replica, y: y  # and the next forward works
+    x = marked_batch(replicas)
+    expected_output = torch.cat([copy.deepcopy(nets[0])(chunk) for chunk in x.chunk(replicas)])
+    torch.testing.assert_close(dp(x), expected_output)
 
 
 def test_bad_input_non_tensor_outputs():
