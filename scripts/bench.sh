@@ -23,6 +23,7 @@ mkdir -p "$outdir"
 PYTHON=${PYTHON:-python3}
 export PYTHONPATH="$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 "$PYTHON" benchmarks/bench_dp.py "${device[@]}" "${quick[@]}" --json "$outdir/bench_dp.json"
+"$PYTHON" benchmarks/bench_refresh.py "${device[@]}" "${quick[@]}" --json "$outdir/bench_refresh.json"
 "$PYTHON" benchmarks/bench_sync_bn.py "${device[@]}" "${quick[@]}" --json "$outdir/bench_sync_bn.json"
 "$PYTHON" benchmarks/bench_dict_watch.py
 build/benchmarks/bench_cpp "${quick[@]}" --json "$outdir/bench_cpp.json"

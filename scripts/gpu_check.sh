@@ -92,6 +92,8 @@ if [ $built -eq 0 ]; then
   "$PYTHON" -c "import xdist" 2>/dev/null && xdist=(-n 4 --dist load --max-worker-restart 50)
   step pytest 240 "$PYTHON" -m pytest tests/python -q -p no:cacheprovider -m "not slow" -rfEs "${xdist[@]}" \
     --junitxml="$logs/pytest.xml"
+  # What refreshing replicas' copies on every forward costs, next to trust_version_counters and nn.DataParallel.
+  step bench_refresh 120 "$PYTHON" benchmarks/bench_refresh.py --device cuda --quick --json "$logs/bench_refresh.json"
   sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
   if [ -n "$sanitizer" ]; then
     step memcheck 150 "$sanitizer" --tool memcheck --error-exitcode 1 "$tests_bin" "[cuda]"
