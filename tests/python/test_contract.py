@@ -41,6 +41,9 @@ import torch_dp
 from helpers import cpus
 from reference import ChunkedReference, copying
 
+# CPU-only and about half a minute: CI runs it; `-m "not slow"` (the GPU check's pytest) leaves it out.
+pytestmark = pytest.mark.slow
+
 DTYPE = torch.float64
 TOL = dict(atol=1e-10, rtol=1e-10)
 IN, OUT, LENGTH = 3, 4, 2  # inputs are (batch, LENGTH, IN): BatchNorm sees batch * LENGTH values, so 1 row trains
