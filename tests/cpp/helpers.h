@@ -14,6 +14,7 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
@@ -84,4 +85,30 @@ inline void require_finishes(const std::function<void()>& fn, const char* what, 
   }
 }
 
+/// Registers a test case with Catch2 only where a CUDA device is available (see TDP_CUDA_TEST_CASE).
+inline bool register_if_cuda(void (*test)(), const char* name, const char* tags, const char* file, std::size_t line) {
+  if (!torch::cuda::is_available()) {
+    return false;
+  }
+  // What TEST_CASE expands to, in Catch2 v2 and v3 alike (a temporary registrar, as Catch2's own template cases).
+  Catch::AutoReg(Catch::makeTestInvoker(test), Catch::SourceLineInfo(file, line), Catch::StringRef(),
+                 Catch::NameAndTags(name, tags));
+  return true;
+}
+
 } // namespace tdp_test
+
+// TDP_CUDA_TEST_CASE(name, tags) { ... }: a TEST_CASE that needs a CUDA device. Without one it is not registered,
+// so it is neither run nor counted as passed (Catch2 v2 has no SKIP; a TEST_CASE returning early would pass). On
+// a GPU machine it runs like any other and is selected by its tags ("[cuda]", scripts/gpu_check.sh).
+#define TDP_CUDA_TEST_CASE_CONCAT2(a, b) a##b
+#define TDP_CUDA_TEST_CASE_CONCAT(a, b) TDP_CUDA_TEST_CASE_CONCAT2(a, b)
+#define TDP_CUDA_TEST_CASE_IMPL(test, registered, name, tags)                                                  \
+  static void test();                                                                                          \
+  namespace {                                                                                                  \
+  [[maybe_unused]] const bool registered = ::tdp_test::register_if_cuda(&test, name, tags, __FILE__, __LINE__); \
+  }                                                                                                            \
+  static void test()
+#define TDP_CUDA_TEST_CASE(name, tags)                                                                         \
+  TDP_CUDA_TEST_CASE_IMPL(TDP_CUDA_TEST_CASE_CONCAT(tdp_cuda_test_, __LINE__),                                 \
+                          TDP_CUDA_TEST_CASE_CONCAT(tdp_cuda_registered_, __LINE__), name, tags)

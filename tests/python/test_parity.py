@@ -510,7 +510,6 @@ def test_no_reference_cycles_after_forward(name, device_ids):
     gc.collect()
     gc.disable()
     try:
-        before = gc.get_count()
         out = dp(x)
         out_ref = weakref.ref(out)
         out.sum().backward()
@@ -519,7 +518,6 @@ def test_no_reference_cycles_after_forward(name, device_ids):
         assert gc.collect() == 0, "a forward left objects that only the cycle collector can free"
     finally:
         gc.enable()
-    assert before is not None
 
 
 def test_module_on_the_wrong_device_gives_pytorchs_error():
