@@ -35,6 +35,16 @@ for module in pytest hypothesis; do
     "$PYTHON" -m pip install -q "$module"
   fi
 done
+# Test dependencies of tests/python/test_real_models.py (Hugging Face models and Trainer, which needs accelerate),
+# pinned; both accept the torch above as it is (accelerate asks for torch>=2.0).
+if ! "$PYTHON" -c "import transformers" >/dev/null 2>&1; then
+  echo "ensure_deps: installing transformers==5.25.0"
+  "$PYTHON" -m pip install -q "transformers==5.25.0"
+fi
+if ! "$PYTHON" -c "import accelerate" >/dev/null 2>&1; then
+  echo "ensure_deps: installing accelerate==1.16.0"
+  "$PYTHON" -m pip install -q "accelerate==1.16.0"
+fi
 
 # ccache keys on absolute paths; relative to the checkout they match across clones (CI builds a fresh clone).
 export CCACHE_BASEDIR=${CCACHE_BASEDIR:-$PWD}

@@ -37,7 +37,8 @@ struct DataParallelOptions {
   TORCH_ARG(std::optional<c10::Device>, output_device) = std::nullopt;
   /// The dimension inputs are split along and outputs concatenated along.
   TORCH_ARG(int64_t, dim) = 0;
-  /// Rows per device instead of torch.chunk's split (one per device, adding up to the batch).
+  /// Rows per device instead of torch.chunk's split (one per device, adding up to the batch). A device whose
+  /// size is 0 runs no replica; the first device's size must not be 0 (its replica is the module itself).
   TORCH_ARG(std::optional<std::vector<int64_t>>, chunk_sizes) = std::nullopt;
   /// How replicas are run: kThreads (at once, on persistent worker threads), kSerial (one after another on the
   /// calling thread) or kAuto: threads across devices, and for replicas sharing one device whichever of the
@@ -89,20 +90,36 @@ class ModuleCaller {
   std::shared_ptr<torch::nn::SequentialImpl> sequential_;
 };
 
-/// How one forward splits its arguments: devices, sizes and dim, and how many replicas it runs.
+/// How one forward splits its arguments: devices, sizes and dim, and how many replicas it runs. plan_split
+/// chunks every tensor argument at once, since the replica count depends on all of them (Note [Which tensors set
+/// the batch], python/torch_dp/parallel.py); split_argument then hands the chunks out in argument order.
 struct SplitPlan {
   std::vector<c10::Device> devices;
   std::optional<std::vector<int64_t>> sizes;
   int64_t dim = 0;
-  int64_t count = -1;  // replicas, from the first split argument; -1 until then
+  int64_t count = -1;                           // replicas that run; -1 until plan_split
+  std::vector<std::vector<at::Tensor>> chunks;  // each tensor argument's chunks, one per replica, in order
+  size_t next = 0;                              // the tensor argument split_tensor hands out next
 };
 
+void collect_tensors(const c10::IValue& value, std::vector<at::Tensor>& tensors);
+void plan_split(SplitPlan& plan, const std::vector<at::Tensor>& tensors);
 std::vector<at::Tensor> split_tensor(const at::Tensor& tensor, SplitPlan& plan);
 std::vector<c10::IValue> split_ivalue(const c10::IValue& value, SplitPlan& plan);
 c10::IValue gather_ivalues(const std::vector<c10::IValue>& outputs, c10::Device destination, int64_t dim);
 
 /// Marks a forward argument that every replica receives as it is.
 struct Unsplit {};
+
+/// Adds the tensors of one forward argument (itself, or those inside an IValue) to `tensors`.
+template <typename T>
+void collect_argument(const T& value, std::vector<at::Tensor>& tensors) {
+  if constexpr (std::is_same_v<T, at::Tensor>) {
+    tensors.push_back(value);
+  } else if constexpr (std::is_same_v<T, c10::IValue>) {
+    collect_tensors(value, tensors);
+  }
+}
 
 /// Per-replica copies of one forward argument: tensors (alone or inside IValues) are split, anything else
 /// (ints, options, strings) is given to every replica as it is.
@@ -192,7 +209,9 @@ class DataParallelImpl : public torch::nn::Cloneable<DataParallelImpl> {
   at::Tensor forward(const at::Tensor& input) { return forward_as<at::Tensor>(input); }
 
   /// The general case. Tensor arguments, and tensors inside IValue arguments, are split; other arguments are
-  /// given to every replica as they are. Each replica calls the wrapped module's forward with its arguments,
+  /// given to every replica as they are. Tensors that hold one value per replica (expanded along dim, or one equal
+  /// row per device) may give more chunks than the batch and are cut to the replicas that run, as upstream; any
+  /// other difference in chunk counts is an error (Note [Which tensors set the batch]). Each replica calls the wrapped module's forward with its arguments,
   /// which must return ReturnType: a Tensor, std::vector<Tensor>, std::tuple of Tensors, or an IValue of tensors
   /// inside tuples, lists and dicts. The outputs are gathered on the output device.
   template <typename ReturnType = at::Tensor, typename... ArgumentTypes>
@@ -218,6 +237,7 @@ class DataParallelImpl : public torch::nn::Cloneable<DataParallelImpl> {
 
   detail::ModuleCaller module_;
   std::vector<c10::Device> devices_;
+  std::vector<c10::Device> replica_devices_;  // devices_ less those whose chunk size is 0
   std::shared_ptr<detail::ReplicaSet> replica_set_;
 };
 
@@ -229,13 +249,20 @@ ReturnType DataParallelImpl::forward_as(const ArgumentTypes&... arguments) {
     return module_.forward<ReturnType>(arguments...);
   }
   auto guard = lock();
-  detail::SplitPlan plan{devices_, options.chunk_sizes(), options.dim(), -1};
-  auto split = std::make_tuple(detail::split_argument(arguments, plan)...);
-  // Without tensor arguments, every device runs one replica on the same arguments.
-  const size_t count = plan.count < 0 ? devices_.size() : static_cast<size_t>(plan.count);
+  detail::SplitPlan plan;
+  plan.devices = devices_;
+  plan.sizes = options.chunk_sizes();
+  plan.dim = options.dim();
+  std::vector<at::Tensor> tensors;
+  (detail::collect_argument(arguments, tensors), ...);
+  // Without tensor arguments, every device that runs a replica runs one on the same arguments.
+  detail::plan_split(plan, tensors);
+  // Braces, not make_tuple: the arguments take their chunks in order, and only a braced list orders its calls.
+  auto split = std::tuple{detail::split_argument(arguments, plan)...};
+  const auto count = static_cast<size_t>(plan.count);
   auto modules = replicas(count);
   std::vector<std::optional<ReturnType>> results(count);
-  std::vector<c10::Device> used(devices_.begin(), devices_.begin() + count);
+  std::vector<c10::Device> used(replica_devices_.begin(), replica_devices_.begin() + count);
   parallel_apply(
       pool(), used,
       [&](size_t i) {

@@ -60,7 +60,8 @@ class DataParallel(torch.nn.DataParallel):
 
     ``chunk_sizes`` (keyword only, not in PyTorch's signature) gives the rows of each device's chunk instead of
     the even split, for devices of unequal memory or speed: ``chunk_sizes=[16, 24, 24]`` over three GPUs takes
-    batches of exactly 64 rows along ``dim``. A size may be 0 (that replica gets an empty chunk).
+    batches of exactly 64 rows along ``dim``. A size other than the first may be 0: that device then runs no
+    replica (Note [Empty chunks]).
 
     ``issuing`` (keyword only) says how the replicas run: ``"threads"`` runs them at once on persistent worker
     threads (upstream's behaviour), ``"serial"`` one after another on the calling thread. ``"auto"`` (the
@@ -113,6 +114,7 @@ class DataParallel(torch.nn.DataParallel):
         self.output_device = output_device if isinstance(output_device, int) else _public_id(self._output_device_obj)
         self.src_device_obj = devices[0]
         self._devices = devices
+        self._set_replica_devices()
         if accelerator == "cuda" and all(d.type == "cuda" for d in devices):
             _check_balance(self.device_ids)
         if len(devices) == 1:
@@ -125,7 +127,7 @@ class DataParallel(torch.nn.DataParallel):
                 return self.module(*inputs, **kwargs)
             engine = self._get_engine()
             with engine.replicas.lock:
-                engine.replicas.sync(self.module, self._devices)
+                engine.replicas.sync(self.module, self._replica_devices)
                 engine.replicas.check_device(self.src_device_obj)
                 inputs, module_kwargs = self.scatter(inputs, kwargs, self.device_ids)
                 # For forward functions without any inputs, an empty list and dict are passed.
@@ -135,17 +137,17 @@ class DataParallel(torch.nn.DataParallel):
                     return self.module(*inputs[0], **module_kwargs[0])
                 # replicate checks the module tree again (an overridden scatter may have changed it); with
                 # nothing changed that check reads no dict entry (Note [Watching a module tree]).
-                replicas = self.replicate(self.module, self.device_ids[: len(inputs)])
+                replicas = self.replicate(self.module, self._replica_ids[: len(inputs)])
                 outputs = self.parallel_apply(replicas, inputs, module_kwargs)
             return self.gather(outputs, self.output_device)
 
     # The four steps are methods, as upstream, so subclasses can override any of them.
 
     def replicate(self, module: T, device_ids: Sequence[DeviceLike]) -> list[T]:
-        if module is not self.module or not self._is_prefix(device_ids):
+        if module is not self.module or not self._is_prefix(device_ids, self._replica_ids):
             return replicate(module, device_ids, not torch.is_grad_enabled())
         engine = self._get_engine()
-        engine.replicas.sync(module, self._devices)
+        engine.replicas.sync(module, self._replica_devices)
         return engine.replicas.get(len(device_ids), differentiable=torch.is_grad_enabled())
 
     def scatter(
@@ -161,7 +163,7 @@ class DataParallel(torch.nn.DataParallel):
         # The engine's pool serves one forward at a time (the replicas' lock), so SyncBatchNorm layers can meet.
         engine = self._get_engine()
         return _parallel_apply(
-            replicas, inputs, kwargs, self._devices[: len(replicas)], engine.pool,
+            replicas, inputs, kwargs, self._replica_devices[: len(replicas)], engine.pool,
             synchronize=engine.replicas.has_sync_batchnorm, issuing=self.issuing,
             compiled=engine.replicas.has_compiled,
         )
@@ -178,8 +180,8 @@ class DataParallel(torch.nn.DataParallel):
             self._engine = _Engine(self.trust_version_counters)
         return self._engine
 
-    def _is_prefix(self, device_ids: Sequence[DeviceLike]) -> bool:
-        ids = self.device_ids
+    def _is_prefix(self, device_ids: Sequence[DeviceLike], ids: Optional[Sequence[DeviceLike]] = None) -> bool:
+        ids = self.device_ids if ids is None else ids
         if device_ids is ids:  # forward passes its own list
             return True
         return len(device_ids) <= len(ids) and all(a is b or a == b for a, b in zip(device_ids, ids))
@@ -194,6 +196,18 @@ class DataParallel(torch.nn.DataParallel):
         state.setdefault("trust_version_counters", False)
         super().__setstate__(state)
         self._engine = None
+        if self.device_ids and "_replica_devices" not in state:  # pickled before empty chunks ran no replica
+            self._set_replica_devices()
+
+    def _set_replica_devices(self) -> None:
+        """The devices that run a replica, in order: those whose chunk_sizes entry is not 0 (Note [Empty
+        chunks]). The same list objects as _devices and device_ids without chunk_sizes."""
+        if getattr(self, "chunk_sizes", None) is None:
+            self._replica_devices, self._replica_ids = self._devices, self.device_ids
+        else:
+            runs = [i for i, n in enumerate(self.chunk_sizes) if n > 0]
+            self._replica_devices = [self._devices[i] for i in runs]
+            self._replica_ids = [self.device_ids[i] for i in runs]
 
 
 def _names_cpu(device_ids: Optional[Sequence[DeviceLike]]) -> bool:
@@ -238,6 +252,19 @@ def _checked_chunk_sizes(chunk_sizes: Optional[Sequence[int]], num_devices: int)
         )
     if any(n < 0 for n in sizes) or sum(sizes) == 0:
         raise ValueError(f"chunk_sizes must be non-negative and not all 0, but got {list(sizes)}")
+    if sizes[0] == 0:
+        # Note [Empty chunks]
+        # ~~~~~~~~~~~~~~~~~~~
+        # A device whose chunk would be empty runs no replica (a model may not take 0 rows: BERT's reshapes fail),
+        # and outputs and gradients are those of the replicas that ran. The first device is not free to skip:
+        # its replica is the module itself, whose buffer updates (BatchNorm's running statistics) are the ones
+        # DataParallel keeps, and the module must live there. So a 0 there is an error, not a silent move of
+        # that rule to a replica whose buffers are copies.
+        raise ValueError(
+            f"chunk_sizes[0] must not be 0, but got {list(sizes)}: the first device's replica is the module itself, "
+            "which keeps its buffer updates (BatchNorm's running statistics); give it at least one row (a 0 is "
+            "allowed for the other devices, which then run no replica)"
+        )
     return sizes
 
 

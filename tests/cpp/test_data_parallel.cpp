@@ -29,7 +29,7 @@
 
 #include "test_access.h"
 
-#include "catch.h"
+#include "helpers.h"  // catch.h, and TDP_CUDA_TEST_CASE
 
 #include <atomic>
 #include <cstring>
@@ -314,11 +314,7 @@ TEST_CASE("DataParallel: same outputs and gradients as LibTorch's data-parallel 
   CHECK(ours->fc1->weight.device().is_cpu());
 }
 
-TEST_CASE("DataParallel: same as torch::nn::parallel::data_parallel on CUDA", "[data_parallel][cuda]") {
-  if (!torch::cuda::is_available()) {
-    WARN("no CUDA device: skipped");
-    return;
-  }
+TDP_CUDA_TEST_CASE("DataParallel: same as torch::nn::parallel::data_parallel on CUDA", "[data_parallel][cuda]") {
   const c10::Device cuda0(c10::kCUDA, 0);
   const size_t n = GENERATE(1, 2, 4);
   CAPTURE(n);
@@ -535,12 +531,10 @@ TEST_CASE("DataParallel: output placed on options.output_device", "[data_paralle
   CHECK(close(along1->forward(wide), wide * 3));
 }
 
-// Needs a GPU at run time only (no LibTorch data_parallel involved), so it is compiled everywhere.
-TEST_CASE("DataParallel: output on the requested CUDA device, replicas on their devices", "[data_parallel][cuda]") {
-  if (!torch::cuda::is_available()) {
-    WARN("no CUDA device: skipped");
-    return;
-  }
+// Needs a GPU at run time only (no LibTorch data_parallel involved), so it is compiled everywhere (and registered
+// only where a CUDA device is available).
+TDP_CUDA_TEST_CASE("DataParallel: output on the requested CUDA device, replicas on their devices",
+                   "[data_parallel][cuda]") {
   const c10::Device cuda0(c10::kCUDA, 0);
   auto net = make_net();
   net->to(cuda0);
@@ -876,6 +870,171 @@ TEST_CASE("DataParallel: a batch smaller than the device list uses fewer replica
     CHECK(close(out, net->forward(input)));
     out.sum().backward();
   }
+}
+
+TEST_CASE("DataParallel: chunk_sizes gives each replica its rows, results as the module on the whole batch",
+          "[data_parallel]") {
+  const std::vector<int64_t> sizes = {1, 4, 2};
+  // Each replica reports its own row count on each of its rows: the gathered column shows who got which rows.
+  torch::nn::Functional rows(
+      [](const Tensor& x) { return torch::full({x.size(0), 1}, static_cast<double>(x.size(0)), x.options()); });
+  torch_dp::DataParallel counted(rows, torch_dp::DataParallelOptions(cpu_devices(3)).chunk_sizes(sizes));
+  CHECK(close(counted->forward(torch::randn({7, 10}, f64)),
+              torch::tensor({1., 4., 4., 4., 4., 2., 2.}, f64).unsqueeze(1)));
+
+  torch::manual_seed(21);
+  auto net = make_net();
+  auto reference = clone_of(net);
+  torch_dp::DataParallel dp(net, torch_dp::DataParallelOptions(cpu_devices(3)).chunk_sizes(sizes));
+  torch::optim::SGD optim(dp->parameters(), 0.1);
+  torch::optim::SGD optim_ref(reference->parameters(), 0.1);
+  for (int step = 0; step < 2; ++step) {
+    auto input = torch::randn({7, 10}, f64);
+    optim.zero_grad();
+    optim_ref.zero_grad();
+    auto out = dp->forward(input);
+    auto expected = reference->forward(input);
+    REQUIRE(close(out, expected));
+    out.pow(2).sum().backward();
+    expected.pow(2).sum().backward();
+    REQUIRE(same_grads(*net, *reference));
+    optim.step();
+    optim_ref.step();
+  }
+  CHECK(same_parameters(*net, *reference));
+  // Any other batch size is an error naming the sizes, before any replica runs.
+  CHECK_THROWS_WITH(dp->forward(torch::randn({8, 10}, f64)),
+                    tdp_test::Contains("the chunk sizes add up to 7 but the tensor has 8 elements along dim 0"));
+}
+
+TEST_CASE("DataParallel: tensor arguments giving different chunk counts are an error", "[data_parallel][errors]") {
+  // torch.chunk splits 8 rows into 4 chunks over 4 devices but 3 rows into 3; upstream drops the extra chunk.
+  TwoInTwoOut module;
+  auto before = module->w.clone();
+  torch_dp::DataParallel dp(module, torch_dp::DataParallelOptions(cpu_devices(4)));
+  auto call = [&] {
+    dp->forward_as<std::tuple<Tensor, Tensor>>(torch::randn({8, 3}, f64), torch::randn({3, 3}, f64), 1.0);
+  };
+  CHECK_THROWS_WITH(call(), tdp_test::Contains("DataParallel: the tensor arguments split into different numbers of "
+                                               "chunks over 4 devices along dim 0: tensor argument 0 of shape [8, 3] "
+                                               "-> 4 chunks; tensor argument 1 of shape [3, 3] -> 3 chunks; give "
+                                               "every tensor argument the same size along dim 0"));
+  CHECK(!module->w.grad().defined());
+  CHECK(torch::equal(module->w, before));
+  // Sizes with the same chunk count are split, as upstream: 8 and 7 rows both give 4 chunks (2 + 2 + 2 + 1 rows
+  // of b; the last replica's 1 row broadcasts against its 2 rows of a).
+  auto a = torch::randn({8, 3}, f64);
+  auto b = torch::randn({7, 3}, f64);
+  auto [y, rows] = dp->forward_as<std::tuple<Tensor, Tensor>>(a, b, 1.0);
+  std::vector<Tensor> expected_y, expected_rows;
+  for (int64_t i = 0; i < 4; ++i) {
+    auto [yi, rowsi] = module->forward(a.chunk(4)[i], b.chunk(4)[i], 1.0);
+    expected_y.push_back(yi);
+    expected_rows.push_back(rowsi);
+  }
+  CHECK(close(y, torch::cat(expected_y)));
+  CHECK(close(rows, torch::cat(expected_rows)));
+}
+
+// Note [Which tensors set the batch] (python/torch_dp/parallel.py): as upstream, a tensor that holds one value per
+// replica (expanded, or one equal row per device, as Hugging Face's Trainer passes num_items_in_batch) is cut to
+// the replicas the batch runs; rows of any other tensor are never dropped.
+TEST_CASE("DataParallel: a tensor holding one value per replica is cut to the batch", "[data_parallel]") {
+  torch::manual_seed(31);
+  TwoInTwoOut module;
+  auto reference = clone_of(module);
+  SECTION("expanded, 1 row on 2 devices") {
+    torch_dp::DataParallel dp(module, torch_dp::DataParallelOptions(cpu_devices(2)));
+    auto a = torch::randn({1, 3}, f64);
+    auto b = torch::randn({1, 3}, f64).expand({2, 3});
+    auto [y, rows] = dp->forward_as<std::tuple<Tensor, Tensor>>(a, b, 2.0);
+    auto [y_ref, rows_ref] = reference->forward(a, b.narrow(0, 0, 1), 2.0);
+    CHECK(close(y, y_ref));
+    CHECK(close(rows, rows_ref));
+  }
+  SECTION("equal rows, one per device, 9 rows on 4 devices (3 chunks)") {
+    torch_dp::DataParallel dp(module, torch_dp::DataParallelOptions(cpu_devices(4)));
+    auto a = torch::randn({9, 3}, f64);
+    auto b = torch::randn({1, 3}, f64).expand({4, 3}).contiguous();
+    auto [y, rows] = dp->forward_as<std::tuple<Tensor, Tensor>>(a, b, 1.0);
+    auto [y_ref, rows_ref] = reference->forward(a, b.narrow(0, 0, 1), 1.0);
+    CHECK(close(y, y_ref));
+    CHECK(close(rows, rows_ref));
+    y.sum().backward();
+    y_ref.sum().backward();
+    CHECK(close(module->w.grad(), reference->w.grad()));
+  }
+  SECTION("inside an IValue") {
+    IValueModule ivalue_module;
+    auto ivalue_reference = clone_of(ivalue_module);
+    torch_dp::DataParallel dp(ivalue_module, torch_dp::DataParallelOptions(cpu_devices(3)));
+    auto a = torch::randn({2, 3}, f64);
+    auto b = torch::randn({1, 3}, f64).expand({3, 3});
+    auto out = dp->forward_as<c10::IValue>(c10::IValue(c10::ivalue::Tuple::create({c10::IValue(a), c10::IValue(b)})));
+    auto expected = ivalue_reference->forward(
+        c10::IValue(c10::ivalue::Tuple::create({c10::IValue(a), c10::IValue(b.narrow(0, 0, 2))})));
+    CHECK(close(out.toTupleRef().elements()[0].toTensor(), expected.toTupleRef().elements()[0].toTensor()));
+    CHECK(close(out.toTupleRef().elements()[1].toGenericDict().at("sum").toTensor(),
+                expected.toTupleRef().elements()[1].toGenericDict().at("sum").toTensor()));
+  }
+  SECTION("distinct rows are never dropped") {
+    torch_dp::DataParallel dp(module, torch_dp::DataParallelOptions(cpu_devices(2)));
+    auto call = [&] {
+      dp->forward_as<std::tuple<Tensor, Tensor>>(torch::randn({1, 3}, f64), torch::randn({2, 3}, f64), 1.0);
+    };
+    CHECK_THROWS_WITH(
+        call(),
+        tdp_test::Contains("tensor argument 0 of shape [1, 3] -> 1 chunks; tensor argument 1 of shape [2, 3] -> 2 "
+                           "chunks; give every tensor argument the same size along dim 0 (only a tensor that holds "
+                           "one value per replica"));
+    CHECK(!module->w.grad().defined());
+  }
+}
+
+TEST_CASE("DataParallel: a chunk size of 0 runs no replica; the first may not be 0", "[data_parallel]") {
+  // Fails on an empty chunk, as Hugging Face's BERT does; each row reports its chunk's size.
+  torch::nn::Functional rows([](const Tensor& x) {
+    TORCH_CHECK(x.size(0) > 0, "ran on an empty chunk");
+    return torch::full({x.size(0), 1}, static_cast<double>(x.size(0)), x.options());
+  });
+  torch_dp::DataParallel counted(rows, torch_dp::DataParallelOptions(cpu_devices(4)).chunk_sizes({{3, 0, 2, 0}}));
+  CHECK(close(counted->forward(torch::randn({5, 10}, f64)), torch::tensor({3., 3., 3., 2., 2.}, f64).unsqueeze(1)));
+
+  torch::manual_seed(32);
+  auto net = make_net();
+  auto reference = clone_of(net);
+  torch_dp::DataParallel dp(net, torch_dp::DataParallelOptions(cpu_devices(3)).chunk_sizes({{4, 0, 3}}));
+  torch::optim::SGD optim(dp->parameters(), 0.1);
+  torch::optim::SGD optim_ref(reference->parameters(), 0.1);
+  for (int step = 0; step < 2; ++step) {
+    auto input = torch::randn({7, 10}, f64);
+    optim.zero_grad();
+    optim_ref.zero_grad();
+    auto out = dp->forward(input);
+    auto expected = reference->forward(input);
+    REQUIRE(close(out, expected));
+    out.pow(2).sum().backward();
+    expected.pow(2).sum().backward();
+    REQUIRE(same_grads(*net, *reference));
+    optim.step();
+    optim_ref.step();
+  }
+  CHECK(same_parameters(*net, *reference));
+  // A tensor holding one value per replica gives each replica that runs its device's row.
+  TwoInTwoOut module;
+  torch_dp::DataParallel two(module, torch_dp::DataParallelOptions(cpu_devices(3)).chunk_sizes({{2, 0, 1}}));
+  auto a = torch::randn({3, 3}, f64);
+  auto b = torch::randn({1, 3}, f64).expand({3, 3});
+  auto [y, sums] = two->forward_as<std::tuple<Tensor, Tensor>>(a, b, 1.0);
+  auto [y_ref, sums_ref] = module->forward(a, b.narrow(0, 0, 1), 1.0);
+  CHECK(close(y, y_ref));
+
+  CHECK_THROWS_WITH(torch_dp::DataParallel(make_net(), torch_dp::DataParallelOptions(cpu_devices(2)).chunk_sizes(
+                                                           {{0, 4}})),
+                    tdp_test::Contains("the first chunk size must not be 0, but got [0, 4]"));
+  CHECK_THROWS_WITH(torch_dp::DataParallel(make_net(), torch_dp::DataParallelOptions(cpu_devices(2)).chunk_sizes(
+                                                           {{4, -1}})),
+                    tdp_test::Contains("chunk sizes must be non-negative, but chunk 1 has size -1"));
 }
 
 TEST_CASE("DataParallel: clone() gives an independent DataParallel", "[data_parallel]") {

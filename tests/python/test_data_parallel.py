@@ -7,7 +7,11 @@ import collections
 import copy
 import gc
 import io
+import os
 import pickle
+import subprocess
+import sys
+import textwrap
 import threading
 import warnings
 
@@ -18,6 +22,7 @@ from torch import nn
 
 import torch_dp
 from helpers import cpus, os_threads, run_in_threads
+from reference import copying
 
 Pair = collections.namedtuple("Pair", ["first", "second"])
 
@@ -183,6 +188,33 @@ def test_without_device_ids_and_accelerator_the_module_is_called_directly():
     assert torch_dp.DataParallel(net, []).device_ids == []  # as torch.nn.DataParallel on such a machine
 
 
+def test_import_under_another_torch_fails_naming_both_versions():
+    # The compiled part only works with the torch it was built against: importing under another must fail with
+    # a message, before the extension is loaded (an undefined-symbol error from the loader otherwise).
+    script = textwrap.dedent("""
+        import sys, torch
+        torch.__version__ = "1.0.0+elsewhere"
+        try:
+            import torch_dp
+        except ImportError as error:
+            print(error)
+            print("extension loaded:", "torch_dp._C" in sys.modules)
+        else:
+            print("imported")
+    """)
+    python_dir = os.path.dirname(os.path.dirname(torch_dp.__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [python_dir, os.environ.get("PYTHONPATH")])))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout != "imported\n", "torch_dp imported under another torch"
+    message, loaded = result.stdout.strip().splitlines()
+    assert message.startswith(
+        f"torch_dp was built against torch {torch.__version__}, but torch 1.0.0+elsewhere is installed. Rebuild "
+        "torch_dp against the installed torch: `pip install --no-build-isolation --no-deps --force-reinstall .`"
+    ), message
+    assert loaded == "extension loaded: False"
+
+
 # ---- equivalence with the unwrapped module -------------------------------------------------------------------
 
 def test_mlp_equals_module(cpu_ids):
@@ -245,6 +277,48 @@ def test_two_forwards_then_one_backward_accumulate_like_the_module():
         torch.testing.assert_close(p.grad, q.grad)
 
 
+class WithUnused(nn.Module):
+    """A layer forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.used = nn.Linear(5, 3)
+        self.unused = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_unused_parameters_get_no_gradient_like_the_unwrapped_module(cpu_ids):
+    # Every replica shares the module's device (and so its parameters): the unused layer's .grad stays None.
+    net = WithUnused().double()
+    reference = copy.deepcopy(net)
+    dp = torch_dp.DataParallel(net, cpu_ids)
+    x = torch.randn(8, 5, dtype=torch.float64)
+    dp(x).pow(2).sum().backward()
+    reference(x).pow(2).sum().backward()
+    assert reference.unused.weight.grad is None and reference.unused.bias.grad is None
+    assert net.unused.weight.grad is None and net.unused.bias.grad is None
+    torch.testing.assert_close(net.used.weight.grad, reference.used.weight.grad)
+    torch.testing.assert_close(net.used.bias.grad, reference.used.bias.grad)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_unused_parameters_of_replicas_that_copy_get_zero_gradients(n):
+    # Replicas with copies of the parameters (other devices) reduce-add every copy's gradient onto the module: an
+    # unused parameter gets zeros, as torch.nn.DataParallel gives on several GPUs (README).
+    net = WithUnused().double()
+    reference = copy.deepcopy(net)
+    dp = copying(torch_dp.DataParallel(net, cpus(n)))
+    x = torch.randn(8, 5, dtype=torch.float64)
+    dp(x).pow(2).sum().backward()
+    reference(x).pow(2).sum().backward()
+    torch.testing.assert_close(net.unused.weight.grad, torch.zeros_like(net.unused.weight), rtol=0, atol=0)
+    torch.testing.assert_close(net.unused.bias.grad, torch.zeros_like(net.unused.bias), rtol=0, atol=0)
+    torch.testing.assert_close(net.used.weight.grad, reference.used.weight.grad)
+    torch.testing.assert_close(net.used.bias.grad, reference.used.bias.grad)
+
+
 def test_changing_batch_sizes():
     net = MLP().double()
     dp = torch_dp.DataParallel(net, cpus(4))
@@ -258,11 +332,13 @@ def test_changing_batch_sizes():
 
 def test_no_grad_and_inference_mode_forwards():
     net = MLP().double()
+    reference = copy.deepcopy(net)
     dp = torch_dp.DataParallel(net, cpus(3))
     x = torch.randn(6, 5, dtype=torch.float64)
     with torch.no_grad():
         out = dp(x)
     assert out.grad_fn is None and not out.requires_grad
+    torch.testing.assert_close(out, reference(x).detach())
     with torch.inference_mode():
         out = dp(x)
     assert out.is_inference()
@@ -270,7 +346,9 @@ def test_no_grad_and_inference_mode_forwards():
     out = dp(x)  # grad mode back on: the next forward is differentiable again
     assert out.requires_grad
     out.sum().backward()
-    assert net.fc1.weight.grad is not None
+    reference(x).sum().backward()
+    for p, q in zip(net.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
 
 
 def test_autocast_reaches_the_replicas():
@@ -336,11 +414,12 @@ def test_in_place_buffer_change_is_seen():
     net = conv_net(training=False)
     dp = torch_dp.DataParallel(net, cpus(4))
     x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
-    before = dp(x).detach()
+    before = net(x).detach()
+    torch.testing.assert_close(dp(x), before)
     with torch.no_grad():
         net.bn.running_mean.add_(3.0)
     after = dp(x)
-    assert not torch.allclose(after, before)
+    assert not torch.allclose(after, before)  # the edit matters, so the next line can tell stale from fresh
     torch.testing.assert_close(after, net(x))
     net.bn.running_var.data = torch.rand(4, dtype=torch.float64) + 0.5  # swapped storage, same tensor object
     torch.testing.assert_close(dp(x), net(x))
@@ -352,10 +431,13 @@ def test_replaced_submodule_is_seen():
     x = torch.randn(8, 3, dtype=torch.float64)
     torch.testing.assert_close(dp(x), net(x))
     dp.module.fc = nn.Linear(3, 3).double()
+    reference = copy.deepcopy(net)
     out = dp(x)
-    torch.testing.assert_close(out, net(x))
-    out.sum().backward()
-    assert net.fc.weight.grad is not None  # gradients reach the new submodule
+    torch.testing.assert_close(out, reference(x))
+    out.pow(2).sum().backward()
+    reference(x).pow(2).sum().backward()
+    for p, q in zip(net.fc.parameters(), reference.fc.parameters()):  # gradients reach the new submodule
+        torch.testing.assert_close(p.grad, q.grad)
 
 
 def test_replaced_parameter_is_seen():
@@ -371,9 +453,9 @@ def test_changed_plain_attribute_is_seen():
     net = Scaled().double()
     dp = torch_dp.DataParallel(net, cpus(4))
     x = torch.randn(8, 3, dtype=torch.float64)
-    first = dp(x).detach()
+    torch.testing.assert_close(dp(x), net(x))
     net.scale = -2.5
-    torch.testing.assert_close(dp(x), first * -2.5)
+    torch.testing.assert_close(dp(x), net.fc(x) * -2.5)
 
 
 def test_train_eval_switch_is_seen():
@@ -608,7 +690,10 @@ def test_pickle_and_torch_save_after_a_forward():
     net = conv_net(training=False)
     dp = torch_dp.DataParallel(net, cpus(3))
     x = torch.randn(6, 3, 4, 4, dtype=torch.float64)
-    expected = dp(x)
+    reference = copy.deepcopy(net)
+    expected = reference(x)
+    reference(x).sum().backward()
+    torch.testing.assert_close(dp(x), expected)
     buffer = io.BytesIO()
     torch.save(dp, buffer)
     buffer.seek(0)
@@ -619,7 +704,9 @@ def test_pickle_and_torch_save_after_a_forward():
         assert copy_.module is not net and copy_.device_ids == dp.device_ids
         torch.testing.assert_close(copy_(x), expected)
         copy_(x).sum().backward()
-        assert copy_.module.conv.weight.grad is not None and net.conv.weight.grad is None
+        for p, q in zip(copy_.module.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
+        assert net.conv.weight.grad is None  # the copy's gradients are its own
     torch.testing.assert_close(dp(x), expected)  # the original still works
 
 
@@ -627,7 +714,8 @@ def test_deepcopy():
     net = MLP().double()
     dp = torch_dp.DataParallel(net, cpus(4))
     x = torch.randn(8, 5, dtype=torch.float64)
-    expected = dp(x).detach()
+    expected = net(x).detach()
+    torch.testing.assert_close(dp(x), expected)
     clone = copy.deepcopy(dp)
     assert clone.module is not net and clone.module.fc1.weight is not net.fc1.weight
     torch.testing.assert_close(clone(x), expected)
@@ -752,7 +840,7 @@ class RowsSeen(nn.Module):
         return out, torch.full((x.size(0), 1), float(x.size(0)), dtype=x.dtype)
 
 
-@pytest.mark.parametrize("sizes", [[1, 5], [5, 1], [6, 0], [0, 6], [2, 1, 3], [1, 1, 1, 3]], ids=str)
+@pytest.mark.parametrize("sizes", [[1, 5], [5, 1], [6, 0], [2, 0, 4], [2, 1, 3], [1, 1, 1, 3]], ids=str)
 def test_chunk_sizes_split_rows_as_given(sizes):
     net = RowsSeen().double()
     reference = copy.deepcopy(net)
@@ -772,6 +860,65 @@ def test_chunk_sizes_split_rows_as_given(sizes):
     torch.testing.assert_close(x.grad, x_ref.grad)
     for (name, p), p_ref in zip(net.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, p_ref.grad, msg=name)
+
+
+class NoEmptyBatch(nn.Module):
+    """Fails on an empty chunk as BERT does (reshaping 0 elements with a -1), and records each call's device
+    position (the first column of its rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4).double()
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append(int(x[0, 0]))
+        return self.fc(x.view(x.size(0), -1, 4)).flatten(1)
+
+
+@pytest.mark.parametrize("sizes", [[3, 0, 2], [2, 3, 0, 0], [5, 0]], ids=str)
+def test_chunk_sizes_of_0_run_no_replica(sizes):
+    net = NoEmptyBatch()
+    reference = copy.deepcopy(net)
+    dp = torch_dp.DataParallel(net, cpus(len(sizes)), chunk_sizes=sizes)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    optimizer_ref = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for _ in range(2):
+        x = torch.randn(sum(sizes), 4, dtype=torch.float64)
+        x[:, 0] = torch.tensor([float(i) for i, n in enumerate(sizes) for _ in range(n)])
+        x.requires_grad_()
+        out = dp(x)
+        x_ref = x.detach().clone().requires_grad_()
+        expected = reference(x_ref)
+        torch.testing.assert_close(out, expected)
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        torch.testing.assert_close(x.grad, x_ref.grad)
+        for p, p_ref in zip(net.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, p_ref.grad)
+        optimizer.step()
+        optimizer_ref.step()
+        optimizer.zero_grad()
+        optimizer_ref.zero_grad()
+    assert sorted(set(net.calls)) == [i for i, n in enumerate(sizes) if n > 0]
+    for p, p_ref in zip(net.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, p_ref)
+
+
+def test_chunk_sizes_of_0_with_one_value_per_replica():
+    # Trainer's num_items_in_batch, one equal row per device, beside a batch split by chunk_sizes: each replica
+    # that runs gets its device's row.
+    seen = []
+
+    class Scaled(nn.Module):
+        def forward(self, x, n):
+            seen.append((x.shape[0], n.shape[0]))
+            return x / n
+
+    dp = torch_dp.DataParallel(Scaled(), cpus(3), chunk_sizes=[3, 0, 1])
+    x = torch.randn(4, 2)
+    torch.testing.assert_close(dp(x, torch.tensor([[2.0]]).expand(3, -1) / 1), x / 2)
+    assert sorted(seen) == [(1, 1), (3, 1)]
 
 
 def test_chunk_sizes_along_another_dim():
@@ -810,7 +957,8 @@ def test_bad_input_chunk_sizes_do_not_fit_the_batch():
         "chunk_sizes=[3, 1], which split exactly 4 rows along dim 0", "args[0] has 5 along dim 0", "drop_last=True")
     raises_and_leaves_module_unchanged(
         net, lambda: dp(torch.randn(4, 5), mask=torch.ones(3)), ValueError, "kwargs['mask'] has 3 along dim 0")
-    dp(torch.randn(4, 5))  # a fitting batch still works
+    x = torch.randn(4, 5)  # a fitting batch still works
+    torch.testing.assert_close(dp(x), net(x))
 
 
 @pytest.mark.parametrize(
@@ -819,12 +967,13 @@ def test_bad_input_chunk_sizes_do_not_fit_the_batch():
         ([4], ValueError, ["one size per device: 2 devices, but got 1 sizes [4]"]),
         ([3, -1], ValueError, ["non-negative and not all 0, but got [3, -1]"]),
         ([0, 0], ValueError, ["non-negative and not all 0"]),
+        ([0, 4], ValueError, ["chunk_sizes[0] must not be 0, but got [0, 4]", "the module itself", "at least one row"]),
         ([2.0, 2], TypeError, ["must hold ints", "[2.0, 2]"]),
         ([True, 3], TypeError, ["must hold ints"]),
         (4, TypeError, ["sequence of ints, one per device, but got 4"]),
         ("22", TypeError, ["sequence of ints"]),
     ],
-    ids=["count", "negative", "all-zero", "float", "bool", "int", "str"],
+    ids=["count", "negative", "all-zero", "first-zero", "float", "bool", "int", "str"],
 )
 def test_bad_input_chunk_sizes(sizes, error, fragments):
     net = MLP()
@@ -958,7 +1107,9 @@ def test_serial_issuing_refuses_sync_batchnorm_and_auto_uses_threads():
         net, lambda: dp(x), RuntimeError, "issuing='serial' runs replicas one after another",
         "SyncBatchNorm layers", "use issuing='auto' or 'threads'")
     out = torch_dp.DataParallel(net, cpus(2), issuing="auto")(x)  # would hang if the replicas ran serially
-    assert out.shape == (8, 4)
+    # and the replicas met: BatchNorm over the whole batch, not per chunk
+    torch.testing.assert_close(out, nn.functional.batch_norm(
+        net[0](x), None, None, net[1].weight, net[1].bias, training=True))
 
 
 def test_issuing_is_kept_by_pickling():

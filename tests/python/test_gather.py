@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import torch_dp
+from reference import ChunkedReference
 
 Output = collections.namedtuple("Output", ["logits", "aux"])
 
@@ -166,6 +167,85 @@ def test_non_tensor_leaves_raise_type_error():
         torch_dp.gather([{"name": "a"}, {"name": "b"}], "cpu")
 
 
+class LayerCache:
+    """Iterates as one (key, value, extra) tuple per layer and is built from such an iterable, as Hugging Face's
+    caches are (DynamicCache(ddp_cache_data)), for DataParallel's gather."""
+
+    def __init__(self, layers=()):
+        self.layers = [tuple(layer) for layer in layers]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+
+class CacheModel(torch.nn.Module):
+    """Returns its output and a LayerCache of two layers, each layer's key and value computed from the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3).double()
+
+    def forward(self, x):
+        y = self.fc(x)
+        return {"y": y, "cache": LayerCache([(y * (i + 1), y - i, None) for i in range(2)])}
+
+
+def test_objects_are_rebuilt_from_their_gathered_parts():
+    # torch.nn.DataParallel's rule, type(out)(map(gather_map, zip(*outputs))), which Hugging Face's caches rely on.
+    net = CacheModel()
+    x = torch.randn(7, 3, dtype=torch.double, requires_grad=True)
+    out = torch_dp.DataParallel(net, ["cpu"] * 3)(x)
+    expected = net(x)
+    assert type(out["cache"]) is LayerCache and len(out["cache"].layers) == 2
+    for layer, expected_layer in zip(out["cache"], expected["cache"]):
+        torch.testing.assert_close(layer[0], expected_layer[0])
+        torch.testing.assert_close(layer[1], expected_layer[1])
+        assert layer[2] is None
+    out["cache"].layers[1][0].sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    expected["cache"].layers[1][0].sum().backward()
+    torch.testing.assert_close(grad, x.grad)
+    gathered = torch_dp.gather([LayerCache([(torch.ones(2), None)]), LayerCache([(torch.zeros(1), None)])], "cpu")
+    assert torch.equal(gathered.layers[0][0], torch.tensor([1.0, 1.0, 0.0])) and gathered.layers[0][1] is None
+
+
+class Strict:
+    """Iterable, but its constructor takes no iterable of parts."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def __iter__(self):
+        return iter((self.a, self.b))
+
+
+@pytest.mark.parametrize(
+    "outputs, error, fragments",
+    [
+        ([{"s": "a"}, {"s": "b"}], TypeError, ["hold str values at output['s']", "Return a tensor there"]),
+        ([(1,), (2,)], TypeError, ["hold int values at output[0]", "int is not iterable"]),
+        ([Strict(torch.ones(1), torch.ones(1))] * 2, TypeError,
+         ["hold Strict values at output", "Strict(gathered parts) raised TypeError", "missing 1 required"]),
+        ([LayerCache([(torch.ones(1),)]), LayerCache([(torch.ones(1),)] * 2)], ValueError,
+         ["LayerCache values at output hold different numbers of parts (1, 2 for replicas 0 to 1)"]),
+        ([LayerCache([(torch.ones(1), "k")])] * 2, TypeError, ["hold str values at output[0][1]"]),
+        ([LayerCache([(torch.ones(1, 2),)]), LayerCache([(torch.ones(1, 3),)])], RuntimeError,
+         ["at output[0][0]: gather: tensor at index 1 has invalid shape [1, 3]"]),
+        ([LayerCache(), (torch.ones(1),)], ValueError, ["replica 1 returned a different structure"]),
+        ([{"c": LayerCache()}, {"c": None}], TypeError, ["LayerCache and NoneType values at output['c']",
+                                                         "every replica must return the same type there"]),
+    ],
+    ids=["str", "int", "constructor-rejects-parts", "different-lengths", "str-part", "part-shapes",
+         "object-vs-tuple", "object-vs-none"],
+)
+def test_objects_that_cannot_be_gathered_raise_naming_the_place(outputs, error, fragments):
+    with pytest.raises(error) as info:
+        torch_dp.gather(outputs, "cpu")
+    for fragment in fragments:
+        assert fragment in str(info.value), f"{fragment!r} not in {str(info.value)!r}"
+
+
 def test_shape_mismatch_raises():
     with pytest.raises(RuntimeError, match="invalid shape"):
         torch_dp.gather([torch.randn(2, 3), torch.randn(2, 4)], "cpu")
@@ -284,8 +364,13 @@ def test_bad_input_none_in_some_replicas_only():
 
 
 def test_none_in_every_replica_is_gathered_as_none():
-    out = torch_dp.DataParallel(PerReplica(lambda r, y: (y, None)), ["cpu"] * 3)(marked_batch(3))
-    assert out[1] is None and out[0].shape == (6, 2)
+    net = PerReplica(lambda r, y: (y, None))
+    reference = ChunkedReference(copy.deepcopy(net), 3)  # upstream's semantics, computed chunk by chunk
+    x = marked_batch(3)
+    out = torch_dp.DataParallel(net, ["cpu"] * 3)(x)
+    expected = reference(x)
+    assert out[1] is None and expected[1] is None
+    torch.testing.assert_close(out[0], expected[0])
 
 
 def test_bad_input_dicts_with_different_keys():

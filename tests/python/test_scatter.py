@@ -179,6 +179,50 @@ def test_different_sizes_with_equal_chunk_counts_are_fine():
     assert [(a[0].shape[0], a[1].shape[0]) for a in args] == [(2, 2), (2, 2), (2, 2), (2, 1)]
 
 
+# Note [Which tensors set the batch]: a tensor that holds one value per replica may give more chunks than the batch
+# and is cut to the replicas that run, as upstream; rows of any other tensor are never dropped.
+
+@pytest.mark.parametrize(
+    "rows, devices, per_replica",
+    [
+        (1, 2, lambda n: torch.tensor(7.0).unsqueeze(0).expand(n, -1)),  # expanded: stride 0
+        (9, 4, lambda n: torch.tensor(7.0).unsqueeze(0).expand(n, -1) / 1),  # Trainer's num_items_in_batch: dense
+        (3, 4, lambda n: torch.full((n, 2), 3.0)),
+        (2, 4, lambda n: torch.randn(1, 2).expand(6, 2)),  # stride 0, not one row per device
+        (1, 3, lambda n: torch.empty(0, 2)),  # no rows at all
+    ],
+    ids=["expanded-1on2", "equal-rows-9on4", "equal-rows-3on4", "expanded-6-rows", "empty"],
+)
+def test_tensors_holding_one_value_per_replica_are_cut_to_the_batch(rows, devices, per_replica):
+    x = torch.randn(rows, 3)
+    value = per_replica(devices)
+    args, kwargs = torch_dp.scatter_kwargs((x,), {"num_items_in_batch": value}, cpus(devices))
+    batch = [len(c) for c in x.chunk(devices)]
+    assert [a[0].shape[0] for a in args] == batch
+    cut = torch_dp.scatter(value, cpus(devices))[: len(batch)]  # upstream: the first chunks, one per replica
+    assert len(kwargs) == len(batch)
+    for kw, expected in zip(kwargs, cut):
+        assert torch.equal(kw["num_items_in_batch"], expected)
+    # Positional too, in either order, and through DataParallel's forward.
+    args, _ = torch_dp.scatter_kwargs((value, x), {}, cpus(devices))
+    assert [a[1].shape[0] for a in args] == batch
+    net = Recorder()
+    torch_dp.DataParallel(net, cpus(devices))(x[:, :2], scale=value)
+    assert sorted(net.calls, reverse=True) == batch
+
+
+def test_tensors_with_distinct_rows_are_never_cut():
+    with pytest.raises(ValueError, match=r"args\[0\]: 1 along dim 0 -> 1 chunks; kwargs\['n'\]: 2 along dim 0 -> 2 "
+                                         r"chunks\. Give all tensor arguments the same size.*one value per replica"):
+        torch_dp.scatter_kwargs((torch.randn(1, 3),), {"n": torch.tensor([[1.0], [2.0]])}, cpus(2))
+    # Equal rows, but not one per device (4 rows on 2 devices): a batch of its own.
+    with pytest.raises(ValueError, match="different numbers of chunks"):
+        torch_dp.scatter_kwargs((torch.randn(1, 3),), {"n": torch.ones(4, 1)}, cpus(2))
+    # An expanded tensor with fewer chunks than the batch: the batch's rows would be lost.
+    with pytest.raises(ValueError, match=r"args\[0\]: 8 along dim 0 -> 4 chunks; args\[1\]: 2 along dim 0 -> 2"):
+        torch_dp.scatter_kwargs((torch.randn(8, 3), torch.ones(1).expand(2)), {}, cpus(4))
+
+
 def test_zero_dim_tensor_raises():
     with pytest.raises(RuntimeError, match="0-dim"):
         torch_dp.scatter(torch.tensor(1.0), cpus(2))
