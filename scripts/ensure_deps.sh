@@ -39,11 +39,13 @@ done
 # pinned; both accept the torch above as it is (accelerate asks for torch>=2.0).
 if ! "$PYTHON" -c "import transformers" >/dev/null 2>&1; then
   echo "ensure_deps: installing transformers==5.25.0"
-  "$PYTHON" -m pip install -q "transformers==5.25.0"
+  "$PYTHON" -m pip install -q "transformers==5.25.0" ||
+    echo "ensure_deps: could not install transformers; tests/python/test_real_models.py will skip" >&2
 fi
 if ! "$PYTHON" -c "import accelerate" >/dev/null 2>&1; then
   echo "ensure_deps: installing accelerate==1.16.0"
-  "$PYTHON" -m pip install -q "accelerate==1.16.0"
+  "$PYTHON" -m pip install -q "accelerate==1.16.0" ||
+    echo "ensure_deps: could not install accelerate; the Trainer tests will skip" >&2
 fi
 
 # ccache keys on absolute paths; relative to the checkout they match across clones (CI builds a fresh clone).
