@@ -118,6 +118,27 @@ Holder clone_of(const Holder& module) {
 }
 
 // A conv net with BatchNorm, for the buffer and train/eval tests.
+// Two SGD steps of dp (wrapping `net`) and of `reference` (an unwrapped clone of net) side by side on batches of
+// `rows`: outputs and gradients after each, parameters at the end.
+void check_trains_like(torch_dp::DataParallel& dp, NetImpl& net, NetImpl& reference, int64_t rows, int steps) {
+  torch::optim::SGD optim(dp->parameters(), 0.1);
+  torch::optim::SGD optim_ref(reference.parameters(), 0.1);
+  for (int step = 0; step < steps; ++step) {
+    auto input = torch::randn({rows, 10}, f64);
+    optim.zero_grad();
+    optim_ref.zero_grad();
+    auto out = dp->forward(input);
+    auto expected = reference.forward(input);
+    REQUIRE(close(out, expected));
+    out.pow(2).sum().backward();
+    expected.pow(2).sum().backward();
+    REQUIRE(same_grads(net, reference));
+    optim.step();
+    optim_ref.step();
+  }
+  CHECK(same_parameters(net, reference));
+}
+
 struct ConvBnImpl : torch::nn::Cloneable<ConvBnImpl> {
   ConvBnImpl() { reset(); }
   void reset() override {
@@ -886,22 +907,7 @@ TEST_CASE("DataParallel: chunk_sizes gives each replica its rows, results as the
   auto net = make_net();
   auto reference = clone_of(net);
   torch_dp::DataParallel dp(net, torch_dp::DataParallelOptions(cpu_devices(3)).chunk_sizes(sizes));
-  torch::optim::SGD optim(dp->parameters(), 0.1);
-  torch::optim::SGD optim_ref(reference->parameters(), 0.1);
-  for (int step = 0; step < 2; ++step) {
-    auto input = torch::randn({7, 10}, f64);
-    optim.zero_grad();
-    optim_ref.zero_grad();
-    auto out = dp->forward(input);
-    auto expected = reference->forward(input);
-    REQUIRE(close(out, expected));
-    out.pow(2).sum().backward();
-    expected.pow(2).sum().backward();
-    REQUIRE(same_grads(*net, *reference));
-    optim.step();
-    optim_ref.step();
-  }
-  CHECK(same_parameters(*net, *reference));
+  check_trains_like(dp, *net, *reference, 7, 2);
   // Any other batch size is an error naming the sizes, before any replica runs.
   CHECK_THROWS_WITH(dp->forward(torch::randn({8, 10}, f64)),
                     tdp_test::Contains("the chunk sizes add up to 7 but the tensor has 8 elements along dim 0"));
@@ -1004,22 +1010,7 @@ TEST_CASE("DataParallel: a chunk size of 0 runs no replica; the first may not be
   auto net = make_net();
   auto reference = clone_of(net);
   torch_dp::DataParallel dp(net, torch_dp::DataParallelOptions(cpu_devices(3)).chunk_sizes({{4, 0, 3}}));
-  torch::optim::SGD optim(dp->parameters(), 0.1);
-  torch::optim::SGD optim_ref(reference->parameters(), 0.1);
-  for (int step = 0; step < 2; ++step) {
-    auto input = torch::randn({7, 10}, f64);
-    optim.zero_grad();
-    optim_ref.zero_grad();
-    auto out = dp->forward(input);
-    auto expected = reference->forward(input);
-    REQUIRE(close(out, expected));
-    out.pow(2).sum().backward();
-    expected.pow(2).sum().backward();
-    REQUIRE(same_grads(*net, *reference));
-    optim.step();
-    optim_ref.step();
-  }
-  CHECK(same_parameters(*net, *reference));
+  check_trains_like(dp, *net, *reference, 7, 2);
   // A tensor holding one value per replica gives each replica that runs its device's row.
   TwoInTwoOut module;
   torch_dp::DataParallel two(module, torch_dp::DataParallelOptions(cpu_devices(3)).chunk_sizes({{2, 0, 1}}));
