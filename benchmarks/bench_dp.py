@@ -470,7 +470,8 @@ def bench_pieces(
         run("parallel_apply", lambda: dp.parallel_apply(replicas, inputs, kwargs))
         run("gather", lambda: dp.gather(outputs, dp.output_device))
         run("forward (whole)", lambda: dp(x))
-        del replicas, outputs, inputs, kwargs
+        # The lambdas above already ran in run(); dropping the tensors frees this configuration's memory.
+        replicas = outputs = inputs = kwargs = None
     opt.zero_grad(set_to_none=True)
     del impls
     _recover(clock)

@@ -7,7 +7,8 @@
 import torch
 
 try:
-    from torch_dp._build_info import TORCH_DP_VERSION as __version__, TORCH_VERSION as _BUILT_AGAINST
+    from torch_dp._build_info import TORCH_DP_VERSION as __version__  # noqa: F401 - the package version
+    from torch_dp._build_info import TORCH_VERSION as _BUILT_AGAINST
 except ImportError as error:  # pragma: no cover - only without a build
     raise ImportError(
         "torch_dp's compiled part is missing: install it with `pip install --no-build-isolation .` "
@@ -23,7 +24,7 @@ if torch.__version__ != _BUILT_AGAINST:
         "--force-reinstall .` in the torch_dp source tree (or `bash scripts/test.sh` for an in-place build)."
     )
 
-from torch_dp import _C  # noqa: E402
+from torch_dp import _C  # noqa: E402, F401 - loads the compiled part at import, after the version check
 from torch_dp.data_parallel import DataParallel, is_patched, patch, unpatch  # noqa: E402
 from torch_dp.parallel import (  # noqa: E402
     data_parallel,

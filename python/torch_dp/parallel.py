@@ -828,7 +828,9 @@ def parallel_apply(
         targets = [_device_of(x) for x in inputs]
     else:
         if len(devices) != len(modules):
-            raise ValueError(f"The number of modules {len(modules)} is not equal to the number of devices {len(devices)}")
+            raise ValueError(
+                f"The number of modules {len(modules)} is not equal to the number of devices {len(devices)}"
+            )
         accelerator = _accelerator_type()
         targets = [_device_of(x) if d is None else _as_device(d, accelerator) for d, x in zip(devices, inputs)]
     if not modules:

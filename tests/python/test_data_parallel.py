@@ -805,7 +805,10 @@ def meta_buffer_net():
 def test_bad_input_module_not_on_device_ids0(replicas):
     net = meta_buffer_net()
     dp = torch_dp.DataParallel(net, cpus(replicas))
-    expected = "module must have its parameters and buffers on device cpu (device_ids[0]) but found one of them on device: meta"
+    expected = (
+        "module must have its parameters and buffers on device cpu (device_ids[0]) "
+        "but found one of them on device: meta"
+    )
     raises_and_leaves_module_unchanged(net, lambda: dp(torch.randn(4, 5)), RuntimeError, expected)
     raises_and_leaves_module_unchanged(
         net, lambda: torch_dp.data_parallel(net, torch.randn(4, 5), cpus(replicas)), RuntimeError, expected

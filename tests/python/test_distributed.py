@@ -213,7 +213,8 @@ def test_unused_parameter_untouched(ranks_state):
 def test_ddp_example_under_torchrun():
     # examples/python/ddp.py as its docstring says to start it: torchrun, two processes of two CPU replicas.
     root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(root / "python"), os.environ.get("PYTHONPATH")])))
+    python_path = os.pathsep.join(filter(None, [str(root / "python"), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=python_path)
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          str(root / "examples" / "python" / "ddp.py"), "--device", "cpu", "--epochs", "3", "--replicas", "2"],

@@ -167,7 +167,9 @@ def compare(
             _compared_buffers(ours_module, device_ids), _compared_buffers(ref_module, device_ids),
             f"step {step} buffers", **tol,
         )
-    _assert_trees_close(list(ours_module.parameters()), list(ref_module.parameters()), "parameters after the steps", **tol)
+    _assert_trees_close(
+        list(ours_module.parameters()), list(ref_module.parameters()), "parameters after the steps", **tol
+    )
 
 
 def _compared_buffers(module: nn.Module, device_ids: list) -> list[torch.Tensor]:
@@ -544,7 +546,8 @@ def test_replica_exception_message(name, device_ids):
     last = len(device_ids) - 1
     label = "cpu" if device_ids[0] == "cpu" else str(device_ids[last])
     rows = 3 * len(device_ids) - 1  # the last chunk has 2 rows
-    with pytest.raises(KeyError, match=rf"Caught KeyError in replica {last} on device {label}\.\nOriginal Traceback[\s\S]+wonderful"):
+    message = rf"Caught KeyError in replica {last} on device {label}\.\nOriginal Traceback[\s\S]+wonderful"
+    with pytest.raises(KeyError, match=message):
         dp(torch.randn(rows, 2, device=_device_of(device_ids)))
 
 
@@ -571,7 +574,9 @@ def test_output_device_forms_on_cpu(output_device):
         out = dp(x)
     assert out.device.type == "cpu"
     torch.testing.assert_close(out, model(x))
-    future = [w for w in caught if issubclass(w.category, FutureWarning) and "Using -1 to represent CPU" in str(w.message)]
+    future = [
+        w for w in caught if issubclass(w.category, FutureWarning) and "Using -1 to represent CPU" in str(w.message)
+    ]
     assert bool(future) == (output_device == -1)
 
 

@@ -24,8 +24,10 @@ def test_tutorial_prints_the_tutorials_chunk_sizes(replicas):
         [sys.executable, str(ROOT / "examples/python/tutorial.py"), "--device", "cpu", "--replicas", str(replicas)],
         capture_output=True, text=True, timeout=120, env=env, check=True,
     )
-    inside = collections.Counter(int(m) for m in re.findall(r"In Model: input size torch\.Size\(\[(\d+), 5\]\)", result.stdout))
-    outside = re.findall(r"Outside: input size torch\.Size\(\[(\d+), 5\]\) output_size torch\.Size\(\[(\d+), 2\]\)", result.stdout)
+    inside_sizes = re.findall(r"In Model: input size torch\.Size\(\[(\d+), 5\]\)", result.stdout)
+    inside = collections.Counter(int(m) for m in inside_sizes)
+    outside_pattern = r"Outside: input size torch\.Size\(\[(\d+), 5\]\) output_size torch\.Size\(\[(\d+), 2\]\)"
+    outside = re.findall(outside_pattern, result.stdout)
     # 100 rows in batches of 30: 30, 30, 30 and 10, each split by torch.chunk over the replicas.
     assert [(int(a), int(b)) for a, b in outside] == [(30, 30), (30, 30), (30, 30), (10, 10)]
     expected = collections.Counter(_chunks(30, replicas) * 3 + _chunks(10, replicas))
