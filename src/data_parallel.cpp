@@ -232,9 +232,21 @@ void refresh_slot(ReplicaSet& set, ReplicaSet::Slot& slot) {
 
 } // namespace
 
-// The rule of Note [Which tensors set the batch] (python/torch_dp/parallel.py), for the C++ module's arguments.
 namespace {
 
+// The indices of the devices that run a replica: all of them, less those whose chunk size is 0 (Note [Empty
+// chunks], python/torch_dp/data_parallel.py).
+std::vector<size_t> devices_that_run(const std::optional<std::vector<int64_t>>& sizes, size_t num_devices) {
+  std::vector<size_t> runs;
+  for (size_t i = 0; i < num_devices; ++i) {
+    if (!sizes || i >= sizes->size() || (*sizes)[i] != 0) {
+      runs.push_back(i);
+    }
+  }
+  return runs;
+}
+
+// The rule of Note [Which tensors set the batch] (python/torch_dp/parallel.py), for the C++ module's arguments:
 bool is_expanded(const at::Tensor& tensor, int64_t dim) {
   return tensor.layout() == at::kStrided && tensor.size(dim) > 1 && tensor.stride(dim) == 0;
 }
@@ -307,12 +319,7 @@ void collect_tensors(const c10::IValue& value, std::vector<at::Tensor>& tensors)
 }
 
 void plan_split(SplitPlan& plan, const std::vector<at::Tensor>& tensors) {
-  std::vector<size_t> runs;  // the devices that run a replica: a 0 in sizes runs none (Note [Empty chunks])
-  for (size_t i = 0; i < plan.devices.size(); ++i) {
-    if (!plan.sizes || i >= plan.sizes->size() || (*plan.sizes)[i] != 0) {
-      runs.push_back(i);
-    }
-  }
+  const auto runs = devices_that_run(plan.sizes, plan.devices.size());
   std::vector<c10::Device> run_devices;
   std::vector<int64_t> run_sizes;
   for (auto i : runs) {
@@ -565,10 +572,8 @@ void DataParallelImpl::reset() {
                    "(BatchNorm's running statistics); give it at least one row (a 0 is allowed for the other ",
                    "devices, which then run no replica)");
     replica_devices_.clear();
-    for (size_t i = 0; i < sizes.size(); ++i) {
-      if (sizes[i] > 0) {
-        replica_devices_.push_back(devices_[i]);
-      }
+    for (auto i : detail::devices_that_run(sizes, devices_.size())) {
+      replica_devices_.push_back(devices_[i]);
     }
   }
   replica_set_ = std::make_shared<detail::ReplicaSet>();

@@ -15,6 +15,7 @@ from torch_dp.parallel import (
     _as_device,
     _checked_arguments,
     _checked_issuing,
+    _devices_that_run,
     _gather,
     _parallel_apply,
     _public_id,
@@ -205,7 +206,7 @@ class DataParallel(torch.nn.DataParallel):
         if getattr(self, "chunk_sizes", None) is None:
             self._replica_devices, self._replica_ids = self._devices, self.device_ids
         else:
-            runs = [i for i, n in enumerate(self.chunk_sizes) if n > 0]
+            runs = _devices_that_run(self.chunk_sizes)
             self._replica_devices = [self._devices[i] for i in runs]
             self._replica_ids = [self.device_ids[i] for i in runs]
 

@@ -260,6 +260,11 @@ def _cut_to_batch(
     return [chunks[:count] for chunks in chunked]
 
 
+def _devices_that_run(sizes: Sequence[int]) -> list[int]:
+    """The indices of the devices that run a replica: those whose chunk size is not 0 (Note [Empty chunks])."""
+    return [i for i, n in enumerate(sizes) if n > 0]
+
+
 def _split_tensors(
     obj: Any,
     tensors: list[torch.Tensor],
@@ -275,8 +280,7 @@ def _split_tensors(
             chunked = _cut_to_batch(obj, tensors, chunked, devices, dim, roots)
         return chunked
     _check_sizes_fit(obj, sizes, dim, roots)
-    # Note [Empty chunks]: a device whose size is 0 runs no replica, so it gets no chunk.
-    runs = [i for i, n in enumerate(sizes) if n > 0]
+    runs = _devices_that_run(sizes)  # the others get no chunk
     run_devices, run_sizes, total = [devices[i] for i in runs], [sizes[i] for i in runs], sum(sizes)
     chunked = []
     for tensor in tensors:
