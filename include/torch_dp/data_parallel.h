@@ -92,7 +92,7 @@ class ModuleCaller {
 
 /// How one forward splits its arguments: devices, sizes and dim, and how many replicas it runs. plan_split
 /// chunks every tensor argument at once, since the replica count depends on all of them (Note [Which tensors set
-/// the batch], python/torch_dp/parallel.py); split_argument then hands the chunks out in argument order.
+/// the batch], python/torch_dp/scatter_gather.py); split_argument then hands the chunks out in argument order.
 struct SplitPlan {
   std::vector<c10::Device> devices;
   std::optional<std::vector<int64_t>> sizes;

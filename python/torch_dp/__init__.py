@@ -25,15 +25,10 @@ if torch.__version__ != _BUILT_AGAINST:
     )
 
 from torch_dp import _C  # noqa: E402, F401 - loads the compiled part at import, after the version check
-from torch_dp.data_parallel import DataParallel, is_patched, patch, unpatch  # noqa: E402
-from torch_dp.parallel import (  # noqa: E402
-    data_parallel,
-    gather,
-    parallel_apply,
-    replicate,
-    scatter,
-    scatter_kwargs,
-)
+from torch_dp.data_parallel import DataParallel, data_parallel, is_patched, patch, unpatch  # noqa: E402
+from torch_dp.parallel_apply import parallel_apply  # noqa: E402
+from torch_dp.replicate import replicate  # noqa: E402
+from torch_dp.scatter_gather import gather, scatter, scatter_kwargs  # noqa: E402
 from torch_dp.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm  # noqa: E402
 
 __all__ = [

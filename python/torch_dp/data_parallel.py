@@ -1,7 +1,13 @@
-"""torch_dp.DataParallel: a drop-in for torch.nn.DataParallel on torch_dp's C++ engine."""
+"""torch_dp.DataParallel, a drop-in for torch.nn.DataParallel on torch_dp's C++ engine, and its functional form
+torch_dp.data_parallel (torch.nn.parallel.data_parallel's signature); patch() puts both in torch's place."""
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any, Optional, TypeVar
 
@@ -9,23 +15,20 @@ import torch
 from torch.nn.parallel.data_parallel import _check_balance
 
 from torch_dp import _C
-from torch_dp.parallel import (
+from torch_dp.devices import (
+    _MINUS_ONE_DEPRECATED,
     DeviceLike,
     _accelerator_type,
     _as_device,
     _checked_arguments,
-    _checked_issuing,
-    _devices_that_run,
-    _gather,
-    _parallel_apply,
+    _is_minus_one,
     _public_id,
-    _Replicas,
-    _scatter_kwargs,
-    gather,
-    replicate,
 )
+from torch_dp.parallel_apply import _checked_issuing, _default_pool, _parallel_apply
+from torch_dp.replicate import _Replicas, replicate
+from torch_dp.scatter_gather import _checked_kwargs, _devices_that_run, _gather, _scatter_kwargs, gather
 
-__all__ = ["DataParallel", "patch", "unpatch", "is_patched"]
+__all__ = ["DataParallel", "data_parallel", "patch", "unpatch", "is_patched"]
 
 T = TypeVar("T", bound=torch.nn.Module)
 
@@ -269,23 +272,73 @@ def _checked_chunk_sizes(chunk_sizes: Optional[Sequence[int]], num_devices: int)
     return sizes
 
 
+# ---- data_parallel, the functional form -------------------------------------------------------------------
+
+_functional_replicas: "weakref.WeakKeyDictionary[torch.nn.Module, _Replicas]" = weakref.WeakKeyDictionary()
+_functional_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    """A fresh lock for the functional form's cache (Note [After fork] in parallel_apply.py)."""
+    global _functional_lock
+    _functional_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def data_parallel(
+    module: torch.nn.Module,
+    inputs: Any,
+    device_ids: Optional[Sequence[DeviceLike]] = None,
+    output_device: Optional[DeviceLike] = None,
+    dim: int = 0,
+    module_kwargs: Optional[dict[str, Any]] = None,
+) -> Any:
+    """Evaluates ``module(*inputs, **module_kwargs)`` in parallel across ``device_ids``, like
+    ``torch.nn.parallel.data_parallel``. Replicas are cached per module between calls."""
+    if not isinstance(inputs, tuple):
+        inputs = (inputs,) if inputs is not None else ()
+    # Every check that does not need the replicas' outputs comes first, gather's included: a training-mode
+    # module's BatchNorm statistics must not move for a call that fails.
+    devices, output_device, target = _checked_arguments(device_ids, output_device, dim, _accelerator_type())
+    module_kwargs = _checked_kwargs(module_kwargs, "module_kwargs")
+    with _functional_lock:
+        replicas = _functional_replicas.get(module)
+        if replicas is None:
+            replicas = _functional_replicas[module] = _Replicas()
+    with replicas.lock:
+        replicas.sync(module, devices)
+        replicas.check_device(devices[0])
+        inputs, kwargs = _scatter_kwargs(inputs, module_kwargs, devices, dim)
+        if not inputs and not kwargs:
+            inputs, kwargs = ((),), ({},)
+        if len(devices) == 1:
+            return module(*inputs[0], **kwargs[0])
+        modules = replicas.get(len(inputs), differentiable=torch.is_grad_enabled())
+        outputs = _parallel_apply(
+            modules, inputs, kwargs, devices[: len(inputs)], _default_pool(), issuing="auto",
+            compiled=replicas.has_compiled,
+        )
+    if _is_minus_one(output_device):
+        warnings.warn(_MINUS_ONE_DEPRECATED, FutureWarning, stacklevel=2)
+    return _gather(outputs, target, dim)
+
+
 # ---- patching torch.nn.DataParallel ------------------------------------------------------------------------
 
 _originals: dict[str, Any] = {}
 
 
 def _patch_targets() -> list[tuple[Any, str, Any]]:
-    import sys
-
-    from torch_dp.parallel import data_parallel as functional_data_parallel
-
     data_parallel_module = sys.modules["torch.nn.parallel.data_parallel"]
     return [
         (torch.nn, "DataParallel", DataParallel),
         (torch.nn.parallel, "DataParallel", DataParallel),
-        (torch.nn.parallel, "data_parallel", functional_data_parallel),
+        (torch.nn.parallel, "data_parallel", data_parallel),
         (data_parallel_module, "DataParallel", DataParallel),
-        (data_parallel_module, "data_parallel", functional_data_parallel),
+        (data_parallel_module, "data_parallel", data_parallel),
     ]
 
 

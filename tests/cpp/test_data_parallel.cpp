@@ -942,7 +942,7 @@ TEST_CASE("DataParallel: tensor arguments giving different chunk counts are an e
   CHECK(close(rows, torch::cat(expected_rows)));
 }
 
-// Note [Which tensors set the batch] (python/torch_dp/parallel.py): as upstream, a tensor that holds one value per
+// Note [Which tensors set the batch] (python/torch_dp/scatter_gather.py): as upstream, a tensor that holds one value per
 // replica (expanded, or one equal row per device, as Hugging Face's Trainer passes num_items_in_batch) is cut to
 // the replicas the batch runs; rows of any other tensor are never dropped.
 TEST_CASE("DataParallel: a tensor holding one value per replica is cut to the batch", "[data_parallel]") {

@@ -290,7 +290,7 @@ def _child_runs_forward_and_backward(dp, net, x, connection):
     try:
         # As DataLoader workers do: torch's OpenMP intra-op pool is not fork-safe, and it is not what this test
         # is about. (The crash this test once hit in CI was torch's autograd engine being rebuilt from two
-        # replica threads at once in the child; Note [After fork] in parallel.py fixes that.)
+        # replica threads at once in the child; Note [After fork] in parallel_apply.py fixes that.)
         torch.set_num_threads(1)
         params = list(net.parameters())
         out = dp(x)

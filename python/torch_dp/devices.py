@@ -1,0 +1,150 @@
+"""Devices and the argument checks the steps share: device_ids entries (ints, strings, torch.device, "cpu") as
+torch.device objects, gather's output device (upstream's -1 included), dim, and how PyTorch names a device in
+messages and in DataParallel.device_ids."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+from torch._utils import _get_all_device_indices, _get_available_device_type
+
+__all__ = ["DeviceLike"]
+
+DeviceLike = Union[int, str, torch.device]
+
+
+def _accelerator_type() -> Optional[str]:
+    """The accelerator PyTorch's DataParallel would use (None without one; MPS is not supported, as upstream)."""
+    device_type = _get_available_device_type()
+    return None if device_type == "mps" else device_type
+
+
+def _as_device(device: DeviceLike, accelerator: Optional[str]) -> torch.device:
+    """One entry of device_ids as a torch.device with an index (CPU has none), or a clear error."""
+    if isinstance(device, torch.device):
+        result = device
+    elif isinstance(device, str):
+        try:
+            result = torch.device(device)
+        except RuntimeError as error:
+            raise ValueError(f"invalid device {device!r}: {error}") from None
+    elif isinstance(device, int) and not isinstance(device, bool):
+        if device < 0:
+            raise ValueError(
+                f"invalid device index {device}: device indices must be non-negative (use 'cpu' for the CPU)"
+            )
+        if accelerator is None:
+            raise ValueError(
+                f"device index {device} was given, but no accelerator is available; use 'cpu' entries "
+                "(for example device_ids=['cpu', 'cpu']) to run replicas on the CPU"
+            )
+        result = torch.device(accelerator, device)
+    else:
+        raise TypeError(
+            "a device must be an int index, a string such as 'cuda:0' or 'cpu', or a torch.device, "
+            f"but got {type(device).__name__}: {device!r}"
+        )
+    if result.type == "cpu":
+        return torch.device("cpu")
+    backend = getattr(torch, result.type, None)
+    if backend is None or not hasattr(backend, "device_count") or not backend.is_available():
+        raise ValueError(f"device {result} is not available on this machine: expected {_usable_devices(accelerator)}")
+    index = result.index if result.index is not None else backend.current_device()
+    count = backend.device_count()
+    if index >= count:
+        raise ValueError(
+            f"device {result.type}:{index} does not exist: this machine has {count} {result.type} device(s), "
+            f"indices 0 to {count - 1}"
+        )
+    return torch.device(result.type, index)
+
+
+def _usable_devices(accelerator: Optional[str]) -> str:
+    """What a device argument may name on this machine, for error messages."""
+    if accelerator is None:
+        return "'cpu' (no accelerator is available)"
+    count = getattr(torch, accelerator).device_count()
+    return f"'cpu' or a {accelerator} device, index 0 to {count - 1}"
+
+
+def _as_devices(
+    devices: Sequence[DeviceLike], name: str = "target_gpus", accelerator: Optional[str] = None
+) -> list[torch.device]:
+    """A list of devices (``name`` is the argument's name, for the error messages), each checked."""
+    if isinstance(devices, (str, int, torch.device)):
+        # A string is a sequence too, and would be read character by character ("invalid device 'c'").
+        raise TypeError(f"{name} must be a sequence of devices, but got a single device {devices!r}")
+    try:
+        entries = list(devices)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be a sequence of devices, but got {type(devices).__name__}: {devices!r}"
+        ) from None
+    accelerator = accelerator if accelerator is not None else _accelerator_type()
+    return [_as_device(d, accelerator) for d in entries]
+
+
+def _checked_dim(dim: int) -> int:
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        raise TypeError(f"dim must be an int, but got {type(dim).__name__}: {dim!r}")
+    return dim
+
+
+def _is_minus_one(device: Optional[DeviceLike]) -> bool:
+    """Whether device is upstream's -1, its deprecated way of saying the CPU."""
+    return isinstance(device, int) and not isinstance(device, bool) and device == -1
+
+
+_MINUS_ONE_DEPRECATED = (
+    'Using -1 to represent CPU tensor is deprecated. Please use a device object or string instead, e.g., "cpu".'
+)
+
+
+def _as_output_device(device: Optional[DeviceLike]) -> torch.device:
+    """gather's target: an index, -1 (the CPU, deprecated upstream), a string or a torch.device."""
+    if device is None:
+        accelerator = _accelerator_type()
+        if accelerator is None:
+            return torch.device("cpu")
+        return torch.device(accelerator, getattr(torch, accelerator).current_device())
+    if _is_minus_one(device):
+        warnings.warn(_MINUS_ONE_DEPRECATED, FutureWarning, stacklevel=3)
+        return torch.device("cpu")
+    return _as_device(device, _accelerator_type())
+
+
+def _checked_arguments(
+    device_ids: Optional[Sequence[DeviceLike]],
+    output_device: Optional[DeviceLike],
+    dim: int,
+    accelerator: Optional[str],
+) -> tuple[list[torch.device], DeviceLike, torch.device]:
+    """The argument checks DataParallel and data_parallel share, so that a mistake gets the same error from
+    both, before anything runs: the devices of ``device_ids`` (every accelerator device for None),
+    ``output_device`` as given (``device_ids[0]`` for None) with the device it names, and ``dim``."""
+    if device_ids is None:
+        if accelerator is None:
+            raise RuntimeError("device type could not be determined")  # upstream's text
+        device_ids = _get_all_device_indices()
+    devices = _as_devices(device_ids, "device_ids", accelerator)
+    if not devices:
+        raise ValueError("device_ids is empty: give at least one device, e.g. device_ids=[0] or ['cpu']")
+    _checked_dim(dim)
+    if output_device is None:
+        output_device = _public_id(devices[0])
+    # -1 is checked here but warned about where it is used, at every gather, as upstream.
+    target = torch.device("cpu") if _is_minus_one(output_device) else _as_device(output_device, accelerator)
+    return devices, output_device, target
+
+
+def _label(device: torch.device) -> str:
+    """How PyTorch names a replica's device in 'Caught X in replica i on device d.': the index, or cpu."""
+    return "cpu" if device.type == "cpu" else str(device.index)
+
+
+def _public_id(device: torch.device) -> Union[int, torch.device]:
+    """device_ids entries as nn.DataParallel stores them: int indices; CPU entries stay torch.device('cpu')."""
+    return device if device.type == "cpu" else device.index
