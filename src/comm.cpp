@@ -8,9 +8,17 @@
 #include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 #include <c10/util/accumulate.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 
+#include <climits>
+#include <cstdint>
 #include <map>
+#include <memory>
+#include <numeric>
+#include <string>
+#include <type_traits>
+#include <utility>
 
 // Note [Coalesced copies]
 // ~~~~~~~~~~~~~~~~~~~~~~~
@@ -40,7 +48,6 @@
 namespace torch_dp {
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 int64_t version_of(const at::Tensor& t) {
@@ -61,50 +68,91 @@ c10::Device common_device(at::TensorList tensors, const char* what) {
   return device;
 }
 
-// Gradients of broadcast copies, reduce-added onto the sources' device (Note [Broadcast grad] below).
-struct BroadcastFunction : public torch::autograd::Function<BroadcastFunction> {
-  static variable_list forward(
-      AutogradContext* ctx,
-      at::TensorList sources,
-      const std::vector<std::vector<at::Tensor>>& copies) {
-    const auto device = sources[0].device();
-    ctx->saved_data["device_type"] = static_cast<int64_t>(device.type());
-    ctx->saved_data["device_index"] = static_cast<int64_t>(device.index());
-    ctx->saved_data["num_sources"] = static_cast<int64_t>(sources.size());
-    variable_list out;
-    out.reserve(copies.size() * sources.size());
-    for (const auto& slot : copies) {
-      for (const auto& copy : slot) {
-        // A fresh alias per call: the cached copy itself never gets a grad_fn.
-        out.push_back(copy.detach());
-      }
-    }
-    return out;
+// Autograd holds nodes in std::shared_ptr up to torch 2.11 and in c10::intrusive_ptr in later releases: make a
+// node the way the torch being compiled against holds it.
+template <typename NodeType, typename... Args>
+auto make_node(Args&&... args) {
+  using NodePointer = decltype(torch::autograd::Edge::function);
+  if constexpr (std::is_same_v<NodePointer, std::shared_ptr<torch::autograd::Node>>) {
+    return std::make_shared<NodeType>(std::forward<Args>(args)...);
+  } else {
+    return c10::make_intrusive<NodeType>(std::forward<Args>(args)...);
+  }
+}
+
+// The gradients of copies (or aliases) of sources, summed onto the sources' device (Note [Broadcast grad]).
+// Input i is the gradient of one copy of source `output_of[i]`, made in slot `slot_of[i]`.
+struct BroadcastBackward : public torch::autograd::Node {
+  BroadcastBackward(c10::Device destination, std::vector<size_t> slot_of, std::vector<size_t> output_of)
+      : destination_(destination), slot_of_(std::move(slot_of)), output_of_(std::move(output_of)) {}
+
+  // An output none of whose copies took part in the loss gets zeros, as torch.nn.DataParallel's broadcast gives
+  // an unused parameter.
+  void add_output(const at::Tensor& source) {
+    add_next_edge(torch::autograd::impl::gradient_edge(source));
+    output_sizes_.push_back(source.sizes().vec());
+    output_options_.push_back(source.options());
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const c10::Device device(
-        static_cast<c10::DeviceType>(ctx->saved_data["device_type"].toInt()),
-        static_cast<c10::DeviceIndex>(ctx->saved_data["device_index"].toInt()));
-    const auto num_sources = static_cast<size_t>(ctx->saved_data["num_sources"].toInt());
-    std::vector<std::vector<at::Tensor>> per_slot;
-    for (size_t start = 0; start < grads.size(); start += num_sources) {
-      per_slot.emplace_back(grads.begin() + start, grads.begin() + start + num_sources);
+  variable_list apply(variable_list&& grads) override {
+    variable_list result(num_outputs());
+    std::map<size_t, std::vector<at::Tensor>> other_devices;  // per slot: its gradients, by output
+    for (size_t i = 0; i < grads.size(); ++i) {
+      auto& grad = grads[i];
+      if (!grad.defined()) {
+        continue;  // that copy did not take part in the loss
+      }
+      auto& sum = result[output_of_[i]];
+      if (grad.device() == destination_) {
+        sum = sum.defined() ? sum + grad : std::move(grad);
+      } else {
+        auto& per_output = other_devices[slot_of_[i]];
+        per_output.resize(result.size());
+        per_output[output_of_[i]] = std::move(grad);
+      }
     }
-    auto result = reduce_add_coalesced(per_slot, device);
-    result.emplace_back();  // copies
+    if (!other_devices.empty()) {
+      std::vector<std::vector<at::Tensor>> per_slot;
+      for (auto& [slot, per_output] : other_devices) {
+        per_slot.push_back(std::move(per_output));
+      }
+      auto reduced = reduce_add_coalesced(per_slot, destination_);
+      for (size_t k = 0; k < result.size(); ++k) {
+        if (reduced[k].defined()) {
+          result[k] = result[k].defined() ? result[k] + reduced[k] : reduced[k];
+        }
+      }
+    }
+    for (size_t k = 0; k < result.size(); ++k) {
+      if (!result[k].defined()) {
+        result[k] = at::zeros(output_sizes_[k], output_options_[k]);
+      }
+    }
     return result;
   }
+
+  std::string name() const override { return "torch_dp::BroadcastBackward"; }
+
+ private:
+  c10::Device destination_;
+  std::vector<size_t> slot_of_;
+  std::vector<size_t> output_of_;
+  std::vector<std::vector<int64_t>> output_sizes_;
+  std::vector<at::TensorOptions> output_options_;
 };
 
 } // namespace
 
 // Note [Broadcast grad]
 // ~~~~~~~~~~~~~~~~~~~~~
-// Copies on other devices are made without autograd (they are cached between calls). Each call wraps them in
-// one BroadcastFunction node whose inputs are the sources and whose outputs are fresh aliases of the copies, so
-// the gradients of every replica's copies meet in one node and are reduce-added onto the source device in
-// coalesced buckets. The backward is written with differentiable ops, so double backward works.
+// Copies are made without autograd (the Replicator keeps them between calls). Each call gives the copies of
+// the tensors that require grad one BroadcastBackward node, with an edge to each source, so the gradients of
+// every replica's copies meet in one node: those on the sources' device are added, the others reduce-added
+// onto it in coalesced buckets, and the sum reaches the sources' .grad once. An unbound copy is handed out as
+// a fresh alias carrying the node (the cached copy itself never gets a grad_fn); a tensor the caller owns (a
+// C++ replica's parameter, which the replica's forward reads) carries the node itself. This is the one
+// gradient path of every copy, whether made by broadcast_coalesced, for a Python replica or for a C++ one.
+// The backward is written with differentiable ops, so double backward works.
 
 std::vector<std::vector<at::Tensor>> broadcast_coalesced(at::TensorList tensors, at::ArrayRef<c10::Device> devices) {
   std::vector<std::vector<at::Tensor>> result(devices.size());
@@ -138,7 +186,11 @@ std::vector<std::vector<at::Tensor>> broadcast_coalesced(at::TensorList tensors,
   if (needs_grad.empty()) {
     return result;
   }
-  detail::attach_broadcast_grad(result, tensors, needs_grad, cross);
+  std::vector<std::vector<size_t>> per_slot(devices.size());
+  for (auto i : cross) {
+    per_slot[i] = needs_grad;
+  }
+  detail::attach_broadcast_grad(result, tensors, per_slot, /*bound=*/{});
   return result;
 }
 
@@ -395,38 +447,49 @@ std::vector<std::vector<at::Tensor>> attach_broadcast_grad(
         slot.size() == sources.size(), "broadcast: expected ", sources.size(), " copies per device, got ",
         slot.size());
   }
-  auto flat = BroadcastFunction::apply(sources, copies);
-  std::vector<std::vector<at::Tensor>> result(copies.size());
-  for (size_t j = 0; j < copies.size(); ++j) {
-    result[j].assign(flat.begin() + j * sources.size(), flat.begin() + (j + 1) * sources.size());
-  }
+  std::vector<size_t> indices(sources.size());
+  std::iota(indices.begin(), indices.end(), size_t{0});
+  std::vector<std::vector<size_t>> per_slot(copies.size(), indices);
+  auto result = copies;
+  attach_broadcast_grad(result, sources, per_slot, /*bound=*/{});
   return result;
 }
 
 void attach_broadcast_grad(
     std::vector<std::vector<at::Tensor>>& tensors,
     at::TensorList sources,
-    const std::vector<size_t>& indices,
-    const std::vector<size_t>& slots) {
-  if (indices.empty() || slots.empty()) {
+    const std::vector<std::vector<size_t>>& indices,
+    const std::vector<bool>& bound) {
+  std::vector<size_t> output_of_source(sources.size(), SIZE_MAX);
+  std::vector<size_t> slot_of;
+  std::vector<size_t> output_of;
+  std::vector<size_t> outputs;  // the sources with an edge, in output order
+  for (size_t j = 0; j < indices.size(); ++j) {
+    for (auto k : indices[j]) {
+      if (output_of_source[k] == SIZE_MAX) {
+        output_of_source[k] = outputs.size();
+        outputs.push_back(k);
+      }
+      slot_of.push_back(j);
+      output_of.push_back(output_of_source[k]);
+    }
+  }
+  if (outputs.empty()) {
     return;
   }
-  std::vector<at::Tensor> selected;
-  for (auto k : indices) {
-    selected.push_back(sources[k]);
+  const auto destination = sources[outputs[0]].device();
+  auto node = make_node<BroadcastBackward>(destination, std::move(slot_of), std::move(output_of));
+  for (auto k : outputs) {
+    node->add_output(sources[k]);
   }
-  std::vector<std::vector<at::Tensor>> copies;
-  for (auto j : slots) {
-    std::vector<at::Tensor> slot;
-    for (auto k : indices) {
-      slot.push_back(tensors[j][k]);
-    }
-    copies.push_back(std::move(slot));
-  }
-  auto with_grad = attach_broadcast_grad(selected, copies);
-  for (size_t c = 0; c < slots.size(); ++c) {
-    for (size_t n = 0; n < indices.size(); ++n) {
-      tensors[slots[c]][indices[n]] = with_grad[c][n];
+  for (size_t j = 0; j < indices.size(); ++j) {
+    const bool in_place = j < bound.size() && bound[j];
+    for (auto k : indices[j]) {
+      auto& tensor = tensors[j][k];
+      if (!in_place) {
+        tensor = tensor.detach();  // a fresh alias, so the cached copy itself never gets a grad_fn
+      }
+      torch::autograd::set_history(tensor, node);
     }
   }
 }

@@ -1,5 +1,7 @@
 #include <torch_dp/gather.h>
 
+#include <torch_dp/detail/gather_outputs.h>
+
 #include "message.h"
 
 #include "autograd_functions.h"
@@ -138,6 +140,78 @@ namespace detail {
 
 at::Tensor gather_function(const std::vector<at::Tensor>& inputs, c10::Device destination, int64_t dim) {
   return GatherFunction::apply(at::TensorList(inputs), destination, dim)[0];
+}
+
+} // namespace detail
+// ---- the C++ module's outputs, gathered ----------------------------------------------------------------------
+
+namespace detail {
+
+c10::IValue gather_ivalues(const std::vector<c10::IValue>& outputs, c10::Device destination, int64_t dim) {
+  TORCH_DP_CHECK(!outputs.empty(), "DataParallel: no outputs to gather");
+  const auto& first = outputs[0];
+  auto mismatch = [&](size_t i) {
+    return detail::message("DataParallel: replica ", i, " returned a ", outputs[i].tagKind(),
+                           " where replica 0 returned a ", first.tagKind(),
+                           "; every replica must return the same structure");
+  };
+  if (first.isTensor()) {
+    std::vector<at::Tensor> tensors;
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      TORCH_DP_CHECK(outputs[i].isTensor(), mismatch(i));
+      tensors.push_back(outputs[i].toTensor());
+    }
+    return gather(tensors, destination, dim);
+  }
+  if (first.isNone()) {
+    return first;
+  }
+  if (first.isTuple()) {
+    const auto size = first.toTupleRef().elements().size();
+    std::vector<c10::IValue> gathered;
+    for (size_t e = 0; e < size; ++e) {
+      std::vector<c10::IValue> column;
+      for (size_t i = 0; i < outputs.size(); ++i) {
+        TORCH_DP_CHECK(outputs[i].isTuple() && outputs[i].toTupleRef().elements().size() == size, mismatch(i),
+                       " (tuples of the same size)");
+        column.push_back(outputs[i].toTupleRef().elements()[e]);
+      }
+      gathered.push_back(gather_ivalues(column, destination, dim));
+    }
+    return c10::ivalue::Tuple::create(std::move(gathered));
+  }
+  if (first.isList()) {
+    const auto size = first.toList().size();
+    c10::impl::GenericList gathered(first.toList().elementType());
+    for (size_t e = 0; e < size; ++e) {
+      std::vector<c10::IValue> column;
+      for (size_t i = 0; i < outputs.size(); ++i) {
+        TORCH_DP_CHECK(outputs[i].isList() && outputs[i].toList().size() == size, mismatch(i),
+                       " (lists of the same size)");
+        column.push_back(outputs[i].toList().get(e));
+      }
+      gathered.push_back(gather_ivalues(column, destination, dim));
+    }
+    return gathered;
+  }
+  if (first.isGenericDict()) {
+    auto dict = first.toGenericDict();
+    c10::impl::GenericDict gathered(dict.keyType(), dict.valueType());
+    for (const auto& entry : dict) {
+      std::vector<c10::IValue> column;
+      for (size_t i = 0; i < outputs.size(); ++i) {
+        TORCH_DP_CHECK(outputs[i].isGenericDict(), mismatch(i));
+        auto other = outputs[i].toGenericDict();
+        TORCH_DP_CHECK(other.size() == dict.size() && other.contains(entry.key()), "DataParallel: replica ", i,
+                       " returned a dict with other keys than replica 0's; all dicts must have the same keys");
+        column.push_back(other.at(entry.key()));
+      }
+      gathered.insert(entry.key(), gather_ivalues(column, destination, dim));
+    }
+    return gathered;
+  }
+  TORCH_DP_CHECK(false, "DataParallel can only gather tensors, alone or inside tuples, lists and dicts (and None), "
+                 "but replica 0 returned a ", first.tagKind(), "; return a tensor instead");
 }
 
 } // namespace detail

@@ -275,6 +275,10 @@ std::string device_label(c10::Device device) {
   return device.has_index() ? std::to_string(device.index()) : device.str();
 }
 
+std::string replica_location(size_t replica, c10::Device device) {
+  return "in replica " + std::to_string(replica) + " on device " + device_label(device);
+}
+
 namespace {
 
 std::string describe(const std::exception_ptr& error, std::string& type) {
@@ -295,8 +299,7 @@ std::string describe(const std::exception_ptr& error, std::string& type) {
 std::string replica_message(size_t replica, c10::Device device, const std::exception_ptr& original) {
   std::string type;
   const auto what = describe(original, type);
-  return "Caught " + type + " in replica " + std::to_string(replica) + " on device " + device_label(device) +
-      ".\nOriginal error: " + what;
+  return "Caught " + type + " " + replica_location(replica, device) + ".\nOriginal error: " + what;
 }
 
 } // namespace
@@ -331,7 +334,7 @@ const char* issuing_name(Issuing issuing) {
   return "unknown";
 }
 
-void parallel_apply(
+void run_replicas(
     WorkerPool& pool,
     at::ArrayRef<c10::Device> devices,
     const std::function<void(size_t)>& task,
@@ -346,7 +349,7 @@ void parallel_apply(
   std::vector<std::optional<c10::Stream>> streams(n);
   for (size_t i = 0; i < n; ++i) {
     if (!devices[i].is_cpu()) {
-      TORCH_DP_CHECK(devices[i].has_index(), "parallel_apply: device ", devices[i].str(), " has no index");
+      TORCH_DP_CHECK(devices[i].has_index(), "run_replicas: device ", devices[i].str(), " has no index");
       c10::impl::VirtualGuardImpl impl(devices[i].type());
       streams[i] = impl.getStream(devices[i]);
     }

@@ -1,10 +1,14 @@
 #include <torch_dp/replicate.h>
 
 #include "message.h"
+#include "test_access.h"
 
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
+
+#include <algorithm>
 
 // Note [Persistent replicas]
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -21,6 +25,9 @@
 //    the source's values before each forward (Note [Coalesced copies], Note [Stale copies]).
 //  - Copies on other devices are cached the same way and wrapped, per call, in one broadcast autograd node
 //    (Note [Broadcast grad]) so their gradients are reduce-added onto the source device.
+// The same engine serves the C++ module, whose replicas are clones reading their own member tensors: a clone's
+// slot is bound to those tensors, which the engine points at the sources' memory (set_data) or at the copies',
+// and which carry the broadcast node themselves (Note [C++ replicas] in data_parallel.cpp).
 
 namespace torch_dp {
 
@@ -48,31 +55,87 @@ void Replicator::check_device(c10::Device expected) const {
   }
 }
 
-void Replicator::build_slots(at::ArrayRef<c10::Device> devices) {
+void Replicator::set_devices(at::ArrayRef<c10::Device> devices) {
+  if (devices_.size() == devices.size() && std::equal(devices_.begin(), devices_.end(), devices.begin())) {
+    return;
+  }
   slots_.clear();
-  const size_t num_params = params_.size();
-  const size_t total = num_params + buffers_.size();
+  changed_.clear();
+  const size_t total = params_.size() + buffers_.size();
   for (size_t j = 0; j < devices.size(); ++j) {
     Slot slot;
     slot.device = devices[j];
-    const bool first_on_device = std::find(devices.begin(), devices.begin() + j, devices[j]) == devices.begin() + j;
+    slot.first_on_device = std::find(devices.begin(), devices.begin() + j, devices[j]) == devices.begin() + j;
     slot.copy_index.assign(total, -1);
     for (size_t k = 0; k < total; ++k) {
-      const auto& source = k < num_params ? params_[k] : buffers_[k - num_params];
-      const bool param_like = k < num_params || source.requires_grad();
-      const bool shared = source.device() == slot.device &&
-          (copy_everything_ ? first_on_device : (param_like || first_on_device));
+      const bool param_like = k < params_.size() || source(k).requires_grad();
+      const bool shared = source(k).device() == slot.device &&
+          (copy_everything_ ? slot.first_on_device : (param_like || slot.first_on_device));
       if (!shared) {
         slot.copy_index[k] = static_cast<int64_t>(slot.copied_sources.size());
-        slot.copied_sources.push_back(source);
+        slot.copied_sources.push_back(source(k));
       }
     }
-    if (!slot.copied_sources.empty()) {
-      slot.copies.emplace(slot.copied_sources, slot.device, trust_version_counters_);
-    }
+    lay_out_copies(slot);
     slots_.push_back(std::move(slot));
   }
   devices_.assign(devices.begin(), devices.end());
+}
+
+bool Replicator::uses_sources(size_t slot) const {
+  TORCH_DP_CHECK(slot < slots_.size(), "Replicator: slot ", slot, " does not exist (", slots_.size(), " slots)");
+  return slots_[slot].first_on_device && slots_[slot].copied_sources.empty();
+}
+
+void Replicator::bind(size_t slot_index, std::vector<at::Tensor> tensors) {
+  TORCH_DP_CHECK(slot_index < slots_.size(), "Replicator: slot ", slot_index, " does not exist (", slots_.size(),
+                 " slots)");
+  const size_t total = params_.size() + buffers_.size();
+  TORCH_DP_CHECK(tensors.size() == total, "Replicator::bind: expected ", total, " tensors (", params_.size(),
+                 " parameters and ", buffers_.size(), " buffers), got ", tensors.size());
+  auto& slot = slots_[slot_index];
+  slot.bound = std::move(tensors);
+  slot.last.clear();
+  lay_out_copies(slot);
+}
+
+void Replicator::lay_out_copies(Slot& slot) {
+  if (slot.copied_sources.empty()) {
+    return;
+  }
+  slot.copies.emplace(slot.copied_sources, slot.device, trust_version_counters_);
+  if (!slot.bound.empty()) {
+    std::vector<at::Tensor> aliases;
+    for (size_t k = 0; k < slot.bound.size(); ++k) {
+      if (slot.copy_index[k] >= 0) {
+        aliases.push_back(slot.bound[k]);
+      }
+    }
+    slot.copies->bind(std::move(aliases));
+  }
+}
+
+void Replicator::refresh(Slot& slot) {
+  if (!slot.bound.empty()) {
+    // A bound tensor of a shared source points at the source's memory; again if the source was given other
+    // memory or another shape (`.data = ...`, `module.to(dtype)`).
+    c10::InferenceMode not_inference(false);
+    at::NoGradGuard no_grad;
+    for (size_t k = 0; k < slot.bound.size(); ++k) {
+      auto& tensor = slot.bound[k];
+      const auto& original = source(k);
+      if (slot.copy_index[k] < 0 &&
+          (tensor.const_data_ptr() != original.const_data_ptr() || tensor.sizes() != original.sizes() ||
+           tensor.strides() != original.strides() || tensor.scalar_type() != original.scalar_type())) {
+        tensor.set_data(original);
+      }
+    }
+  }
+  if (slot.copies && !slot.copies->refresh(slot.copied_sources)) {
+    // A source changed shape, dtype or layout (`module.double()`, `.data = ...`): lay the copies out anew.
+    lay_out_copies(slot);
+    slot.copies->refresh(slot.copied_sources);
+  }
 }
 
 std::vector<std::vector<at::Tensor>> Replicator::replicate(
@@ -80,53 +143,26 @@ std::vector<std::vector<at::Tensor>> Replicator::replicate(
   TORCH_DP_CHECK(
       num_slots <= devices.size(), "replicate: asked for ", num_slots, " replicas but only ", devices.size(),
       " devices were given");
-  if (devices_.size() != devices.size() || !std::equal(devices_.begin(), devices_.end(), devices.begin())) {
-    build_slots(devices);
-  }
-  const size_t num_params = params_.size();
-  const size_t total = num_params + buffers_.size();
+  set_devices(devices);
+  const size_t total = params_.size() + buffers_.size();
   std::vector<std::vector<at::Tensor>> result(num_slots);
   for (size_t j = 0; j < num_slots; ++j) {
     auto& slot = slots_[j];
-    if (slot.copies && !slot.copies->refresh(slot.copied_sources)) {
-      // A source changed shape, dtype or layout (`module.double()`, `.data = ...`): lay the copies out anew.
-      slot.copies.emplace(slot.copied_sources, slot.device, trust_version_counters_);
-      slot.copies->refresh(slot.copied_sources);
+    refresh(slot);
+    if (!slot.bound.empty()) {
+      result[j] = slot.bound;
+      continue;
     }
     auto& tensors = result[j];
     tensors.reserve(total);
     for (size_t k = 0; k < total; ++k) {
       const auto index = slot.copy_index[k];
-      if (index < 0) {
-        tensors.push_back(k < num_params ? params_[k] : buffers_[k - num_params]);
-      } else {
-        tensors.push_back(slot.copies->copies()[static_cast<size_t>(index)]);
-      }
+      tensors.push_back(index < 0 ? source(k) : slot.copies->copies()[static_cast<size_t>(index)]);
     }
   }
-
   if (differentiable && c10::GradMode::is_enabled()) {
-    // Copies of tensors that require grad get a broadcast node, shared by every slot that copies them.
-    std::vector<size_t> needs_grad;
-    for (size_t k = 0; k < total; ++k) {
-      const auto& source = k < num_params ? params_[k] : buffers_[k - num_params];
-      if (source.requires_grad()) {
-        needs_grad.push_back(k);
-      }
-    }
-    std::vector<size_t> cross_slots;
-    for (size_t j = 0; j < num_slots && !needs_grad.empty(); ++j) {
-      if (slots_[j].copy_index[needs_grad[0]] >= 0) {
-        cross_slots.push_back(j);  // a slot copies all tensors that require grad or none (it is off-device)
-      }
-    }
-    if (!cross_slots.empty()) {
-      std::vector<at::Tensor> sources(params_);
-      sources.insert(sources.end(), buffers_.begin(), buffers_.end());
-      detail::attach_broadcast_grad(result, sources, needs_grad, cross_slots);
-    }
+    attach_grad(result);
   }
-
   changed_.assign(num_slots, false);
   for (size_t j = 0; j < num_slots; ++j) {
     auto& last = slots_[j].last;
@@ -140,6 +176,45 @@ std::vector<std::vector<at::Tensor>> Replicator::replicate(
     }
   }
   return result;
+}
+
+void Replicator::attach_grad(std::vector<std::vector<at::Tensor>>& result) {
+  // Every tensor of a slot that is not its source itself and whose source requires grad routes its gradient to
+  // the source, through one node per call (Note [Broadcast grad] in comm.cpp).
+  std::vector<std::vector<size_t>> indices(result.size());
+  std::vector<bool> bound(result.size());
+  bool any = false;
+  for (size_t j = 0; j < result.size(); ++j) {
+    auto& slot = slots_[j];
+    bound[j] = !slot.bound.empty();
+    for (size_t k = 0; k < result[j].size(); ++k) {
+      if (source(k).requires_grad()) {
+        if (bound[j] || slot.copy_index[k] >= 0) {
+          indices[j].push_back(k);
+        }
+      } else if (bound[j] && slot.bound[k].requires_grad()) {
+        // Frozen in the module, so frozen in the replica: a clone's parameters start out requiring grad, and one
+        // trainable at an earlier forward still carries that forward's node. Left so, the replica would compute
+        // (and keep) gradients the module does not want, and its outputs would require grad where the module's
+        // do not.
+        slot.bound[k].detach_();
+      }
+    }
+    any = any || !indices[j].empty();
+  }
+  if (!any) {
+    return;
+  }
+  std::vector<at::Tensor> sources(params_);
+  sources.insert(sources.end(), buffers_.begin(), buffers_.end());
+  detail::attach_broadcast_grad(result, sources, indices, bound);
+}
+
+void detail::TestAccess::copy_everything(Replicator& replicator) {
+  replicator.copy_everything_ = true;
+  replicator.devices_.clear();
+  replicator.slots_.clear();
+  replicator.changed_.clear();
 }
 
 } // namespace torch_dp

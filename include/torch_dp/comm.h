@@ -77,19 +77,21 @@ class CoalescedCopies {
 };
 
 /// Gives `copies` (copies[j][k] a copy of sources[k] on some device) an autograd history: the result holds
-/// aliases of the copies whose gradients are reduce-added onto the sources' device (all sources on one
-/// device). Used by broadcast_coalesced and by the Replicator, which keeps its copies between calls.
+/// aliases of the copies whose gradients are reduce-added onto the sources' device (all sources on one device).
 std::vector<std::vector<at::Tensor>> attach_broadcast_grad(
     at::TensorList sources,
     const std::vector<std::vector<at::Tensor>>& copies);
 
-/// In place: for each slot j in `slots` and each k in `indices`, replaces tensors[j][k] (a copy of
-/// sources[k]) by its alias from attach_broadcast_grad, one node for all of them.
+/// The one gradient path of copies (Note [Broadcast grad] in comm.cpp): for each slot j and each k in
+/// indices[j], tensors[j][k] (a copy or alias of sources[k], which requires grad) gets a gradient edge to
+/// sources[k] through one node shared by all of them, which sums their gradients onto the sources' device. In a
+/// slot with bound[j] the tensor itself gets the history (a tensor the caller owns and reads, such as a C++
+/// replica's parameter); otherwise tensors[j][k] is replaced by a fresh alias that carries it.
 void attach_broadcast_grad(
     std::vector<std::vector<at::Tensor>>& tensors,
     at::TensorList sources,
-    const std::vector<size_t>& indices,
-    const std::vector<size_t>& slots);
+    const std::vector<std::vector<size_t>>& indices,
+    const std::vector<bool>& bound);
 
 } // namespace detail
 } // namespace torch_dp

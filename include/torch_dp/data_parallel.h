@@ -2,9 +2,10 @@
 // data_parallel: torch_dp::DataParallel, a torch::nn module that runs the module it wraps in parallel over
 // devices, and torch_dp::data_parallel, a drop-in for torch::nn::parallel::data_parallel.
 
-#include <torch_dp/gather.h>
+#include <torch_dp/detail/gather_outputs.h>
+#include <torch_dp/detail/module_caller.h>
+#include <torch_dp/detail/split_arguments.h>
 #include <torch_dp/parallel_apply.h>
-#include <torch_dp/scatter.h>
 
 #include <ATen/core/ivalue.h>
 #include <torch/arg.h>
@@ -55,121 +56,6 @@ namespace detail {
 
 struct ReplicaSet;  // persistent replicas and workers, data_parallel.cpp
 struct TestAccess;  // test hooks, src/test_access.h
-
-/// The wrapped module and a way to call its forward: through AnyModule, or, for nn::Sequential (which
-/// AnyModule cannot hold, its forward being a template), through Sequential's own forward.
-class ModuleCaller {
- public:
-  ModuleCaller() = default;
-  explicit ModuleCaller(torch::nn::AnyModule any) : any_(std::move(any)) {}
-  explicit ModuleCaller(std::shared_ptr<torch::nn::SequentialImpl> sequential) : sequential_(std::move(sequential)) {}
-
-  template <typename ModuleType>
-  static ModuleCaller of(std::shared_ptr<ModuleType> module) {
-    if constexpr (std::is_base_of_v<torch::nn::SequentialImpl, ModuleType>) {
-      return ModuleCaller(std::static_pointer_cast<torch::nn::SequentialImpl>(std::move(module)));
-    } else {
-      return ModuleCaller(torch::nn::AnyModule(std::move(module)));
-    }
-  }
-
-  std::shared_ptr<torch::nn::Module> ptr() const { return sequential_ ? sequential_ : any_.ptr(); }
-  bool empty() const { return !sequential_ && any_.is_empty(); }
-  ModuleCaller clone(const std::optional<c10::Device>& device) const;
-
-  template <typename ReturnType, typename... ArgumentTypes>
-  ReturnType forward(const ArgumentTypes&... arguments) {
-    if (sequential_) {
-      return sequential_->forward<ReturnType>(arguments...);
-    }
-    return any_.forward<ReturnType>(arguments...);
-  }
-
- private:
-  torch::nn::AnyModule any_;
-  std::shared_ptr<torch::nn::SequentialImpl> sequential_;
-};
-
-/// How one forward splits its arguments: devices, sizes and dim, and how many replicas it runs. plan_split
-/// chunks every tensor argument at once, since the replica count depends on all of them (Note [Which tensors set
-/// the batch], python/torch_dp/scatter_gather.py); split_argument then hands the chunks out in argument order.
-struct SplitPlan {
-  std::vector<c10::Device> devices;
-  std::optional<std::vector<int64_t>> sizes;
-  int64_t dim = 0;
-  int64_t count = -1;                           // replicas that run; -1 until plan_split
-  std::vector<std::vector<at::Tensor>> chunks;  // each tensor argument's chunks, one per replica, in order
-  size_t next = 0;                              // the tensor argument split_tensor hands out next
-};
-
-void collect_tensors(const c10::IValue& value, std::vector<at::Tensor>& tensors);
-void plan_split(SplitPlan& plan, const std::vector<at::Tensor>& tensors);
-std::vector<at::Tensor> split_tensor(const at::Tensor& tensor, SplitPlan& plan);
-std::vector<c10::IValue> split_ivalue(const c10::IValue& value, SplitPlan& plan);
-c10::IValue gather_ivalues(const std::vector<c10::IValue>& outputs, c10::Device destination, int64_t dim);
-
-/// Marks a forward argument that every replica receives as it is.
-struct Unsplit {};
-
-/// Adds the tensors of one forward argument (itself, or those inside an IValue) to `tensors`.
-template <typename T>
-void collect_argument(const T& value, std::vector<at::Tensor>& tensors) {
-  if constexpr (std::is_same_v<T, at::Tensor>) {
-    tensors.push_back(value);
-  } else if constexpr (std::is_same_v<T, c10::IValue>) {
-    collect_tensors(value, tensors);
-  }
-}
-
-/// Per-replica copies of one forward argument: tensors (alone or inside IValues) are split, anything else
-/// (ints, options, strings) is given to every replica as it is.
-template <typename T>
-auto split_argument(const T& value, SplitPlan& plan) {
-  if constexpr (std::is_same_v<T, at::Tensor>) {
-    return split_tensor(value, plan);
-  } else if constexpr (std::is_same_v<T, c10::IValue>) {
-    return split_ivalue(value, plan);
-  } else {
-    return Unsplit{};
-  }
-}
-
-/// Replica i's value of an argument: its chunk, or the argument itself.
-template <typename T, typename PerReplica>
-const T& replica_argument(const T& original, const PerReplica& per_replica, size_t i) {
-  if constexpr (std::is_same_v<PerReplica, Unsplit>) {
-    return original;
-  } else {
-    return per_replica[i];
-  }
-}
-
-template <typename T>
-struct IsTensorTuple : std::false_type {};
-template <typename... Ts>
-struct IsTensorTuple<std::tuple<Ts...>> : std::bool_constant<(std::is_same_v<Ts, at::Tensor> && ...)> {};
-
-/// Gathers the replicas' outputs: a Tensor, std::vector<Tensor>, std::tuple of Tensors, or an IValue holding
-/// tensors inside tuples, lists and dicts.
-template <typename ReturnType>
-ReturnType gather_outputs(std::vector<ReturnType>& outputs, c10::Device destination, int64_t dim) {
-  if constexpr (std::is_same_v<ReturnType, at::Tensor>) {
-    return gather(outputs, destination, dim);
-  } else if constexpr (std::is_same_v<ReturnType, c10::IValue>) {
-    return gather_ivalues(outputs, destination, dim);
-  } else if constexpr (std::is_same_v<ReturnType, std::vector<at::Tensor>> || IsTensorTuple<ReturnType>::value) {
-    std::vector<c10::IValue> values;
-    values.reserve(outputs.size());
-    for (auto& output : outputs) {
-      values.emplace_back(std::move(output));
-    }
-    return gather_ivalues(values, destination, dim).template to<ReturnType>();
-  } else {
-    static_assert(
-        std::is_same_v<ReturnType, at::Tensor>,
-        "DataParallel gathers Tensor, std::vector<Tensor>, std::tuple<Tensor...> or IValue outputs");
-  }
-}
 
 } // namespace detail
 
@@ -263,7 +149,7 @@ ReturnType DataParallelImpl::forward_as(const ArgumentTypes&... arguments) {
   auto modules = replicas(count);
   std::vector<std::optional<ReturnType>> results(count);
   std::vector<c10::Device> used(replica_devices_.begin(), replica_devices_.begin() + count);
-  parallel_apply(
+  run_replicas(
       pool(), used,
       [&](size_t i) {
         results[i] = std::apply(

@@ -1,5 +1,5 @@
 #pragma once
-// parallel_apply: run one task per replica on persistent worker threads.
+// parallel_apply: run one task per replica on persistent worker threads (run_replicas).
 
 #include <c10/core/Device.h>
 #include <c10/util/ArrayRef.h>
@@ -14,7 +14,7 @@
 
 namespace torch_dp {
 
-/// How parallel_apply runs the replicas of one call (Note [Issuing replicas] in parallel_apply.cpp).
+/// How run_replicas runs the replicas of one call (Note [Issuing replicas] in parallel_apply.cpp).
 enum class Issuing {
   /// Replicas on several devices: kThreads. Replicas sharing one device: whichever of kThreads and kSerial
   /// ran faster on this pool's first calls, both being timed there.
@@ -58,7 +58,7 @@ class WorkerPool {
   std::shared_ptr<State> state_;
 };
 
-/// A replica's failure, rethrown by parallel_apply after every replica finished.
+/// A replica's failure, rethrown by run_replicas after every replica finished.
 class ReplicaError : public std::runtime_error {
  public:
   ReplicaError(size_t replica, c10::Device device, std::exception_ptr original);
@@ -84,7 +84,7 @@ const char* issuing_name(Issuing issuing);
 /// autocast and its dtype, ...), with devices[i] as the current device and the caller's current stream for
 /// devices[i] as the current stream, issued as `issuing` says. After every task finished, the first failure
 /// (lowest i) is rethrown as a ReplicaError.
-void parallel_apply(
+void run_replicas(
     WorkerPool& pool,
     at::ArrayRef<c10::Device> devices,
     const std::function<void(size_t)>& task,
@@ -92,5 +92,10 @@ void parallel_apply(
 
 /// How a device is named in error messages: "cpu" for the CPU, the index for accelerators (as PyTorch does).
 std::string device_label(c10::Device device);
+
+/// Where a replica failed, as PyTorch words it: "in replica 2 on device 1". ReplicaError's text is "Caught <type>
+/// <where>." plus the original message; the Python package passes it to torch's ExceptionWrapper, which re-raises
+/// the original exception type with the same text.
+std::string replica_location(size_t replica, c10::Device device);
 
 } // namespace torch_dp

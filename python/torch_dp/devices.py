@@ -140,11 +140,6 @@ def _checked_arguments(
     return devices, output_device, target
 
 
-def _label(device: torch.device) -> str:
-    """How PyTorch names a replica's device in 'Caught X in replica i on device d.': the index, or cpu."""
-    return "cpu" if device.type == "cpu" else str(device.index)
-
-
 def _public_id(device: torch.device) -> Union[int, torch.device]:
     """device_ids entries as nn.DataParallel stores them: int indices; CPU entries stay torch.device('cpu')."""
     return device if device.type == "cpu" else device.index

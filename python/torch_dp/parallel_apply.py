@@ -14,7 +14,7 @@ import torch.utils._pytree as pytree
 from torch._utils import ExceptionWrapper
 
 from torch_dp import _C
-from torch_dp.devices import DeviceLike, _accelerator_type, _as_device, _label
+from torch_dp.devices import DeviceLike, _accelerator_type, _as_device
 from torch_dp.sync_batchnorm import PeerReplicaFailed, SyncGroup, in_replica, replica_context
 
 __all__ = ["parallel_apply"]
@@ -84,14 +84,14 @@ def _parallel_apply(
                     results[i] = modules[i](*args, **kwargs_tup[i])
         except BaseException:
             failed = True
-            results[i] = ExceptionWrapper(where=f"in replica {i} on device {_label(devices[i])}")
+            results[i] = ExceptionWrapper(where=_C.replica_location(i, devices[i]))
         finally:
             if group is not None:
                 group.finish(i, failed)
 
     if _rebuild_autograd_engine_first:
         _rebuild_autograd_engine()  # Note [After fork]
-    _C.parallel_apply(pool, devices, run_replica, getattr(_C.Issuing, issuing))
+    _C.run_replicas(pool, devices, run_replica, getattr(_C.Issuing, issuing))
     failures = [r for r in results if isinstance(r, ExceptionWrapper)]
     if failures:
         # A replica that waited for a failed one reports that; raise the failure itself.

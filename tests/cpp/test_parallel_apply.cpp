@@ -135,7 +135,7 @@ TEST_CASE("parallel_apply rethrows the lowest failing replica after all finished
   };
   bool caught = false;
   try {
-    torch_dp::parallel_apply(pool, devices, task);
+    torch_dp::run_replicas(pool, devices, task);
   } catch (const torch_dp::ReplicaError& e) {
     caught = true;
     CHECK(e.replica() == 1);
@@ -154,7 +154,7 @@ TEST_CASE("parallel_apply rethrows the lowest failing replica after all finished
 
   SECTION("a c10::Error is described without its backtrace") {
     try {
-      torch_dp::parallel_apply(pool, cpus(3), [](size_t i) { TORCH_CHECK(i != 2, "bad input ", i); });
+      torch_dp::run_replicas(pool, cpus(3), [](size_t i) { TORCH_CHECK(i != 2, "bad input ", i); });
       FAIL("expected a ReplicaError");
     } catch (const torch_dp::ReplicaError& e) {
       CHECK(e.replica() == 2);
@@ -166,7 +166,7 @@ TEST_CASE("parallel_apply rethrows the lowest failing replica after all finished
   }
   SECTION("the pool keeps working after a failure") {
     std::vector<std::atomic<int>> again(4);
-    REQUIRE_NOTHROW(torch_dp::parallel_apply(pool, devices, [&](size_t i) { again[i]++; }));
+    REQUIRE_NOTHROW(torch_dp::run_replicas(pool, devices, [&](size_t i) { again[i]++; }));
     for (size_t i = 0; i < 4; ++i) {
       CHECK(again[i] == 1);
     }
@@ -231,20 +231,20 @@ TEST_CASE("parallel_apply with Issuing::kAuto settles after its trial calls and 
     ids.insert(std::this_thread::get_id());
   };
   for (int call = 0; call < 12; ++call) {
-    torch_dp::parallel_apply(pool, devices, task);
+    torch_dp::run_replicas(pool, devices, task);
   }
   CHECK(pool.num_threads() == 2);  // the warm-up calls started the workers
   const auto settled = pool.settled_auto_issuing();
   REQUIRE(settled != torch_dp::Issuing::kAuto);
   for (int call = 0; call < 3; ++call) {
     ids.clear();
-    torch_dp::parallel_apply(pool, devices, task);
+    torch_dp::run_replicas(pool, devices, task);
     CHECK(ids.size() == (settled == torch_dp::Issuing::kSerial ? 1u : 3u));
   }
   // Failed calls are not timed: a pool whose every call fails never settles, and keeps reporting the failures.
   torch_dp::WorkerPool failing;
   for (int call = 0; call < 14; ++call) {
-    CHECK_THROWS_AS(torch_dp::parallel_apply(failing, devices, [](size_t) { TORCH_CHECK(false, "no"); }),
+    CHECK_THROWS_AS(torch_dp::run_replicas(failing, devices, [](size_t) { TORCH_CHECK(false, "no"); }),
                     torch_dp::ReplicaError);
   }
   CHECK(failing.settled_auto_issuing() == torch_dp::Issuing::kAuto);
@@ -258,7 +258,7 @@ TEST_CASE("Issuing::kSerial runs every replica on the caller, in order, and stil
   bool grad_mode_seen = true;
   {
     c10::AutoGradMode no_grad(false);
-    torch_dp::parallel_apply(
+    torch_dp::run_replicas(
         pool, cpus(4),
         [&](size_t i) {
           order.push_back(i);  // no lock: the tasks must not run at once
@@ -276,7 +276,7 @@ TEST_CASE("Issuing::kSerial runs every replica on the caller, in order, and stil
 
   std::vector<int> ran(3);
   try {
-    torch_dp::parallel_apply(
+    torch_dp::run_replicas(
         pool, cpus(3),
         [&](size_t i) {
           ran[i]++;
@@ -307,22 +307,22 @@ TEST_CASE("parallel_apply carries grad mode and inference mode into the workers"
     inference[i] = c10::InferenceMode::is_enabled() ? 1 : 0;
   };
 
-  torch_dp::parallel_apply(pool, devices, record);
+  torch_dp::run_replicas(pool, devices, record);
   CHECK(grad == std::vector<int>{1, 1, 1});
   CHECK(inference == std::vector<int>{0, 0, 0});
   {
     at::NoGradGuard no_grad;
-    torch_dp::parallel_apply(pool, devices, record);
+    torch_dp::run_replicas(pool, devices, record);
   }
   CHECK(grad == std::vector<int>{0, 0, 0});
   {
     c10::InferenceMode guard;
-    torch_dp::parallel_apply(pool, devices, record);
+    torch_dp::run_replicas(pool, devices, record);
   }
   CHECK(inference == std::vector<int>{1, 1, 1});
   CHECK(grad == std::vector<int>{0, 0, 0});  // inference mode implies no grad
   // The workers' own state is restored after each task.
-  torch_dp::parallel_apply(pool, devices, record);
+  torch_dp::run_replicas(pool, devices, record);
   CHECK(grad == std::vector<int>{1, 1, 1});
   CHECK(inference == std::vector<int>{0, 0, 0});
 
@@ -332,18 +332,18 @@ TEST_CASE("parallel_apply carries grad mode and inference mode into the workers"
     auto compute = [&](size_t i) { out[i] = w * 2.0; };
     {
       at::NoGradGuard no_grad;
-      torch_dp::parallel_apply(pool, devices, compute);
+      torch_dp::run_replicas(pool, devices, compute);
     }
     for (const auto& t : out) {
       CHECK_FALSE(t.requires_grad());
     }
-    torch_dp::parallel_apply(pool, devices, compute);
+    torch_dp::run_replicas(pool, devices, compute);
     for (const auto& t : out) {
       CHECK(t.requires_grad());
     }
     {
       c10::InferenceMode guard;
-      torch_dp::parallel_apply(pool, devices, [&](size_t i) { out[i] = at::ones({2}) * 2.0; });
+      torch_dp::run_replicas(pool, devices, [&](size_t i) { out[i] = at::ones({2}) * 2.0; });
     }
     for (const auto& t : out) {
       CHECK(t.is_inference());
@@ -367,7 +367,7 @@ TEST_CASE("parallel_apply carries the CPU autocast state into the workers", "[pa
 
   at::autocast::set_autocast_enabled(at::kCPU, true);
   at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
-  torch_dp::parallel_apply(pool, devices, record);
+  torch_dp::run_replicas(pool, devices, record);
   at::autocast::set_autocast_enabled(at::kCPU, false);
   at::autocast::set_autocast_dtype(at::kCPU, restore.dtype);
   for (size_t i = 0; i < 3; ++i) {
@@ -378,7 +378,7 @@ TEST_CASE("parallel_apply carries the CPU autocast state into the workers", "[pa
   }
 
   // With autocast off in the caller, it is off in the workers again.
-  torch_dp::parallel_apply(pool, devices, record);
+  torch_dp::run_replicas(pool, devices, record);
   for (size_t i = 0; i < 3; ++i) {
     CHECK(enabled[i] == 0);
     CHECK(mm_dtype[i] == at::kFloat);
@@ -414,8 +414,8 @@ TEST_CASE("a nested run from inside a task does not deadlock", "[parallel_apply]
   std::atomic<int> count{0};
   tdp_test::require_finishes(
       [&] {
-        torch_dp::parallel_apply(pool, cpus(2), [&](size_t) {
-          torch_dp::parallel_apply(pool, cpus(4), [&](size_t) { count++; });
+        torch_dp::run_replicas(pool, cpus(2), [&](size_t) {
+          torch_dp::run_replicas(pool, cpus(4), [&](size_t) { count++; });
         });
       },
       "nested parallel_apply");

@@ -4,6 +4,8 @@
 
 #include <torch_dp/replicate.h>
 
+#include "test_access.h"
+
 #include <cstring>
 #include <vector>
 
@@ -32,8 +34,8 @@ struct Fixture {
 TEST_CASE("Replicator on CPU devices: slot 0 shares everything, later slots share params, copy buffers",
           "[replicate]") {
   Fixture f;
-  CHECK(f.replicator.num_params() == 2);
-  CHECK(f.replicator.num_buffers() == 2);
+  CHECK(f.replicator.params().size() == 2);
+  CHECK(f.replicator.buffers().size() == 2);
   const auto slots = f.replicator.replicate(f.devices, 3, /*differentiable=*/true);
   REQUIRE(slots.size() == 3);
   for (const auto& slot : slots) {
@@ -173,8 +175,8 @@ TEST_CASE("Replicator::set_sources drops cached copies", "[replicate]") {
   const auto first = f.replicator.replicate(f.devices, 3, true);
   auto other = at::randn({4}, at::kDouble);
   f.replicator.set_sources({f.w}, {other});
-  CHECK(f.replicator.num_params() == 1);
-  CHECK(f.replicator.num_buffers() == 1);
+  CHECK(f.replicator.params().size() == 1);
+  CHECK(f.replicator.buffers().size() == 1);
   const auto slots = f.replicator.replicate(f.devices, 3, true);
   REQUIRE(slots[1].size() == 2);
   CHECK(same_impl(slots[0][1], other));
@@ -235,12 +237,13 @@ TEST_CASE("gradients from every slot reach the original parameters", "[replicate
   CHECK_FALSE(slots[1][2].requires_grad());
 }
 
-TEST_CASE("Replicator(copy_everything) copies parameters too and routes their gradients back",
+TEST_CASE("Replicator on the copy path copies parameters too and routes their gradients back",
           "[replicate][autograd]") {
   const auto options = at::TensorOptions().dtype(at::kDouble);
   auto w = at::randn({3, 2}, options).requires_grad_(true);
   auto running = at::randn({2}, options);
-  torch_dp::Replicator replicator(/*trust_version_counters=*/false, /*copy_everything=*/true);
+  torch_dp::Replicator replicator;
+  torch_dp::detail::TestAccess::copy_everything(replicator);
   replicator.set_sources({w}, {running});
   const auto devices = cpus(3);
 
@@ -311,5 +314,64 @@ TEST_CASE("Replicator(copy_everything) copies parameters too and routes their gr
     }
     ref_loss.backward();
     CHECK(tdp_test::close64(w.grad(), reference.grad()));
+  }
+}
+
+TEST_CASE("Replicator::bind fills the caller's tensors in place and gives them the gradient path",
+          "[replicate][bind][autograd]") {
+  Fixture f;
+  f.replicator.set_devices(f.devices);
+  CHECK(f.replicator.uses_sources(0));
+  CHECK_FALSE(f.replicator.uses_sources(1));
+  REQUIRE_THROWS_WITH(f.replicator.uses_sources(3), Contains("slot 3 does not exist"));
+  const auto options = at::TensorOptions().dtype(at::kDouble);
+  // A clone's tensors: other values, requiring grad like a fresh parameter.
+  std::vector<at::Tensor> own = {at::zeros({3, 2}, options).requires_grad_(true),
+                                 at::zeros({2}, options).requires_grad_(true), at::zeros({2}, options),
+                                 at::zeros({1}, at::kLong)};
+  REQUIRE_THROWS_WITH(f.replicator.bind(1, {own[0]}), Contains("expected 4 tensors (2 parameters and 2 buffers)"));
+  f.replicator.bind(1, own);
+
+  auto slots = f.replicator.replicate(f.devices, 2, /*differentiable=*/true);
+  for (size_t k = 0; k < own.size(); ++k) {
+    INFO("tensor " << k);
+    CHECK(same_impl(slots[1][k], own[k]));  // the caller's tensors, not others
+  }
+  // Parameters point at the sources' memory, buffers at private copies holding the sources' values.
+  CHECK(own[0].const_data_ptr() == f.w.const_data_ptr());
+  CHECK(own[1].const_data_ptr() == f.b.const_data_ptr());
+  CHECK_FALSE(own[2].storage().is_alias_of(f.running_mean.storage()));
+  CHECK(at::equal(own[2], f.running_mean));
+  CHECK(at::equal(own[3], f.steps));
+
+  SECTION("gradients through the bound tensors reach the sources") {
+    const auto x = at::randn({4, 3}, options);
+    (at::matmul(x, own[0]) + own[1]).pow(2).sum().backward();
+    auto w = f.w.detach().clone().requires_grad_(true);
+    auto b = f.b.detach().clone().requires_grad_(true);
+    (at::matmul(x, w) + b).pow(2).sum().backward();
+    REQUIRE(f.w.grad().defined());
+    CHECK(tdp_test::close64(f.w.grad(), w.grad()));
+    CHECK(tdp_test::close64(f.b.grad(), b.grad()));
+    CHECK_FALSE(own[0].grad_fn() == nullptr);
+  }
+  SECTION("a source given other memory or another dtype is followed, a buffer edit is refreshed") {
+    {
+      at::NoGradGuard no_grad;
+      f.w.set_data(at::randn({3, 2}, options));
+      f.b.set_data(f.b.to(at::kFloat));
+      f.running_mean.mul_(3);
+    }
+    f.replicator.replicate(f.devices, 2, true);
+    CHECK(own[0].const_data_ptr() == f.w.const_data_ptr());
+    CHECK(own[1].const_data_ptr() == f.b.const_data_ptr());
+    CHECK(own[1].scalar_type() == at::kFloat);
+    CHECK(at::equal(own[2], f.running_mean));
+  }
+  SECTION("a frozen source freezes its bound tensor") {
+    f.b.requires_grad_(false);
+    f.replicator.replicate(f.devices, 2, true);
+    CHECK_FALSE(own[1].requires_grad());
+    CHECK(own[0].requires_grad());
   }
 }
