@@ -8,7 +8,7 @@ enough), and a table of torch_dp's events with the most CPU time.
     python benchmarks/profile_forward.py [--device cpu|cuda] [--model tiny|mlp|resnet50] [--replicas N]
                                          [--iters N] [--issuing auto|threads|serial] [--trace PATH]
 
-tiny = Linear(5, 2) batch 30 (pure overhead; issue 5's 0.12 ms target on [0, 0]); mlp = 8 x Linear(1024, 1024)
+tiny = Linear(5, 2) batch 30 (pure overhead; BENCHMARKS.md has its target on [0, 0]); mlp = 8 x Linear(1024, 1024)
 batch 256; resnet50 = torchvision's ResNet-50 batch 64 (eval). --trace writes torch_dp's Chrome trace
 (chrome://tracing, Perfetto) with one row per thread.
 """

@@ -112,8 +112,8 @@ if [ $built -eq 0 ]; then
   step ddp_nccl 120 "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 1 examples/python/ddp.py \
     --device cuda --replicas 2 --epochs 2
   step bench_sync_bn 120 "$PYTHON" benchmarks/bench_sync_bn.py --device cuda --quick --json "$logs/bench_sync_bn.json"
-  # Where the time goes against the ideal: Linear(5, 2) on [0, 0] (issue 5's 0.12 ms target) and ResNet-50 on
-  # [0, 0, 0, 0] (issue 5's 1.25x target): wall clock, profiler totals and a table.
+  # Where the time goes against the ideal: Linear(5, 2) on [0, 0] and ResNet-50 on [0, 0, 0, 0] (their targets
+  # are in BENCHMARKS.md): wall clock, profiler totals and a table.
   step profile 90 "$PYTHON" benchmarks/profile_forward.py --device cuda --model tiny --replicas 2
   if "$PYTHON" -c "import torchvision" 2>/dev/null; then
     step profile_resnet 120 "$PYTHON" benchmarks/profile_forward.py --device cuda --model resnet50 --replicas 4 \

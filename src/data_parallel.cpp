@@ -27,7 +27,7 @@
 //  - Every other slot is a clone bound to the Replicator, which fills the clone's own tensors in place before
 //    every forward: a later slot on the module's device points its parameters at the module's memory
 //    (set_data), so an optimizer step is seen without any copy, and its buffers at private copies; a slot on
-//    another device points everything at coalesced copies (Note [Stale copies] in comm.cpp).
+//    another device points everything at coalesced copies (Note [Stale copies] in coalesced_copies.cpp).
 // With grad mode on, the clone's parameters carry the broadcast node (Note [Broadcast grad] in comm.cpp),
 // whose edges lead to the module's parameters, so gradients accumulate in the module's .grad like the
 // unwrapped module's. If the module's parameters or buffers are replaced (other tensors, other count) or the
@@ -201,7 +201,7 @@ std::shared_ptr<torch::nn::Module> DataParallelImpl::clone(const std::optional<c
 }
 
 void DataParallelImpl::pretty_print(std::ostream& stream) const {
-  // Devices are formatted with str(), never streamed (see DESIGN.md, rule 7).
+  // Devices are formatted with str(), never streamed (src/message.h says why).
   std::string devices;
   for (const auto& device : devices_) {
     devices += (devices.empty() ? "" : ", ") + device.str();

@@ -4,7 +4,8 @@
 // TORCH_CHECK(cond, a, b, ...) formats its arguments with an std::ostringstream instantiated in the calling
 // library. Built with g++ 13 against the CUDA wheels of torch (built with gcc-toolset-13), that library's copy of
 // the stream code looked up a locale facet that the process's locale did not hold, and crashed (a segfault in
-// ostream::_M_insert<long>, on the GPU machine, from Python; DEVICE.md saw the same with c10::str(stream)).
+// ostream::_M_insert<long>, from Python, with torch 2.11+cu130 and g++ 13.3; c10::str(stream) crashed the same
+// way there).
 // torch_dp::detail::message appends to an std::string instead, and c10::str passes a single std::string through
 // untouched, so TORCH_DP_CHECK and TORCH_DP_WARN never touch a stream.
 

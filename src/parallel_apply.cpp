@@ -38,12 +38,11 @@
 // fed. Replicas sharing one device also share its current stream, so their device work runs one after another
 // however it is issued, and the two ways differ only on the host:
 //  - serial (every replica on the calling thread) pays no hand-off to a worker and no contention, and wins
-//    where host work per replica is light: on an H200, Linear(5, 2) on [0, 0] took 0.087 ms per forward against
-//    0.132 ms with threads, and a C++ MLP forward on {0, 0} 0.73 ms against 0.89 ms (launches from two threads
-//    into one stream contend for the same driver and allocator locks);
+//    where host work per replica is light, such as a small Linear on [0, 0] (launches from two threads into one
+//    stream contend for the same driver and allocator locks);
 //  - threads win where host work per replica is heavy and runs without the GIL (cuDNN convolutions spend tens
-//    of microseconds of CPU each): ResNet-50 inference on [0, 0, 0, 0] took 20.6 ms with threads against 27.9
-//    ms serially in one run (18.7 against 18.4 in another), the C++ conv net 4.3 against 5.6 ms.
+//    of microseconds of CPU each), such as ResNet-50 on [0, 0, 0, 0].
+// BENCHMARKS.md has both ways' times for these and other models.
 // Neither is right for every model, and which one is depends on the model, the batch and the machine, so
 // Issuing::kAuto measures: the pool's first calls on replicas sharing one device alternate the two ways and
 // time each call on the host (the only place they differ; device work is the same kernels on the same
@@ -53,7 +52,8 @@
 // The first kWarmupCalls calls (lazy initialisation, allocator growth) run on threads and are not timed, so a
 // pool's workers exist from its first call whichever way it settles. A DataParallel has its own pool; the pool
 // shared by the functional forms settles once for every module they run. The measurement is short and times
-// the forward only: on the H200 it kept the slower way in 3 of 16 configurations, by 15-18% (BENCHMARKS.md).
+// the forward only, so it can keep the slower way where the rest of a training step changes the picture
+// (BENCHMARKS.md lists where it did).
 
 namespace torch_dp {
 namespace {

@@ -24,9 +24,10 @@ struct TestAccess;  // torch_dp's own tests, src/test_access.h
 ///    straight into the original;
 ///  - a buffer on d is the source tensor itself for the first slot on d (PyTorch's replica 0, whose in-place
 ///    updates such as BatchNorm's running statistics are kept) and a private copy for later slots;
-///  - anything on another device is a copy, refreshed on every call (Note [Stale copies] in comm.cpp), one
-///    coalesced copy per dtype; with `differentiable`, copies of tensors that require grad carry a broadcast
-///    autograd node that sums their gradients onto the source device (Note [Broadcast grad] in comm.cpp).
+///  - anything on another device is a copy, refreshed on every call (Note [Stale copies] in
+///    coalesced_copies.cpp), one coalesced copy per dtype; with `differentiable`, copies of tensors that require
+///    grad carry a broadcast autograd node that sums their gradients onto the source device (Note [Broadcast
+///    grad] in comm.cpp).
 /// A slot may be bound to tensors the caller owns (a C++ replica's own parameters and buffers, which its forward
 /// reads): the engine then fills those tensors in place, pointing them at the sources' memory or at the
 /// copies', and gives them the broadcast node, instead of handing out other tensors.

@@ -26,7 +26,7 @@
 
 namespace tdp_test {
 
-// DESIGN.md rule 7: never print c10 objects (Device, Tensor) through a stream of ours, and Catch2 prints the
+// src/message.h says why: never print c10 objects (Device, Tensor) through a stream of ours, and Catch2 prints the
 // operands of a failed (or, with -s, any) check. Compare devices with is_cpu() / str() and tensors with at::equal
 // or close64, so that only bools, ints, strings, shapes and dtypes are ever printed.
 

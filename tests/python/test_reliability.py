@@ -1,4 +1,4 @@
-"""Reliability (issue 6): faults inside replicas, two threads, fork, interpreter exit, freeing, long runs.
+"""Reliability: faults inside replicas, two threads, fork, interpreter exit, freeing, long runs.
 
 torch_dp keeps native worker threads and replicas alive between forwards, which torch.nn.DataParallel does not.
 These tests check that they survive what training jobs throw at them: an exception or KeyboardInterrupt in some
