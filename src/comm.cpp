@@ -11,6 +11,7 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <map>
@@ -163,9 +164,75 @@ std::vector<std::vector<at::Tensor>> broadcast_coalesced(at::TensorList tensors,
   return result;
 }
 
-std::vector<at::Tensor> reduce_add_coalesced(
-    const std::vector<std::vector<at::Tensor>>& inputs,
-    c10::Device destination) {
+namespace {
+
+using PerDevice = std::vector<std::vector<at::Tensor>>;
+
+// The first device's gradient of tensor k, after checking that every device's agrees with it; nullptr if no
+// device produced one.
+const at::Tensor* first_defined(const PerDevice& inputs, size_t k) {
+  const at::Tensor* first = nullptr;
+  for (const auto& per_device : inputs) {
+    const auto& t = per_device[k];
+    if (!t.defined()) {
+      continue;
+    }
+    if (first == nullptr) {
+      first = &t;
+      continue;
+    }
+    TORCH_DP_CHECK(
+        t.sizes() == first->sizes() && t.scalar_type() == first->scalar_type(), "reduce_add_coalesced: tensor ", k,
+        " has shape ", t.sizes(), " and dtype ", t.scalar_type(), " on one device but shape ", first->sizes(),
+        " and dtype ", first->scalar_type(), " on another");
+  }
+  return first;
+}
+
+// Sums tensor k over the devices, one by one (sparse tensors).
+at::Tensor sum_one(const PerDevice& inputs, size_t k, c10::Device destination) {
+  at::Tensor sum;
+  for (const auto& per_device : inputs) {
+    if (per_device[k].defined()) {
+      auto moved = per_device[k].to(destination);
+      sum = sum.defined() ? sum + moved : moved;
+    }
+  }
+  return sum;
+}
+
+// Sums the dense tensors `members` (one dtype) over the devices: one flat buffer per device, one copy and one
+// add each; an unused tensor contributes zeros. result[k] is a view of the sum.
+void sum_flat(const PerDevice& inputs, const std::vector<size_t>& members, const std::vector<const at::Tensor*>& first,
+              c10::Device destination, std::vector<at::Tensor>& result) {
+  at::Tensor sum;
+  for (const auto& per_device : inputs) {
+    const auto used = std::find_if(members.begin(), members.end(), [&](size_t k) { return per_device[k].defined(); });
+    if (used == members.end()) {
+      continue;
+    }
+    const auto device = per_device[*used].device();  // zeros for the unused tensors go where the others are
+    std::vector<at::Tensor> flat_parts;
+    for (auto k : members) {
+      const auto& t = per_device[k];
+      flat_parts.push_back(t.defined() ? t.reshape({-1})
+                                       : at::zeros({first[k]->numel()}, first[k]->options().device(device)));
+    }
+    auto flat = flat_parts.size() == 1 ? flat_parts[0] : at::cat(flat_parts);
+    auto moved = flat.to(destination);
+    sum = sum.defined() ? sum + moved : moved;
+  }
+  int64_t offset = 0;
+  for (auto k : members) {
+    const int64_t numel = first[k]->numel();
+    result[k] = sum.narrow(0, offset, numel).view(first[k]->sizes());
+    offset += numel;
+  }
+}
+
+} // namespace
+
+std::vector<at::Tensor> reduce_add_coalesced(const PerDevice& inputs, c10::Device destination) {
   TORCH_DP_CHECK(!inputs.empty(), "reduce_add_coalesced: expected tensors from at least one device");
   const size_t count = inputs[0].size();
   for (size_t i = 1; i < inputs.size(); ++i) {
@@ -174,87 +241,25 @@ std::vector<at::Tensor> reduce_add_coalesced(
         "device 0), but got ", inputs[i].size(), " from device ", i);
   }
   std::vector<at::Tensor> result(count);
+  std::vector<const at::Tensor*> first(count, nullptr);
   // Group the dense tensors by dtype; sparse tensors are summed one by one.
   std::map<at::ScalarType, std::vector<size_t>> groups;
   for (size_t k = 0; k < count; ++k) {
-    const at::Tensor* first = nullptr;
-    for (const auto& per_device : inputs) {
-      const auto& t = per_device[k];
-      if (!t.defined()) {
-        continue;
-      }
-      if (first == nullptr) {
-        first = &t;
-        continue;
-      }
-      TORCH_DP_CHECK(
-          t.sizes() == first->sizes() && t.scalar_type() == first->scalar_type(),
-          "reduce_add_coalesced: tensor ", k, " has shape ", t.sizes(), " and dtype ", t.scalar_type(),
-          " on one device but shape ", first->sizes(), " and dtype ", first->scalar_type(), " on another");
-    }
-    if (first == nullptr) {
+    first[k] = first_defined(inputs, k);
+    if (first[k] == nullptr) {
       continue;  // no device produced this gradient
     }
-    bool dense = true;
-    for (const auto& per_device : inputs) {
-      dense = dense && (!per_device[k].defined() || per_device[k].layout() == c10::kStrided);
-    }
+    const bool dense = std::all_of(inputs.begin(), inputs.end(), [&](const std::vector<at::Tensor>& per_device) {
+      return !per_device[k].defined() || per_device[k].layout() == c10::kStrided;
+    });
     if (dense) {
-      groups[first->scalar_type()].push_back(k);
-      continue;
+      groups[first[k]->scalar_type()].push_back(k);
+    } else {
+      result[k] = sum_one(inputs, k, destination);
     }
-    at::Tensor sum;
-    for (const auto& per_device : inputs) {
-      if (per_device[k].defined()) {
-        auto moved = per_device[k].to(destination);
-        sum = sum.defined() ? sum + moved : moved;
-      }
-    }
-    result[k] = sum;
   }
   for (const auto& [dtype, members] : groups) {
-    at::Tensor sum;
-    for (const auto& per_device : inputs) {
-      std::vector<at::Tensor> flat_parts;
-      bool any = false;
-      for (auto k : members) {
-        const auto& t = per_device[k];
-        any = any || t.defined();
-      }
-      if (!any) {
-        continue;
-      }
-      for (auto k : members) {
-        const auto& t = per_device[k];
-        if (t.defined()) {
-          flat_parts.push_back(t.reshape({-1}));
-        } else {
-          // Shape from another device's gradient: an unused tensor contributes zeros.
-          for (const auto& other : inputs) {
-            if (other[k].defined()) {
-              flat_parts.push_back(at::zeros({other[k].numel()}, other[k].options()));
-              break;
-            }
-          }
-        }
-      }
-      auto flat = flat_parts.size() == 1 ? flat_parts[0] : at::cat(flat_parts);
-      auto moved = flat.to(destination);
-      sum = sum.defined() ? sum + moved : moved;
-    }
-    int64_t offset = 0;
-    for (auto k : members) {
-      at::Tensor shape_source;
-      for (const auto& per_device : inputs) {
-        if (per_device[k].defined()) {
-          shape_source = per_device[k];
-          break;
-        }
-      }
-      const int64_t numel = shape_source.numel();
-      result[k] = sum.narrow(0, offset, numel).view(shape_source.sizes());
-      offset += numel;
-    }
+    sum_flat(inputs, members, first, destination, result);
   }
   return result;
 }
