@@ -73,7 +73,8 @@ struct BasicBlockImpl : torch::nn::Cloneable<BasicBlockImpl> {
   BasicBlockImpl(int64_t in, int64_t out, int64_t stride) : in(in), out(out), stride(stride) { reset(); }
   void reset() override {
     using torch::nn::Conv2dOptions;
-    conv1 = register_module("conv1", torch::nn::Conv2d(Conv2dOptions(in, out, 3).stride(stride).padding(1).bias(false)));
+    conv1 =
+        register_module("conv1", torch::nn::Conv2d(Conv2dOptions(in, out, 3).stride(stride).padding(1).bias(false)));
     bn1 = register_module("bn1", torch::nn::BatchNorm2d(out));
     conv2 = register_module("conv2", torch::nn::Conv2d(Conv2dOptions(out, out, 3).padding(1).bias(false)));
     bn2 = register_module("bn2", torch::nn::BatchNorm2d(out));
@@ -100,10 +101,10 @@ struct ResNetImpl : torch::nn::Cloneable<ResNetImpl> {
   void reset() override {
     stem = register_module("stem", torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 32, 3).padding(1).bias(false)));
     stem_bn = register_module("stem_bn", torch::nn::BatchNorm2d(32));
-    blocks = register_module("blocks", torch::nn::Sequential(
-        BasicBlock(32, 32, 1), BasicBlock(32, 32, 1),
-        BasicBlock(32, 64, 2), BasicBlock(64, 64, 1),
-        BasicBlock(64, 128, 2), BasicBlock(128, 128, 1)));
+    blocks = register_module(
+        "blocks", torch::nn::Sequential(
+                      BasicBlock(32, 32, 1), BasicBlock(32, 32, 1), BasicBlock(32, 64, 2), BasicBlock(64, 64, 1),
+                      BasicBlock(64, 128, 2), BasicBlock(128, 128, 1)));
     fc = register_module("fc", torch::nn::Linear(128, 10));
   }
   Tensor forward(const Tensor& x) {
@@ -149,10 +150,11 @@ c10::Device parse_device(const std::string& text) {
 }
 
 [[noreturn]] void usage(const char* program, int status) {
-  std::fprintf(status == 0 ? stdout : stderr,
-               "usage: %s [--devices LIST]... [--iters N] [--warmup N] [--quick] [--json PATH] [--models mlp,resnet]\n"
-               "  LIST: comma-separated devices: cpu, a CUDA index (0) or a device string (cuda:1)\n",
-               program);
+  std::fprintf(
+      status == 0 ? stdout : stderr,
+      "usage: %s [--devices LIST]... [--iters N] [--warmup N] [--quick] [--json PATH] [--models mlp,resnet]\n"
+      "  LIST: comma-separated devices: cpu, a CUDA index (0) or a device string (cuda:1)\n",
+      program);
   std::exit(status);
 }
 
@@ -248,13 +250,14 @@ struct Method {
 
 struct Row {
   std::string devices, model, mode;
-  std::string issuing;  // what Issuing::kAuto settled on
+  std::string issuing;               // what Issuing::kAuto settled on
   std::map<std::string, double> ms;  // method -> median ms
 };
 
 template <typename ModuleHolder>
-std::vector<Row> bench_model(const std::string& model_name, ModuleHolder model, const Tensor& input,
-                             const std::vector<c10::Device>& devices, const Options& options) {
+std::vector<Row> bench_model(
+    const std::string& model_name, ModuleHolder model, const Tensor& input, const std::vector<c10::Device>& devices,
+    const Options& options) {
   std::vector<Row> rows;
   const auto device = devices.front();
   model->to(device);
@@ -262,8 +265,7 @@ std::vector<Row> bench_model(const std::string& model_name, ModuleHolder model, 
   torch_dp::DataParallel threads(model, torch_dp::DataParallelOptions(devices).issuing(torch_dp::Issuing::kThreads));
   torch_dp::DataParallel serial(model, torch_dp::DataParallelOptions(devices).issuing(torch_dp::Issuing::kSerial));
   torch_dp::DataParallel automatic(model, torch_dp::DataParallelOptions(devices));
-  const bool all_cuda =
-      std::all_of(devices.begin(), devices.end(), [](const c10::Device& d) { return d.is_cuda(); });
+  const bool all_cuda = std::all_of(devices.begin(), devices.end(), [](const c10::Device& d) { return d.is_cuda(); });
 
   for (const bool training : {false, true}) {
     const std::string mode = training ? "training" : "inference";
@@ -280,23 +282,25 @@ std::vector<Row> bench_model(const std::string& model_name, ModuleHolder model, 
     };
     std::vector<Method> methods;
     methods.push_back({"plain", [&] { run([&] { return model->forward(x); }); }, {}});
-    methods.push_back({"ideal", [&] {
-                         run([&] {
-                           std::vector<Tensor> outputs;
-                           for (const auto& chunk : x.chunk(static_cast<int64_t>(devices.size()), 0)) {
-                             outputs.push_back(model->forward(chunk));
-                           }
-                           return torch::cat(outputs, 0);
-                         });
-                       }, {}});
+    methods.push_back(
+        {"ideal",
+         [&] {
+           run([&] {
+             std::vector<Tensor> outputs;
+             for (const auto& chunk : x.chunk(static_cast<int64_t>(devices.size()), 0)) {
+               outputs.push_back(model->forward(chunk));
+             }
+             return torch::cat(outputs, 0);
+           });
+         },
+         {}});
     methods.push_back({"torch_dp", [&] { run([&] { return automatic->forward(x); }); }, {}});
     methods.push_back({"threads", [&] { run([&] { return threads->forward(x); }); }, {}});
     methods.push_back({"serial", [&] { run([&] { return serial->forward(x); }); }, {}});
 #if TORCH_DP_BENCH_LIBTORCH_DP
     if (all_cuda) {
-      methods.push_back({"libtorch", [&] {
-                           run([&] { return torch::nn::parallel::data_parallel(model, x, devices); });
-                         }, {}});
+      methods.push_back(
+          {"libtorch", [&] { run([&] { return torch::nn::parallel::data_parallel(model, x, devices); }); }, {}});
     }
 #else
     (void)all_cuda;
@@ -327,8 +331,8 @@ std::vector<Row> bench_model(const std::string& model_name, ModuleHolder model, 
       row.ms[method.name] = median(method.ms);
     }
     const auto settled = torch_dp::resolve_issuing(torch_dp::Issuing::kAuto, devices) == torch_dp::Issuing::kAuto
-        ? automatic->pool().settled_auto_issuing()
-        : torch_dp::Issuing::kThreads;
+                             ? automatic->pool().settled_auto_issuing()
+                             : torch_dp::Issuing::kThreads;
     row.issuing = torch_dp::issuing_name(settled);
     rows.push_back(row);
     std::fprintf(stderr, "  done: %s %s %s\n", row.devices.c_str(), model_name.c_str(), mode.c_str());
@@ -356,7 +360,7 @@ std::string ratio(const std::map<std::string, double>& ms, const std::string& a,
   return text;
 }
 
-} // namespace
+}  // namespace
 
 int main(int argc, char** argv) {
   const auto options = parse(argc, argv);
@@ -371,13 +375,15 @@ int main(int argc, char** argv) {
   const int64_t mlp_batch = 256;
   const int64_t conv_batch = options.quick ? 16 : 128;
   const int64_t conv_size = options.quick ? 16 : 32;
-  std::printf("bench_cpp: torch %s, %s, intra-op threads %d, %d warm-up + %d timed iterations (median)%s\n",
-              TORCH_VERSION, torch::cuda::is_available() ? "CUDA available" : "no CUDA", torch::get_num_threads(),
-              options.warmup, options.iters, options.quick ? ", --quick" : "");
-  std::printf("models: mlp = 8 x Linear(1024,1024), batch %ld; resnet = ResNet-style (3 stages x 2 blocks, "
-              "32-128 channels), batch %ld x 3x%ldx%ld\n",
-              static_cast<long>(mlp_batch), static_cast<long>(conv_batch), static_cast<long>(conv_size),
-              static_cast<long>(conv_size));
+  std::printf(
+      "bench_cpp: torch %s, %s, intra-op threads %d, %d warm-up + %d timed iterations (median)%s\n", TORCH_VERSION,
+      torch::cuda::is_available() ? "CUDA available" : "no CUDA", torch::get_num_threads(), options.warmup,
+      options.iters, options.quick ? ", --quick" : "");
+  std::printf(
+      "models: mlp = 8 x Linear(1024,1024), batch %ld; resnet = ResNet-style (3 stages x 2 blocks, "
+      "32-128 channels), batch %ld x 3x%ldx%ld\n",
+      static_cast<long>(mlp_batch), static_cast<long>(conv_batch), static_cast<long>(conv_size),
+      static_cast<long>(conv_size));
 #if !TORCH_DP_BENCH_LIBTORCH_DP
   std::printf("libtorch (torch::nn::parallel::data_parallel): not measured, this torch is built without CUDA\n");
 #endif
@@ -389,8 +395,8 @@ int main(int argc, char** argv) {
         auto more = bench_model("mlp", MLP(), torch::randn({mlp_batch, 1024}), devices, options);
         rows.insert(rows.end(), more.begin(), more.end());
       } else if (name == "resnet") {
-        auto more = bench_model("resnet", ResNet(), torch::randn({conv_batch, 3, conv_size, conv_size}), devices,
-                                options);
+        auto more =
+            bench_model("resnet", ResNet(), torch::randn({conv_batch, 3, conv_size, conv_size}), devices, options);
         rows.insert(rows.end(), more.begin(), more.end());
       } else {
         std::fprintf(stderr, "unknown model %s (mlp, resnet)\n", name.c_str());
@@ -401,16 +407,17 @@ int main(int argc, char** argv) {
 
   std::printf("\nmedian ms per iteration; ratios against ideal (same chunks one after another) and libtorch\n\n");
   std::printf("torch_dp = the default (Issuing::kAuto), settled on the way the 'auto uses' column says\n\n");
-  std::printf("| devices | model | mode | plain | ideal | torch_dp | threads | serial | libtorch | auto uses | "
-              "torch_dp/ideal | torch_dp/libtorch | torch_dp/plain |\n");
+  std::printf(
+      "| devices | model | mode | plain | ideal | torch_dp | threads | serial | libtorch | auto uses | "
+      "torch_dp/ideal | torch_dp/libtorch | torch_dp/plain |\n");
   std::printf("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |\n");
   for (const auto& row : rows) {
-    std::printf("| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", row.devices.c_str(),
-                row.model.c_str(), row.mode.c_str(), cell(row.ms, "plain").c_str(), cell(row.ms, "ideal").c_str(),
-                cell(row.ms, "torch_dp").c_str(), cell(row.ms, "threads").c_str(), cell(row.ms, "serial").c_str(),
-                cell(row.ms, "libtorch").c_str(), row.issuing.c_str(),
-                ratio(row.ms, "torch_dp", "ideal").c_str(), ratio(row.ms, "torch_dp", "libtorch").c_str(),
-                ratio(row.ms, "torch_dp", "plain").c_str());
+    std::printf(
+        "| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", row.devices.c_str(), row.model.c_str(),
+        row.mode.c_str(), cell(row.ms, "plain").c_str(), cell(row.ms, "ideal").c_str(),
+        cell(row.ms, "torch_dp").c_str(), cell(row.ms, "threads").c_str(), cell(row.ms, "serial").c_str(),
+        cell(row.ms, "libtorch").c_str(), row.issuing.c_str(), ratio(row.ms, "torch_dp", "ideal").c_str(),
+        ratio(row.ms, "torch_dp", "libtorch").c_str(), ratio(row.ms, "torch_dp", "plain").c_str());
   }
 
   if (!options.json.empty()) {

@@ -21,4 +21,4 @@ std::vector<int64_t> device_types(const std::vector<c10::Device>& devices);
 std::vector<int64_t> device_indices(const std::vector<c10::Device>& devices);
 std::vector<c10::Device> devices_from(c10::ArrayRef<int64_t> types, c10::ArrayRef<int64_t> indices);
 
-} // namespace torch_dp::detail
+}  // namespace torch_dp::detail

@@ -47,7 +47,7 @@ int64_t version_of(const at::Tensor& t) {
   return static_cast<int64_t>(t._version());
 }
 
-} // namespace
+}  // namespace
 
 CoalescedCopies::CoalescedCopies(at::TensorList sources, c10::Device device, bool trust_version_counters)
     : device_(device), trust_version_counters_(trust_version_counters) {
@@ -195,4 +195,4 @@ void CoalescedCopies::bind(std::vector<at::Tensor> aliases) {
   aliases_ = std::move(aliases);
 }
 
-} // namespace torch_dp::detail
+}  // namespace torch_dp::detail

@@ -26,14 +26,13 @@ namespace {
 
 using torch::autograd::variable_list;
 
-
 c10::Device common_device(at::TensorList tensors, const char* what) {
   TORCH_DP_CHECK(!tensors.empty(), what, ": expected at least one tensor");
   const auto device = tensors[0].device();
   for (size_t k = 1; k < tensors.size(); ++k) {
     TORCH_DP_CHECK(
-        tensors[k].device() == device, what, ": expected all tensors on one device, but tensor 0 is on ",
-        device.str(), " and tensor ", k, " is on ", tensors[k].device().str());
+        tensors[k].device() == device, what, ": expected all tensors on one device, but tensor 0 is on ", device.str(),
+        " and tensor ", k, " is on ", tensors[k].device().str());
   }
   return device;
 }
@@ -111,7 +110,7 @@ struct BroadcastBackward : public torch::autograd::Node {
   std::vector<at::TensorOptions> output_options_;
 };
 
-} // namespace
+}  // namespace
 
 // Note [Broadcast grad]
 // ~~~~~~~~~~~~~~~~~~~~~
@@ -203,8 +202,9 @@ at::Tensor sum_one(const PerDevice& inputs, size_t k, c10::Device destination) {
 
 // Sums the dense tensors `members` (one dtype) over the devices: one flat buffer per device, one copy and one
 // add each; an unused tensor contributes zeros. result[k] is a view of the sum.
-void sum_flat(const PerDevice& inputs, const std::vector<size_t>& members, const std::vector<const at::Tensor*>& first,
-              c10::Device destination, std::vector<at::Tensor>& result) {
+void sum_flat(
+    const PerDevice& inputs, const std::vector<size_t>& members, const std::vector<const at::Tensor*>& first,
+    c10::Device destination, std::vector<at::Tensor>& result) {
   at::Tensor sum;
   for (const auto& per_device : inputs) {
     const auto used = std::find_if(members.begin(), members.end(), [&](size_t k) { return per_device[k].defined(); });
@@ -215,8 +215,8 @@ void sum_flat(const PerDevice& inputs, const std::vector<size_t>& members, const
     std::vector<at::Tensor> flat_parts;
     for (auto k : members) {
       const auto& t = per_device[k];
-      flat_parts.push_back(t.defined() ? t.reshape({-1})
-                                       : at::zeros({first[k]->numel()}, first[k]->options().device(device)));
+      flat_parts.push_back(
+          t.defined() ? t.reshape({-1}) : at::zeros({first[k]->numel()}, first[k]->options().device(device)));
     }
     auto flat = flat_parts.size() == 1 ? flat_parts[0] : at::cat(flat_parts);
     auto moved = flat.to(destination);
@@ -230,15 +230,17 @@ void sum_flat(const PerDevice& inputs, const std::vector<size_t>& members, const
   }
 }
 
-} // namespace
+}  // namespace
 
 std::vector<at::Tensor> reduce_add_coalesced(const PerDevice& inputs, c10::Device destination) {
   TORCH_DP_CHECK(!inputs.empty(), "reduce_add_coalesced: expected tensors from at least one device");
   const size_t count = inputs[0].size();
   for (size_t i = 1; i < inputs.size(); ++i) {
     TORCH_DP_CHECK(
-        inputs[i].size() == count, "reduce_add_coalesced: expected ", count, " tensors from every device (as from "
-        "device 0), but got ", inputs[i].size(), " from device ", i);
+        inputs[i].size() == count, "reduce_add_coalesced: expected ", count,
+        " tensors from every device (as from "
+        "device 0), but got ",
+        inputs[i].size(), " from device ", i);
   }
   std::vector<at::Tensor> result(count);
   std::vector<const at::Tensor*> first(count, nullptr);
@@ -267,13 +269,11 @@ std::vector<at::Tensor> reduce_add_coalesced(const PerDevice& inputs, c10::Devic
 namespace detail {
 
 std::vector<std::vector<at::Tensor>> attach_broadcast_grad(
-    at::TensorList sources,
-    const std::vector<std::vector<at::Tensor>>& copies) {
+    at::TensorList sources, const std::vector<std::vector<at::Tensor>>& copies) {
   common_device(sources, "broadcast");
   for (const auto& slot : copies) {
     TORCH_DP_CHECK(
-        slot.size() == sources.size(), "broadcast: expected ", sources.size(), " copies per device, got ",
-        slot.size());
+        slot.size() == sources.size(), "broadcast: expected ", sources.size(), " copies per device, got ", slot.size());
   }
   std::vector<size_t> indices(sources.size());
   std::iota(indices.begin(), indices.end(), size_t{0});
@@ -284,10 +284,8 @@ std::vector<std::vector<at::Tensor>> attach_broadcast_grad(
 }
 
 void attach_broadcast_grad(
-    std::vector<std::vector<at::Tensor>>& tensors,
-    at::TensorList sources,
-    const std::vector<std::vector<size_t>>& indices,
-    const std::vector<bool>& bound) {
+    std::vector<std::vector<at::Tensor>>& tensors, at::TensorList sources,
+    const std::vector<std::vector<size_t>>& indices, const std::vector<bool>& bound) {
   std::vector<size_t> output_of_source(sources.size(), SIZE_MAX);
   std::vector<size_t> slot_of;
   std::vector<size_t> output_of;
@@ -322,5 +320,5 @@ void attach_broadcast_grad(
   }
 }
 
-} // namespace detail
-} // namespace torch_dp
+}  // namespace detail
+}  // namespace torch_dp

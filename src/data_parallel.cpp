@@ -38,7 +38,7 @@ namespace detail {
 
 struct ReplicaSet {
   struct Slot {
-    ModuleCaller module;                                                    // the module itself, or a clone
+    ModuleCaller module;                                                   // the module itself, or a clone
     std::vector<std::pair<torch::nn::Module*, torch::nn::Module*>> trees;  // (module's, replica's), pre-order
   };
 
@@ -86,8 +86,9 @@ void build_slot(ReplicaSet& set, const ModuleCaller& module, size_t j) {
       params.size(), " and ", buffers.size(), "; the module's clone() must reproduce its parameters and buffers");
   auto original_modules = original_root->modules();
   auto replica_modules = replica_root->modules();
-  TORCH_DP_CHECK(original_modules.size() == replica_modules.size(), "DataParallel: the clone of the module has ",
-                 replica_modules.size(), " submodules, but the module has ", original_modules.size());
+  TORCH_DP_CHECK(
+      original_modules.size() == replica_modules.size(), "DataParallel: the clone of the module has ",
+      replica_modules.size(), " submodules, but the module has ", original_modules.size());
   for (size_t m = 0; m < original_modules.size(); ++m) {
     slot.trees.emplace_back(original_modules[m].get(), replica_modules[m].get());
   }
@@ -109,15 +110,15 @@ void sync_training_modes(const ReplicaSet::Slot& slot) {
   }
 }
 
-} // namespace
+}  // namespace
 
 namespace {
 bool same_options(const DataParallelOptions& a, const DataParallelOptions& b) {
   return a.devices() == b.devices() && a.output_device() == b.output_device() && a.dim() == b.dim() &&
-      a.chunk_sizes() == b.chunk_sizes() && a.issuing() == b.issuing() &&
-      a.trust_version_counters() == b.trust_version_counters();
+         a.chunk_sizes() == b.chunk_sizes() && a.issuing() == b.issuing() &&
+         a.trust_version_counters() == b.trust_version_counters();
 }
-} // namespace
+}  // namespace
 
 DataParallel cached_data_parallel(const ModuleCaller& caller, const DataParallelOptions& options) {
   const auto module = caller.ptr();
@@ -145,7 +146,7 @@ ModuleCaller ModuleCaller::clone(const std::optional<c10::Device>& device) const
   return ModuleCaller(any_.clone(device));
 }
 
-} // namespace detail
+}  // namespace detail
 
 DataParallelImpl::DataParallelImpl(detail::ModuleCaller module, DataParallelOptions options_)
     : options(std::move(options_)), module_(std::move(module)) {
@@ -170,24 +171,27 @@ void DataParallelImpl::reset() {
     }
   }
   for (const auto& device : devices_) {
-    TORCH_DP_CHECK(device.is_cpu() || device.has_index(), "DataParallel: device ", device.str(),
-                   " has no index; give every accelerator device an index, e.g. cuda:0");
+    TORCH_DP_CHECK(
+        device.is_cpu() || device.has_index(), "DataParallel: device ", device.str(),
+        " has no index; give every accelerator device an index, e.g. cuda:0");
   }
   replica_devices_ = devices_;
   if (options.chunk_sizes()) {
     const auto& sizes = *options.chunk_sizes();
-    TORCH_DP_CHECK(sizes.size() == devices_.size(), "DataParallel: expected one chunk size per ",
-                   "device (", devices_.size(), " devices), but got ", sizes.size(), " chunk sizes");
+    TORCH_DP_CHECK(
+        sizes.size() == devices_.size(), "DataParallel: expected one chunk size per ", "device (", devices_.size(),
+        " devices), but got ", sizes.size(), " chunk sizes");
     for (size_t i = 0; i < sizes.size(); ++i) {
-      TORCH_DP_CHECK(sizes[i] >= 0, "DataParallel: chunk sizes must be non-negative, but chunk ", i, " has size ",
-                     sizes[i]);
+      TORCH_DP_CHECK(
+          sizes[i] >= 0, "DataParallel: chunk sizes must be non-negative, but chunk ", i, " has size ", sizes[i]);
     }
     // Note [Empty chunks] (python/torch_dp/data_parallel.py): a device whose size is 0 runs no replica, except the
     // first, whose replica is the module itself and keeps its buffer updates.
-    TORCH_DP_CHECK(sizes.empty() || sizes[0] > 0, "DataParallel: the first chunk size must not be 0, but got ",
-                   sizes, ": the first device's replica is the module itself, which keeps its buffer updates ",
-                   "(BatchNorm's running statistics); give it at least one row (a 0 is allowed for the other ",
-                   "devices, which then run no replica)");
+    TORCH_DP_CHECK(
+        sizes.empty() || sizes[0] > 0, "DataParallel: the first chunk size must not be 0, but got ", sizes,
+        ": the first device's replica is the module itself, which keeps its buffer updates ",
+        "(BatchNorm's running statistics); give it at least one row (a 0 is allowed for the other ",
+        "devices, which then run no replica)");
     replica_devices_.clear();
     for (auto i : detail::devices_that_run(sizes, devices_.size())) {
       replica_devices_.push_back(devices_[i]);
@@ -257,4 +261,4 @@ std::unique_lock<std::mutex> DataParallelImpl::lock() {
   return std::unique_lock<std::mutex>(replica_set_->mutex);
 }
 
-} // namespace torch_dp
+}  // namespace torch_dp

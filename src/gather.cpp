@@ -52,8 +52,7 @@ at::Tensor concatenate_on(const std::vector<at::Tensor>& inputs, c10::Device des
 }
 
 struct GatherFunction : public torch::autograd::Function<GatherFunction> {
-  static variable_list forward(
-      AutogradContext* ctx, at::TensorList inputs, c10::Device destination, int64_t dim) {
+  static variable_list forward(AutogradContext* ctx, at::TensorList inputs, c10::Device destination, int64_t dim) {
     std::vector<c10::Device> devices;
     std::vector<int64_t> sizes;
     for (const auto& t : inputs) {
@@ -79,7 +78,7 @@ struct GatherFunction : public torch::autograd::Function<GatherFunction> {
   }
 };
 
-} // namespace
+}  // namespace
 
 at::Tensor gather(at::TensorList tensors, c10::Device destination, int64_t dim) {
   TORCH_DP_CHECK(!tensors.empty(), "gather: expected at least one tensor to gather from");
@@ -92,8 +91,8 @@ at::Tensor gather(at::TensorList tensors, c10::Device destination, int64_t dim) 
     // A tensor on another device than its replica's is copied like any other (as PyTorch does); one without
     // data cannot be, and would otherwise fail deep inside copy_ without saying which replica returned it.
     TORCH_DP_CHECK(
-        !inputs[i].is_meta() || destination.is_meta(), "gather: tensor at index ", i,
-        " (replica ", i, "'s output) is on device meta, which holds no data to copy to ", destination.str(),
+        !inputs[i].is_meta() || destination.is_meta(), "gather: tensor at index ", i, " (replica ", i,
+        "'s output) is on device meta, which holds no data to copy to ", destination.str(),
         "; expected a tensor with data, on its replica's device");
   }
   bool all_scalars = true;
@@ -109,18 +108,22 @@ at::Tensor gather(at::TensorList tensors, c10::Device destination, int64_t dim) 
     }
   }
   const auto& first = inputs[0];
-  TORCH_DP_CHECK(first.dim() > 0, "gather: cannot concatenate 0-dim tensors along dim ", dim,
-                 "; tensor at index 0 is a scalar");
+  TORCH_DP_CHECK(
+      first.dim() > 0, "gather: cannot concatenate 0-dim tensors along dim ", dim, "; tensor at index 0 is a scalar");
   dim = c10::maybe_wrap_dim(dim, first.dim());
   for (size_t i = 1; i < inputs.size(); ++i) {
     const auto& t = inputs[i];
     TORCH_DP_CHECK(
-        t.dim() == first.dim(), "gather: expected all tensors to have the same number of dimensions, but tensor at "
-        "index ", i, " has ", t.dim(), " (shape ", t.sizes(), ") and tensor at index 0 has ", first.dim(),
-        " (shape ", first.sizes(), ")");
+        t.dim() == first.dim(),
+        "gather: expected all tensors to have the same number of dimensions, but tensor at "
+        "index ",
+        i, " has ", t.dim(), " (shape ", t.sizes(), ") and tensor at index 0 has ", first.dim(), " (shape ",
+        first.sizes(), ")");
     TORCH_DP_CHECK(
-        t.scalar_type() == first.scalar_type(), "gather: expected all tensors to have the same dtype, but tensor at "
-        "index ", i, " is ", t.scalar_type(), " and tensor at index 0 is ", first.scalar_type());
+        t.scalar_type() == first.scalar_type(),
+        "gather: expected all tensors to have the same dtype, but tensor at "
+        "index ",
+        i, " is ", t.scalar_type(), " and tensor at index 0 is ", first.scalar_type());
     for (int64_t d = 0; d < t.dim(); ++d) {
       if (d != dim) {
         TORCH_DP_CHECK(
@@ -142,7 +145,7 @@ at::Tensor gather_function(const std::vector<at::Tensor>& inputs, c10::Device de
   return GatherFunction::apply(at::TensorList(inputs), destination, dim)[0];
 }
 
-} // namespace detail
+}  // namespace detail
 // ---- the C++ module's outputs, gathered ----------------------------------------------------------------------
 
 namespace detail {
@@ -151,9 +154,9 @@ c10::IValue gather_ivalues(const std::vector<c10::IValue>& outputs, c10::Device 
   TORCH_DP_CHECK(!outputs.empty(), "DataParallel: no outputs to gather");
   const auto& first = outputs[0];
   auto mismatch = [&](size_t i) {
-    return detail::message("DataParallel: replica ", i, " returned a ", outputs[i].tagKind(),
-                           " where replica 0 returned a ", first.tagKind(),
-                           "; every replica must return the same structure");
+    return detail::message(
+        "DataParallel: replica ", i, " returned a ", outputs[i].tagKind(), " where replica 0 returned a ",
+        first.tagKind(), "; every replica must return the same structure");
   };
   if (first.isTensor()) {
     std::vector<at::Tensor> tensors;
@@ -172,8 +175,9 @@ c10::IValue gather_ivalues(const std::vector<c10::IValue>& outputs, c10::Device 
     for (size_t e = 0; e < size; ++e) {
       std::vector<c10::IValue> column;
       for (size_t i = 0; i < outputs.size(); ++i) {
-        TORCH_DP_CHECK(outputs[i].isTuple() && outputs[i].toTupleRef().elements().size() == size, mismatch(i),
-                       " (tuples of the same size)");
+        TORCH_DP_CHECK(
+            outputs[i].isTuple() && outputs[i].toTupleRef().elements().size() == size, mismatch(i),
+            " (tuples of the same size)");
         column.push_back(outputs[i].toTupleRef().elements()[e]);
       }
       gathered.push_back(gather_ivalues(column, destination, dim));
@@ -186,8 +190,8 @@ c10::IValue gather_ivalues(const std::vector<c10::IValue>& outputs, c10::Device 
     for (size_t e = 0; e < size; ++e) {
       std::vector<c10::IValue> column;
       for (size_t i = 0; i < outputs.size(); ++i) {
-        TORCH_DP_CHECK(outputs[i].isList() && outputs[i].toList().size() == size, mismatch(i),
-                       " (lists of the same size)");
+        TORCH_DP_CHECK(
+            outputs[i].isList() && outputs[i].toList().size() == size, mismatch(i), " (lists of the same size)");
         column.push_back(outputs[i].toList().get(e));
       }
       gathered.push_back(gather_ivalues(column, destination, dim));
@@ -202,17 +206,21 @@ c10::IValue gather_ivalues(const std::vector<c10::IValue>& outputs, c10::Device 
       for (size_t i = 0; i < outputs.size(); ++i) {
         TORCH_DP_CHECK(outputs[i].isGenericDict(), mismatch(i));
         auto other = outputs[i].toGenericDict();
-        TORCH_DP_CHECK(other.size() == dict.size() && other.contains(entry.key()), "DataParallel: replica ", i,
-                       " returned a dict with other keys than replica 0's; all dicts must have the same keys");
+        TORCH_DP_CHECK(
+            other.size() == dict.size() && other.contains(entry.key()), "DataParallel: replica ", i,
+            " returned a dict with other keys than replica 0's; all dicts must have the same keys");
         column.push_back(other.at(entry.key()));
       }
       gathered.insert(entry.key(), gather_ivalues(column, destination, dim));
     }
     return gathered;
   }
-  TORCH_DP_CHECK(false, "DataParallel can only gather tensors, alone or inside tuples, lists and dicts (and None), "
-                 "but replica 0 returned a ", first.tagKind(), "; return a tensor instead");
+  TORCH_DP_CHECK(
+      false,
+      "DataParallel can only gather tensors, alone or inside tuples, lists and dicts (and None), "
+      "but replica 0 returned a ",
+      first.tagKind(), "; return a tensor instead");
 }
 
-} // namespace detail
-} // namespace torch_dp
+}  // namespace detail
+}  // namespace torch_dp

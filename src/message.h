@@ -22,13 +22,27 @@
 
 namespace torch_dp::detail {
 
-inline void append(std::string& out, std::string_view text) { out.append(text); }
-inline void append(std::string& out, const char* text) { out.append(text); }
-inline void append(std::string& out, const std::string& text) { out.append(text); }
-inline void append(std::string& out, char c) { out.push_back(c); }
-inline void append(std::string& out, bool value) { out.append(value ? "true" : "false"); }
-inline void append(std::string& out, const c10::Device& device) { out.append(device.str()); }
-inline void append(std::string& out, c10::ScalarType type) { out.append(c10::toString(type)); }
+inline void append(std::string& out, std::string_view text) {
+  out.append(text);
+}
+inline void append(std::string& out, const char* text) {
+  out.append(text);
+}
+inline void append(std::string& out, const std::string& text) {
+  out.append(text);
+}
+inline void append(std::string& out, char c) {
+  out.push_back(c);
+}
+inline void append(std::string& out, bool value) {
+  out.append(value ? "true" : "false");
+}
+inline void append(std::string& out, const c10::Device& device) {
+  out.append(device.str());
+}
+inline void append(std::string& out, c10::ScalarType type) {
+  out.append(c10::toString(type));
+}
 
 template <typename T, std::enable_if_t<std::is_arithmetic_v<T>, int> = 0>
 void append(std::string& out, T value) {
@@ -59,7 +73,7 @@ std::string message(const Args&... args) {
   return out;
 }
 
-} // namespace torch_dp::detail
+}  // namespace torch_dp::detail
 
 #define TORCH_DP_CHECK(cond, ...) TORCH_CHECK(cond, ::torch_dp::detail::message(__VA_ARGS__))
 #define TORCH_DP_WARN(...) TORCH_WARN(::torch_dp::detail::message(__VA_ARGS__))

@@ -84,7 +84,7 @@ struct Job {
 
 thread_local const void* current_pool = nullptr;
 
-} // namespace
+}  // namespace
 
 struct WorkerPool::State {
   struct Worker {
@@ -143,7 +143,7 @@ struct WorkerPool::State {
   static constexpr size_t kWarmupCalls = 2;
   static constexpr size_t kTrialCalls = 5;  // timed calls per way
   struct Trial {
-    size_t calls = 0;  // started, warm-up included
+    size_t calls = 0;                // started, warm-up included
     std::vector<double> seconds[2];  // [0]: threads, [1]: serial
     Issuing settled = Issuing::kAuto;
   } trial;
@@ -157,7 +157,7 @@ double median_of(std::vector<double> values) {
   return values.size() % 2 ? values[mid] : 0.5 * (values[mid - 1] + values[mid]);
 }
 
-} // namespace
+}  // namespace
 
 Issuing WorkerPool::next_auto_issuing() {
   renew_after_fork();  // the parent's lock may be held by a thread the child does not have
@@ -174,8 +174,9 @@ Issuing WorkerPool::next_auto_issuing() {
 }
 
 void WorkerPool::record_auto_issuing(Issuing used, double seconds) {
-  TORCH_DP_CHECK(used == Issuing::kThreads || used == Issuing::kSerial,
-                 "record_auto_issuing: expected threads or serial, got ", issuing_name(used));
+  TORCH_DP_CHECK(
+      used == Issuing::kThreads || used == Issuing::kSerial, "record_auto_issuing: expected threads or serial, got ",
+      issuing_name(used));
   renew_after_fork();
   std::lock_guard<std::mutex> lock(state_->mutex);
   auto& trial = state_->trial;
@@ -302,7 +303,7 @@ std::string replica_message(size_t replica, c10::Device device, const std::excep
   return "Caught " + type + " " + replica_location(replica, device) + ".\nOriginal error: " + what;
 }
 
-} // namespace
+}  // namespace
 
 ReplicaError::ReplicaError(size_t replica, c10::Device device, std::exception_ptr original)
     : std::runtime_error(replica_message(replica, device, original)),
@@ -335,10 +336,7 @@ const char* issuing_name(Issuing issuing) {
 }
 
 void run_replicas(
-    WorkerPool& pool,
-    at::ArrayRef<c10::Device> devices,
-    const std::function<void(size_t)>& task,
-    Issuing issuing) {
+    WorkerPool& pool, at::ArrayRef<c10::Device> devices, const std::function<void(size_t)>& task, Issuing issuing) {
   const size_t n = devices.size();
   // Threads do not inherit thread-local state: capture the caller's (grad mode, inference mode, autocast
   // state and dtype, dispatch keys, ...) and its current stream per device, and install them in each worker.
@@ -380,4 +378,4 @@ void run_replicas(
   }
 }
 
-} // namespace torch_dp
+}  // namespace torch_dp

@@ -70,7 +70,7 @@ void Replicator::set_devices(at::ArrayRef<c10::Device> devices) {
     for (size_t k = 0; k < total; ++k) {
       const bool param_like = k < params_.size() || source(k).requires_grad();
       const bool shared = source(k).device() == slot.device &&
-          (copy_everything_ ? slot.first_on_device : (param_like || slot.first_on_device));
+                          (copy_everything_ ? slot.first_on_device : (param_like || slot.first_on_device));
       if (!shared) {
         slot.copy_index[k] = static_cast<int64_t>(slot.copied_sources.size());
         slot.copied_sources.push_back(source(k));
@@ -88,11 +88,12 @@ bool Replicator::uses_sources(size_t slot) const {
 }
 
 void Replicator::bind(size_t slot_index, std::vector<at::Tensor> tensors) {
-  TORCH_DP_CHECK(slot_index < slots_.size(), "Replicator: slot ", slot_index, " does not exist (", slots_.size(),
-                 " slots)");
+  TORCH_DP_CHECK(
+      slot_index < slots_.size(), "Replicator: slot ", slot_index, " does not exist (", slots_.size(), " slots)");
   const size_t total = params_.size() + buffers_.size();
-  TORCH_DP_CHECK(tensors.size() == total, "Replicator::bind: expected ", total, " tensors (", params_.size(),
-                 " parameters and ", buffers_.size(), " buffers), got ", tensors.size());
+  TORCH_DP_CHECK(
+      tensors.size() == total, "Replicator::bind: expected ", total, " tensors (", params_.size(), " parameters and ",
+      buffers_.size(), " buffers), got ", tensors.size());
   auto& slot = slots_[slot_index];
   slot.bound = std::move(tensors);
   slot.last.clear();
@@ -217,4 +218,4 @@ void detail::TestAccess::copy_everything(Replicator& replicator) {
   replicator.changed_.clear();
 }
 
-} // namespace torch_dp
+}  // namespace torch_dp

@@ -23,11 +23,8 @@ using torch::autograd::variable_list;
 
 struct ScatterFunction : public torch::autograd::Function<ScatterFunction> {
   static variable_list forward(
-      AutogradContext* ctx,
-      const at::Tensor& input,
-      const std::vector<c10::Device>& devices,
-      const std::vector<int64_t>& sizes,
-      int64_t dim) {
+      AutogradContext* ctx, const at::Tensor& input, const std::vector<c10::Device>& devices,
+      const std::vector<int64_t>& sizes, int64_t dim) {
     ctx->saved_data["input_device_type"] = static_cast<int64_t>(input.device().type());
     ctx->saved_data["input_device_index"] = static_cast<int64_t>(input.device().index());
     ctx->saved_data["dim"] = dim;
@@ -40,8 +37,7 @@ struct ScatterFunction : public torch::autograd::Function<ScatterFunction> {
           guard.reset_device(devices[i]);
         }
         chunks[i] = chunks[i].to(
-            chunks[i].options().device(devices[i]), /*non_blocking=*/true, /*copy=*/false,
-            c10::MemoryFormat::Preserve);
+            chunks[i].options().device(devices[i]), /*non_blocking=*/true, /*copy=*/false, c10::MemoryFormat::Preserve);
       }
     }
     return chunks;
@@ -56,7 +52,7 @@ struct ScatterFunction : public torch::autograd::Function<ScatterFunction> {
   }
 };
 
-} // namespace
+}  // namespace
 
 std::vector<int64_t> chunk_sizes(int64_t size, int64_t num_chunks) {
   TORCH_DP_CHECK(num_chunks > 0, "chunk_sizes: the number of chunks must be positive, but got ", num_chunks);
@@ -73,27 +69,23 @@ std::vector<int64_t> chunk_sizes(int64_t size, int64_t num_chunks) {
 }
 
 std::vector<at::Tensor> scatter(
-    const at::Tensor& input,
-    at::ArrayRef<c10::Device> devices,
-    const std::optional<std::vector<int64_t>>& sizes,
+    const at::Tensor& input, at::ArrayRef<c10::Device> devices, const std::optional<std::vector<int64_t>>& sizes,
     int64_t dim) {
   TORCH_DP_CHECK(input.defined(), "scatter: expected a tensor, but got an undefined tensor");
   TORCH_DP_CHECK(!devices.empty(), "scatter: expected at least one device to scatter to");
   TORCH_DP_CHECK(
-      input.dim() > 0,
-      "scatter: cannot split a 0-dim (scalar) tensor along dim ", dim,
+      input.dim() > 0, "scatter: cannot split a 0-dim (scalar) tensor along dim ", dim,
       "; DataParallel splits tensor inputs along the batch dimension, so pass tensors with at least one dimension");
   dim = c10::maybe_wrap_dim(dim, input.dim());
   const int64_t length = input.size(dim);
   std::vector<int64_t> split;
   if (sizes) {
     TORCH_DP_CHECK(
-        sizes->size() == devices.size(),
-        "scatter: expected one chunk size per device, but got ", sizes->size(), " chunk sizes for ",
-        devices.size(), " devices");
+        sizes->size() == devices.size(), "scatter: expected one chunk size per device, but got ", sizes->size(),
+        " chunk sizes for ", devices.size(), " devices");
     for (size_t i = 0; i < sizes->size(); ++i) {
-      TORCH_DP_CHECK((*sizes)[i] >= 0, "scatter: chunk sizes must be non-negative, but chunk ", i, " has size ",
-                     (*sizes)[i]);
+      TORCH_DP_CHECK(
+          (*sizes)[i] >= 0, "scatter: chunk sizes must be non-negative, but chunk ", i, " has size ", (*sizes)[i]);
     }
     const int64_t total = std::accumulate(sizes->begin(), sizes->end(), int64_t{0});
     TORCH_DP_CHECK(
@@ -146,7 +138,7 @@ std::vector<c10::Device> devices_from(c10::ArrayRef<int64_t> types, c10::ArrayRe
   return out;
 }
 
-} // namespace detail
+}  // namespace detail
 // ---- the C++ module's arguments, split per replica ----------------------------------------------------------
 
 namespace detail {
@@ -201,14 +193,16 @@ void cut_to_batch(SplitPlan& plan, const std::vector<at::Tensor>& tensors) {
       // torch::nn::parallel::data_parallel has one input; torch.nn.DataParallel silently drops the extra chunks.
       std::string counts;
       for (size_t j = 0; j < tensors.size(); ++j) {
-        counts += detail::message(j == 0 ? "" : "; ", "tensor argument ", j, " of shape ", tensors[j].sizes(), " -> ",
-                                  plan.chunks[j].size(), " chunks");
+        counts += detail::message(
+            j == 0 ? "" : "; ", "tensor argument ", j, " of shape ", tensors[j].sizes(), " -> ", plan.chunks[j].size(),
+            " chunks");
       }
-      TORCH_DP_CHECK(false, "DataParallel: the tensor arguments split into different numbers of chunks over ",
-                     plan.devices.size(), " devices along dim ", plan.dim, ": ", counts,
-                     "; give every tensor argument the same size along dim ", plan.dim, " (only a tensor that holds ",
-                     "one value per replica, expanded along dim ", plan.dim, " or with one equal row per device, may ",
-                     "give more chunks than the batch: it is cut to the replicas that run)");
+      TORCH_DP_CHECK(
+          false, "DataParallel: the tensor arguments split into different numbers of chunks over ", plan.devices.size(),
+          " devices along dim ", plan.dim, ": ", counts, "; give every tensor argument the same size along dim ",
+          plan.dim, " (only a tensor that holds ", "one value per replica, expanded along dim ", plan.dim,
+          " or with one equal row per device, may ",
+          "give more chunks than the batch: it is cut to the replicas that run)");
     }
   }
   for (auto& chunks : plan.chunks) {
@@ -216,7 +210,7 @@ void cut_to_batch(SplitPlan& plan, const std::vector<at::Tensor>& tensors) {
   }
 }
 
-} // namespace
+}  // namespace
 
 void collect_tensors(const c10::IValue& value, std::vector<at::Tensor>& tensors) {
   // The order split_ivalue hands the chunks out in.
@@ -265,10 +259,11 @@ void plan_split(SplitPlan& plan, const std::vector<at::Tensor>& tensors) {
       if (tensor.dim() > 0 && tensor.size(plan.dim) != total && is_per_replica(tensor, plan.dim, plan.devices.size())) {
         // One value per replica: split as without chunk sizes, each replica that runs taking its device's chunk.
         auto chunks = scatter(tensor, plan.devices, std::nullopt, plan.dim);
-        TORCH_DP_CHECK(runs.back() < chunks.size(), "DataParallel: a tensor argument of shape ", tensor.sizes(),
-                       " that holds one value per replica gives ", chunks.size(), " chunks over ", plan.devices.size(),
-                       " devices along dim ", plan.dim, ", but device ", runs.back(),
-                       " runs a replica; give it one row per device");
+        TORCH_DP_CHECK(
+            runs.back() < chunks.size(), "DataParallel: a tensor argument of shape ", tensor.sizes(),
+            " that holds one value per replica gives ", chunks.size(), " chunks over ", plan.devices.size(),
+            " devices along dim ", plan.dim, ", but device ", runs.back(),
+            " runs a replica; give it one row per device");
         std::vector<at::Tensor> kept;
         for (auto i : runs) {
           kept.push_back(chunks[i]);
@@ -285,8 +280,9 @@ void plan_split(SplitPlan& plan, const std::vector<at::Tensor>& tensors) {
 }
 
 std::vector<at::Tensor> split_tensor(const at::Tensor& tensor, SplitPlan& plan) {
-  TORCH_DP_CHECK(plan.next < plan.chunks.size(), "DataParallel: the tensor of shape ", tensor.sizes(),
-                 " was not planned (plan_split must see every tensor argument first)");
+  TORCH_DP_CHECK(
+      plan.next < plan.chunks.size(), "DataParallel: the tensor of shape ", tensor.sizes(),
+      " was not planned (plan_split must see every tensor argument first)");
   return plan.chunks[plan.next++];
 }
 
@@ -346,5 +342,5 @@ std::vector<c10::IValue> split_ivalue(const c10::IValue& value, SplitPlan& plan)
   return std::vector<c10::IValue>(count, value);
 }
 
-} // namespace detail
-} // namespace torch_dp
+}  // namespace detail
+}  // namespace torch_dp

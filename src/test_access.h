@@ -15,4 +15,4 @@ struct TestAccess {
   static void copy_everything(Replicator& replicator);
 };
 
-} // namespace torch_dp::detail
+}  // namespace torch_dp::detail

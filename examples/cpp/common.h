@@ -11,9 +11,9 @@
 namespace examples {
 
 struct Options {
-  int replicas = 0;       // 0: every CUDA device, or 4 CPU replicas without CUDA
+  int replicas = 0;  // 0: every CUDA device, or 4 CPU replicas without CUDA
   int epochs = 5;
-  bool cpu = false;       // CPU replicas even where CUDA is available
+  bool cpu = false;  // CPU replicas even where CUDA is available
 };
 
 inline Options parse(int argc, char** argv) {
@@ -69,4 +69,4 @@ inline std::string describe(const std::vector<torch::Device>& devices) {
   return "[" + text + "]";
 }
 
-} // namespace examples
+}  // namespace examples

@@ -59,8 +59,9 @@ int main(int argc, char** argv) {
   model->to(device);
   torch_dp::DataParallel parallel(model, torch_dp::DataParallelOptions(devices));
   torch::optim::SGD optimizer(parallel->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
-  std::printf("train_convnet: %zu replicas on %s, %d epochs\n", devices.size(),
-              examples::describe(devices).c_str(), options.epochs);
+  std::printf(
+      "train_convnet: %zu replicas on %s, %d epochs\n", devices.size(), examples::describe(devices).c_str(),
+      options.epochs);
 
   double first = 0, last = 0;
   for (int epoch = 0; epoch < options.epochs; ++epoch) {
@@ -71,8 +72,8 @@ int main(int argc, char** argv) {
     for (int64_t start = 0; start < samples; start += batch) {
       auto index = order.slice(0, start, start + batch);
       optimizer.zero_grad();
-      auto loss = torch::cross_entropy_loss(parallel->forward(images.index_select(0, index)),
-                                            labels.index_select(0, index));
+      auto loss =
+          torch::cross_entropy_loss(parallel->forward(images.index_select(0, index)), labels.index_select(0, index));
       loss.backward();
       optimizer.step();
       total += loss.item<double>();
@@ -84,8 +85,7 @@ int main(int argc, char** argv) {
     }
     parallel->eval();
     torch::NoGradGuard no_grad;
-    const double accuracy =
-        parallel->forward(images).argmax(1).eq(labels).to(torch::kDouble).mean().item<double>();
+    const double accuracy = parallel->forward(images).argmax(1).eq(labels).to(torch::kDouble).mean().item<double>();
     std::printf("epoch %d  loss %.6f  accuracy (eval mode) %.3f\n", epoch + 1, last, accuracy);
   }
   if (!(last < first)) {

@@ -17,9 +17,7 @@ struct MLPImpl : torch::nn::Cloneable<MLPImpl> {  // Cloneable: DataParallel clo
     fc2 = register_module("fc2", torch::nn::Linear(64, 64));
     fc3 = register_module("fc3", torch::nn::Linear(64, 1));
   }
-  torch::Tensor forward(const torch::Tensor& x) {
-    return fc3(torch::relu(fc2(torch::relu(fc1(x)))));
-  }
+  torch::Tensor forward(const torch::Tensor& x) { return fc3(torch::relu(fc2(torch::relu(fc1(x))))); }
   torch::nn::Linear fc1{nullptr}, fc2{nullptr}, fc3{nullptr};
 };
 TORCH_MODULE(MLP);
@@ -43,8 +41,9 @@ int main(int argc, char** argv) {
   model->to(device);
   torch_dp::DataParallel parallel(model, torch_dp::DataParallelOptions(devices));
   torch::optim::Adam optimizer(parallel->parameters(), torch::optim::AdamOptions(3e-3));
-  std::printf("train_mlp: %zu replicas on %s, %d epochs\n", devices.size(), examples::describe(devices).c_str(),
-              options.epochs);
+  std::printf(
+      "train_mlp: %zu replicas on %s, %d epochs\n", devices.size(), examples::describe(devices).c_str(),
+      options.epochs);
 
   double first = 0, last = 0;
   for (int epoch = 0; epoch < options.epochs; ++epoch) {

@@ -21,16 +21,14 @@ std::vector<std::vector<at::Tensor>> broadcast_coalesced(at::TensorList tensors,
 /// flattened into one buffer per device first, so the cross-device traffic is one copy per device and dtype.
 /// Built from differentiable operations, so it supports double backward.
 std::vector<at::Tensor> reduce_add_coalesced(
-    const std::vector<std::vector<at::Tensor>>& inputs,
-    c10::Device destination);
+    const std::vector<std::vector<at::Tensor>>& inputs, c10::Device destination);
 
 namespace detail {
 
 /// Gives `copies` (copies[j][k] a copy of sources[k] on some device) an autograd history: the result holds
 /// aliases of the copies whose gradients are reduce-added onto the sources' device (all sources on one device).
 std::vector<std::vector<at::Tensor>> attach_broadcast_grad(
-    at::TensorList sources,
-    const std::vector<std::vector<at::Tensor>>& copies);
+    at::TensorList sources, const std::vector<std::vector<at::Tensor>>& copies);
 
 /// The one gradient path of copies (Note [Broadcast grad] in comm.cpp): for each slot j and each k in
 /// indices[j], tensors[j][k] (a copy or alias of sources[k], which requires grad) gets a gradient edge to
@@ -38,10 +36,8 @@ std::vector<std::vector<at::Tensor>> attach_broadcast_grad(
 /// slot with bound[j] the tensor itself gets the history (a tensor the caller owns and reads, such as a C++
 /// replica's parameter); otherwise tensors[j][k] is replaced by a fresh alias that carries it.
 void attach_broadcast_grad(
-    std::vector<std::vector<at::Tensor>>& tensors,
-    at::TensorList sources,
-    const std::vector<std::vector<size_t>>& indices,
-    const std::vector<bool>& bound);
+    std::vector<std::vector<at::Tensor>>& tensors, at::TensorList sources,
+    const std::vector<std::vector<size_t>>& indices, const std::vector<bool>& bound);
 
-} // namespace detail
-} // namespace torch_dp
+}  // namespace detail
+}  // namespace torch_dp

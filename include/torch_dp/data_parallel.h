@@ -57,7 +57,7 @@ namespace detail {
 struct ReplicaSet;  // persistent replicas and workers, data_parallel.cpp
 struct TestAccess;  // test hooks, src/test_access.h
 
-} // namespace detail
+}  // namespace detail
 
 /// Data parallelism for LibTorch: the input is split along `dim` into one chunk per device, the wrapped module
 /// runs on each chunk in a replica on persistent worker threads, and the outputs are concatenated on
@@ -97,9 +97,9 @@ class DataParallelImpl : public torch::nn::Cloneable<DataParallelImpl> {
   /// The general case. Tensor arguments, and tensors inside IValue arguments, are split; other arguments are
   /// given to every replica as they are. Tensors that hold one value per replica (expanded along dim, or one equal
   /// row per device) may give more chunks than the batch and are cut to the replicas that run, as upstream; any
-  /// other difference in chunk counts is an error (Note [Which tensors set the batch]). Each replica calls the wrapped module's forward with its arguments,
-  /// which must return ReturnType: a Tensor, std::vector<Tensor>, std::tuple of Tensors, or an IValue of tensors
-  /// inside tuples, lists and dicts. The outputs are gathered on the output device.
+  /// other difference in chunk counts is an error (Note [Which tensors set the batch]). Each replica calls the wrapped
+  /// module's forward with its arguments, which must return ReturnType: a Tensor, std::vector<Tensor>, std::tuple of
+  /// Tensors, or an IValue of tensors inside tuples, lists and dicts. The outputs are gathered on the output device.
   template <typename ReturnType = at::Tensor, typename... ArgumentTypes>
   ReturnType forward_as(const ArgumentTypes&... arguments);
 
@@ -172,24 +172,18 @@ ReturnType DataParallelImpl::forward_as(const ArgumentTypes&... arguments) {
 /// are kept per module between calls instead of cloned on every call, and the module is not moved.
 template <typename ModuleType>
 at::Tensor data_parallel(
-    ModuleType module,
-    at::Tensor input,
-    std::optional<std::vector<c10::Device>> devices = std::nullopt,
-    std::optional<c10::Device> output_device = std::nullopt,
-    int64_t dim = 0);
+    ModuleType module, at::Tensor input, std::optional<std::vector<c10::Device>> devices = std::nullopt,
+    std::optional<c10::Device> output_device = std::nullopt, int64_t dim = 0);
 
 namespace detail {
 /// The cached DataParallel for a module (weakly keyed by the module), made or updated for these options.
 DataParallel cached_data_parallel(const ModuleCaller& module, const DataParallelOptions& options);
-} // namespace detail
+}  // namespace detail
 
 template <typename ModuleType>
 at::Tensor data_parallel(
-    ModuleType module,
-    at::Tensor input,
-    std::optional<std::vector<c10::Device>> devices,
-    std::optional<c10::Device> output_device,
-    int64_t dim) {
+    ModuleType module, at::Tensor input, std::optional<std::vector<c10::Device>> devices,
+    std::optional<c10::Device> output_device, int64_t dim) {
   DataParallelOptions options;
   if (devices) {
     options.devices(*devices);
@@ -198,4 +192,4 @@ at::Tensor data_parallel(
   return detail::cached_data_parallel(detail::ModuleCaller::of(module.ptr()), options)->forward(input);
 }
 
-} // namespace torch_dp
+}  // namespace torch_dp

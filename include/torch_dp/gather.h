@@ -16,4 +16,4 @@ namespace torch_dp {
 /// returned as it is. Differentiable: the backward scatters the gradient back to each input's device.
 at::Tensor gather(at::TensorList tensors, c10::Device destination, int64_t dim = 0);
 
-} // namespace torch_dp
+}  // namespace torch_dp

@@ -85,9 +85,7 @@ const char* issuing_name(Issuing issuing);
 /// devices[i] as the current stream, issued as `issuing` says. After every task finished, the first failure
 /// (lowest i) is rethrown as a ReplicaError.
 void run_replicas(
-    WorkerPool& pool,
-    at::ArrayRef<c10::Device> devices,
-    const std::function<void(size_t)>& task,
+    WorkerPool& pool, at::ArrayRef<c10::Device> devices, const std::function<void(size_t)>& task,
     Issuing issuing = Issuing::kAuto);
 
 /// How a device is named in error messages: "cpu" for the CPU, the index for accelerators (as PyTorch does).
@@ -98,4 +96,4 @@ std::string device_label(c10::Device device);
 /// the original exception type with the same text.
 std::string replica_location(size_t replica, c10::Device device);
 
-} // namespace torch_dp
+}  // namespace torch_dp

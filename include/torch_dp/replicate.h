@@ -14,7 +14,7 @@ namespace torch_dp {
 
 namespace detail {
 struct TestAccess;  // torch_dp's own tests, src/test_access.h
-} // namespace detail
+}  // namespace detail
 
 /// The tensors of a module's replicas, persistent between forwards: the one replication engine, behind both the
 /// Python package's replicas and the C++ DataParallel module's (Note [Persistent replicas] in replicate.cpp).
@@ -92,4 +92,4 @@ class Replicator {
   bool copy_everything_ = false;  // detail::TestAccess: later slots on the sources' device copy everything too
 };
 
-} // namespace torch_dp
+}  // namespace torch_dp

@@ -22,9 +22,7 @@ std::vector<int64_t> chunk_sizes(int64_t size, int64_t num_chunks);
 /// add up to the length of `dim`. A chunk whose device is the input's own device is a view of the input, not
 /// a copy. Differentiable: the backward gathers the chunks' gradients onto the input's device.
 std::vector<at::Tensor> scatter(
-    const at::Tensor& input,
-    at::ArrayRef<c10::Device> devices,
-    const std::optional<std::vector<int64_t>>& sizes = std::nullopt,
-    int64_t dim = 0);
+    const at::Tensor& input, at::ArrayRef<c10::Device> devices,
+    const std::optional<std::vector<int64_t>>& sizes = std::nullopt, int64_t dim = 0);
 
-} // namespace torch_dp
+}  // namespace torch_dp

@@ -70,14 +70,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("inputs"), py::arg("destination"));
 
   py::class_<torch_dp::Replicator>(m, "Replicator")
-      .def(py::init([](bool trust_version_counters, bool copy_everything) {
-             auto replicator = std::make_unique<torch_dp::Replicator>(trust_version_counters);
-             if (copy_everything) {
-               torch_dp::detail::TestAccess::copy_everything(*replicator);  // torch_dp's own tests
-             }
-             return replicator;
-           }),
-           py::arg("trust_version_counters") = false, py::arg("copy_everything") = false)
+      .def(
+          py::init([](bool trust_version_counters, bool copy_everything) {
+            auto replicator = std::make_unique<torch_dp::Replicator>(trust_version_counters);
+            if (copy_everything) {
+              torch_dp::detail::TestAccess::copy_everything(*replicator);  // torch_dp's own tests
+            }
+            return replicator;
+          }),
+          py::arg("trust_version_counters") = false, py::arg("copy_everything") = false)
       .def(
           "set_sources",
           [](torch_dp::Replicator& self, std::vector<at::Tensor> params, std::vector<at::Tensor> buffers) {
@@ -133,8 +134,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "run_replicas",
       // fn(i) runs replica i; what escapes it is re-raised after all replicas ran (worker_threads.h).
-      &torch_dp::python::run_replicas,
-      py::arg("pool"), py::arg("devices"), py::arg("fn"), py::arg("issuing") = torch_dp::Issuing::kThreads);
+      &torch_dp::python::run_replicas, py::arg("pool"), py::arg("devices"), py::arg("fn"),
+      py::arg("issuing") = torch_dp::Issuing::kThreads);
 
   m.def(
       "replica_location",

@@ -64,7 +64,7 @@ uint64_t version_of(PyObject* d) {
 }
 #endif
 
-} // namespace
+}  // namespace
 
 DictWatch::DictWatch(const py::list& dicts) {
   for (auto item : dicts) {
@@ -204,4 +204,4 @@ void DictWatch::mark_clean() {
 }
 #endif
 
-} // namespace torch_dp::python
+}  // namespace torch_dp::python

@@ -49,4 +49,4 @@ class [[gnu::visibility("hidden")]] DictWatch {
   bool dirty_ = true;
 };
 
-} // namespace torch_dp::python
+}  // namespace torch_dp::python

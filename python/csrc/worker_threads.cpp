@@ -32,11 +32,7 @@ void keep_thread_state() {
   PyEval_SaveThread();
 }
 
-void run_replicas(
-    WorkerPool& pool,
-    const std::vector<c10::Device>& devices,
-    const py::function& fn,
-    Issuing issuing) {
+void run_replicas(WorkerPool& pool, const std::vector<c10::Device>& devices, const py::function& fn, Issuing issuing) {
   std::exception_ptr failure;
   {
     py::gil_scoped_release no_gil;
@@ -60,4 +56,4 @@ void run_replicas(
   }
 }
 
-} // namespace torch_dp::python
+}  // namespace torch_dp::python

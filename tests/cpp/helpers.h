@@ -4,10 +4,10 @@
 // Torch first: c10/util/logging_is_not_google_glog.h defines a glog-style CHECK(cond) macro, which would
 // silently replace Catch2's CHECK (a failing check would then log-and-abort or, worse, not be counted). Every
 // torch header is included here, once, and CHECK is handed back to Catch2. Include this header first.
-#include <torch/torch.h>
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Logging.h>
+#include <torch/torch.h>
 #undef CHECK
 
 #include "catch.h"
@@ -32,11 +32,17 @@ namespace tdp_test {
 
 // Catch2 v3 renamed the substring matcher (Contains -> ContainsSubstring).
 #if __has_include(<catch2/catch_test_macros.hpp>)
-inline auto Contains(const std::string& s) { return Catch::Matchers::ContainsSubstring(s); }
+inline auto Contains(const std::string& s) {
+  return Catch::Matchers::ContainsSubstring(s);
+}
 #else
-inline auto Contains(const std::string& s) { return Catch::Matchers::Contains(s); }
+inline auto Contains(const std::string& s) {
+  return Catch::Matchers::Contains(s);
+}
 #endif
-inline auto StartsWith(const std::string& s) { return Catch::Matchers::StartsWith(s); }
+inline auto StartsWith(const std::string& s) {
+  return Catch::Matchers::StartsWith(s);
+}
 
 /// float64 comparison tight enough that only rounding differences pass.
 inline bool close64(const at::Tensor& a, const at::Tensor& b) {
@@ -91,24 +97,26 @@ inline bool register_if_cuda(void (*test)(), const char* name, const char* tags,
     return false;
   }
   // What TEST_CASE expands to, in Catch2 v2 and v3 alike (a temporary registrar, as Catch2's own template cases).
-  Catch::AutoReg(Catch::makeTestInvoker(test), Catch::SourceLineInfo(file, line), Catch::StringRef(),
-                 Catch::NameAndTags(name, tags));
+  Catch::AutoReg(
+      Catch::makeTestInvoker(test), Catch::SourceLineInfo(file, line), Catch::StringRef(),
+      Catch::NameAndTags(name, tags));
   return true;
 }
 
-} // namespace tdp_test
+}  // namespace tdp_test
 
 // TDP_CUDA_TEST_CASE(name, tags) { ... }: a TEST_CASE that needs a CUDA device. Without one it is not registered,
 // so it is neither run nor counted as passed (Catch2 v2 has no SKIP; a TEST_CASE returning early would pass). On
 // a GPU machine it runs like any other and is selected by its tags ("[cuda]", scripts/gpu_check.sh).
 #define TDP_CUDA_TEST_CASE_CONCAT2(a, b) a##b
 #define TDP_CUDA_TEST_CASE_CONCAT(a, b) TDP_CUDA_TEST_CASE_CONCAT2(a, b)
-#define TDP_CUDA_TEST_CASE_IMPL(test, registered, name, tags)                                                  \
-  static void test();                                                                                          \
-  namespace {                                                                                                  \
+#define TDP_CUDA_TEST_CASE_IMPL(test, registered, name, tags)                                                   \
+  static void test();                                                                                           \
+  namespace {                                                                                                   \
   [[maybe_unused]] const bool registered = ::tdp_test::register_if_cuda(&test, name, tags, __FILE__, __LINE__); \
-  }                                                                                                            \
+  }                                                                                                             \
   static void test()
-#define TDP_CUDA_TEST_CASE(name, tags)                                                                         \
-  TDP_CUDA_TEST_CASE_IMPL(TDP_CUDA_TEST_CASE_CONCAT(tdp_cuda_test_, __LINE__),                                 \
-                          TDP_CUDA_TEST_CASE_CONCAT(tdp_cuda_registered_, __LINE__), name, tags)
+#define TDP_CUDA_TEST_CASE(name, tags)                                                                                \
+  TDP_CUDA_TEST_CASE_IMPL(                                                                                            \
+      TDP_CUDA_TEST_CASE_CONCAT(tdp_cuda_test_, __LINE__), TDP_CUDA_TEST_CASE_CONCAT(tdp_cuda_registered_, __LINE__), \
+      name, tags)

@@ -15,7 +15,7 @@ namespace {
 
 const c10::Device kCpu(c10::kCPU);
 
-} // namespace
+}  // namespace
 
 TEST_CASE("broadcast_coalesced returns the input tensors themselves on their own device", "[comm]") {
   const std::vector<at::Tensor> tensors = {at::randn({2, 3}), at::randn({4}, at::kDouble), at::arange(5)};
@@ -47,8 +47,8 @@ TEST_CASE("reduce_add_coalesced sums tensors of mixed dtypes and shapes", "[comm
   // Three "devices" (all CPU) with five tensors of three dtypes.
   auto make = [] {
     return std::vector<at::Tensor>{
-        at::randn({2, 3}), at::randn({4}, at::kDouble), at::randint(-50, 50, {3, 1}, at::kLong),
-        at::randn({5}), at::randn({2, 2}, at::kDouble)};
+        at::randn({2, 3}), at::randn({4}, at::kDouble), at::randint(-50, 50, {3, 1}, at::kLong), at::randn({5}),
+        at::randn({2, 2}, at::kDouble)};
   };
   const std::vector<std::vector<at::Tensor>> inputs = {make(), make(), make()};
   const auto result = torch_dp::reduce_add_coalesced(inputs, kCpu);
@@ -164,7 +164,8 @@ TEST_CASE("attach_broadcast_grad reduce-adds the copies' gradients onto the sour
   CHECK(tdp_test::close64(s1.grad(), weights[0][1] + weights[1][1] + weights[2][1]));
 
   std::vector<std::vector<at::Tensor>> wrong = {{s0.detach().clone()}};
-  REQUIRE_THROWS_WITH(torch_dp::detail::attach_broadcast_grad(sources, wrong), Contains("expected 2 copies per device"));
+  REQUIRE_THROWS_WITH(
+      torch_dp::detail::attach_broadcast_grad(sources, wrong), Contains("expected 2 copies per device"));
 }
 
 TEST_CASE("CoalescedCopies on the source device", "[comm][coalesced]") {
@@ -183,7 +184,7 @@ TEST_CASE("CoalescedCopies on the source device", "[comm][coalesced]") {
     bool ok = true;
     for (size_t k = 0; k < sources.size(); ++k) {
       ok = ok && c[k].sizes() == sources[k].sizes() && c[k].scalar_type() == sources[k].scalar_type() &&
-          at::equal(c[k], sources[k]);
+           at::equal(c[k], sources[k]);
     }
     return ok;
   };
@@ -193,10 +194,10 @@ TEST_CASE("CoalescedCopies on the source device", "[comm][coalesced]") {
     for (size_t k = 0; k < sources.size(); ++k) {
       CHECK_FALSE(c[k].storage().is_alias_of(sources[k].storage()));
     }
-    CHECK(c[0].storage().is_alias_of(c[2].storage()));        // the two float copies share a buffer
+    CHECK(c[0].storage().is_alias_of(c[2].storage()));          // the two float copies share a buffer
     CHECK(c[0].storage().nbytes() == (6 + 4) * sizeof(float));  // and that buffer holds exactly them
-    CHECK_FALSE(c[0].storage().is_alias_of(c[1].storage()));  // double has its own
-    CHECK_FALSE(c[0].storage().is_alias_of(c[3].storage()));  // and so has int64
+    CHECK_FALSE(c[0].storage().is_alias_of(c[1].storage()));    // double has its own
+    CHECK_FALSE(c[0].storage().is_alias_of(c[3].storage()));    // and so has int64
   }
   SECTION("an in-place change to a source is copied on the next refresh") {
     f1.mul_(-3.0).add_(1.0);
@@ -207,7 +208,7 @@ TEST_CASE("CoalescedCopies on the source device", "[comm][coalesced]") {
   }
   SECTION("a write into a copy is undone by the next refresh") {
     const auto before = c[2].clone();
-    c[2].fill_(42.0);   // the copy shares its flat buffer's version counter
+    c[2].fill_(42.0);  // the copy shares its flat buffer's version counter
     c[3].zero_();
     REQUIRE(copies.refresh(sources));
     CHECK(at::equal(c[2], before));
@@ -244,8 +245,8 @@ TEST_CASE("CoalescedCopies on the source device", "[comm][coalesced]") {
   }
 }
 
-TEST_CASE("CoalescedCopies with trust_version_counters copy a group again only when a counter moved",
-          "[comm][coalesced]") {
+TEST_CASE(
+    "CoalescedCopies with trust_version_counters copy a group again only when a counter moved", "[comm][coalesced]") {
   auto f0 = at::randn({2, 3});
   auto f1 = at::randn({4});
   auto d0 = at::randn({5}, at::kDouble);
@@ -324,8 +325,9 @@ TEST_CASE("CoalescedCopies copy sources that are inference tensors or non-contig
   CHECK(at::equal(copies.copies()[0], strided));
 }
 
-TEST_CASE("CoalescedCopies::bind makes caller-owned tensors share the copies and guards writes through them",
-          "[comm][coalesced]") {
+TEST_CASE(
+    "CoalescedCopies::bind makes caller-owned tensors share the copies and guards writes through them",
+    "[comm][coalesced]") {
   auto a = at::randn({2, 3});
   auto b = at::randn({4});
   const std::vector<at::Tensor> sources = {a, b};

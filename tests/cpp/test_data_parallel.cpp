@@ -32,8 +32,8 @@
 #include "helpers.h"  // catch.h, and TDP_CUDA_TEST_CASE
 
 #include <atomic>
-#include <cstring>
 #include <cstdio>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -55,7 +55,7 @@ const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
 
 bool close(const Tensor& a, const Tensor& b, double tol = 1e-12) {
   return a.defined() && b.defined() && a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() &&
-      a.device() == b.device() && torch::allclose(a, b, tol, tol);
+         a.device() == b.device() && torch::allclose(a, b, tol, tol);
 }
 
 bool same_impl_check(const Tensor& a, const Tensor& b) {
@@ -255,7 +255,7 @@ Tensor libtorch_pipeline(const Holder& module, const Tensor& input, size_t n) {
 
 #endif
 
-} // namespace
+}  // namespace
 
 TEST_CASE("DataParallel: numerical equivalence with the unwrapped module over SGD steps", "[data_parallel]") {
   // After LibTorch's DataParallelNumericalEquivalence: same init (clone), SGD on each, 3 steps, params allclose.
@@ -554,8 +554,8 @@ TEST_CASE("DataParallel: output placed on options.output_device", "[data_paralle
 
 // Needs a GPU at run time only (no LibTorch data_parallel involved), so it is compiled everywhere (and registered
 // only where a CUDA device is available).
-TDP_CUDA_TEST_CASE("DataParallel: output on the requested CUDA device, replicas on their devices",
-                   "[data_parallel][cuda]") {
+TDP_CUDA_TEST_CASE(
+    "DataParallel: output on the requested CUDA device, replicas on their devices", "[data_parallel][cuda]") {
   const c10::Device cuda0(c10::kCUDA, 0);
   auto net = make_net();
   net->to(cuda0);
@@ -682,15 +682,15 @@ TEST_CASE("DataParallel: in-place weight changes between forwards reach every re
   CHECK(close(dp->forward(input32), net->forward(input32), 1e-6));
 }
 
-TEST_CASE("DataParallel: writes that move no version counter reach every replica, on both replica paths",
-          "[data_parallel]") {
+TEST_CASE(
+    "DataParallel: writes that move no version counter reach every replica, on both replica paths", "[data_parallel]") {
   // torch's fused optimizers, `.data` edits (variable_data() in C++), the batch-norm op's running statistics
   // and writes through raw pointers move neither a tensor's version counter nor its data pointer.
   const bool copy_path = GENERATE(false, true);  // true: every replica but the first copies the parameters too
   CAPTURE(copy_path);
   torch::manual_seed(11);
-  torch::nn::Sequential net(torch::nn::Linear(6, 8), torch::nn::BatchNorm1d(8), torch::nn::ReLU(),
-                            torch::nn::Linear(8, 3));
+  torch::nn::Sequential net(
+      torch::nn::Linear(6, 8), torch::nn::BatchNorm1d(8), torch::nn::ReLU(), torch::nn::Linear(8, 3));
   net->to(torch::kFloat64);
   net->eval();  // whole-batch BatchNorm equals chunk-wise BatchNorm only with running statistics
   auto reference = clone_of(net);
@@ -711,7 +711,8 @@ TEST_CASE("DataParallel: writes that move no version counter reach every replica
     REQUIRE(close(output, reference_output));
     torch::mse_loss(output, target).backward();
     torch::mse_loss(reference_output, target).backward();
-    for (auto* module : {static_cast<torch::nn::Module*>(net.get()), static_cast<torch::nn::Module*>(reference.get())}) {
+    for (auto* module :
+         {static_cast<torch::nn::Module*>(net.get()), static_cast<torch::nn::Module*>(reference.get())}) {
       for (auto& p : module->parameters()) {
         p.variable_data().sub_(0.1 * p.grad());
         p.mutable_grad().zero_();
@@ -738,8 +739,8 @@ TEST_CASE("DataParallel: writes that move no version counter reach every replica
   CHECK(close(dp->forward(input), net->forward(input)));
 }
 
-TEST_CASE("DataParallel: trust_version_counters opts out of refreshing copies and misses such writes",
-          "[data_parallel]") {
+TEST_CASE(
+    "DataParallel: trust_version_counters opts out of refreshing copies and misses such writes", "[data_parallel]") {
   torch::manual_seed(12);
   torch::nn::BatchNorm1d bn(torch::nn::BatchNorm1dOptions(4));
   bn->to(torch::kFloat64);
@@ -893,15 +894,16 @@ TEST_CASE("DataParallel: a batch smaller than the device list uses fewer replica
   }
 }
 
-TEST_CASE("DataParallel: chunk_sizes gives each replica its rows, results as the module on the whole batch",
-          "[data_parallel]") {
+TEST_CASE(
+    "DataParallel: chunk_sizes gives each replica its rows, results as the module on the whole batch",
+    "[data_parallel]") {
   const std::vector<int64_t> sizes = {1, 4, 2};
   // Each replica reports its own row count on each of its rows: the gathered column shows who got which rows.
   torch::nn::Functional rows(
       [](const Tensor& x) { return torch::full({x.size(0), 1}, static_cast<double>(x.size(0)), x.options()); });
   torch_dp::DataParallel counted(rows, torch_dp::DataParallelOptions(cpu_devices(3)).chunk_sizes(sizes));
-  CHECK(close(counted->forward(torch::randn({7, 10}, f64)),
-              torch::tensor({1., 4., 4., 4., 4., 2., 2.}, f64).unsqueeze(1)));
+  CHECK(close(
+      counted->forward(torch::randn({7, 10}, f64)), torch::tensor({1., 4., 4., 4., 4., 2., 2.}, f64).unsqueeze(1)));
 
   torch::manual_seed(21);
   auto net = make_net();
@@ -909,8 +911,9 @@ TEST_CASE("DataParallel: chunk_sizes gives each replica its rows, results as the
   torch_dp::DataParallel dp(net, torch_dp::DataParallelOptions(cpu_devices(3)).chunk_sizes(sizes));
   check_trains_like(dp, *net, *reference, 7, 2);
   // Any other batch size is an error naming the sizes, before any replica runs.
-  CHECK_THROWS_WITH(dp->forward(torch::randn({8, 10}, f64)),
-                    tdp_test::Contains("the chunk sizes add up to 7 but the tensor has 8 elements along dim 0"));
+  CHECK_THROWS_WITH(
+      dp->forward(torch::randn({8, 10}, f64)),
+      tdp_test::Contains("the chunk sizes add up to 7 but the tensor has 8 elements along dim 0"));
 }
 
 TEST_CASE("DataParallel: tensor arguments giving different chunk counts are an error", "[data_parallel][errors]") {
@@ -921,10 +924,11 @@ TEST_CASE("DataParallel: tensor arguments giving different chunk counts are an e
   auto call = [&] {
     dp->forward_as<std::tuple<Tensor, Tensor>>(torch::randn({8, 3}, f64), torch::randn({3, 3}, f64), 1.0);
   };
-  CHECK_THROWS_WITH(call(), tdp_test::Contains("DataParallel: the tensor arguments split into different numbers of "
-                                               "chunks over 4 devices along dim 0: tensor argument 0 of shape [8, 3] "
-                                               "-> 4 chunks; tensor argument 1 of shape [3, 3] -> 3 chunks; give "
-                                               "every tensor argument the same size along dim 0"));
+  CHECK_THROWS_WITH(
+      call(), tdp_test::Contains("DataParallel: the tensor arguments split into different numbers of "
+                                 "chunks over 4 devices along dim 0: tensor argument 0 of shape [8, 3] "
+                                 "-> 4 chunks; tensor argument 1 of shape [3, 3] -> 3 chunks; give "
+                                 "every tensor argument the same size along dim 0"));
   CHECK(!module->w.grad().defined());
   CHECK(torch::equal(module->w, before));
   // Sizes with the same chunk count are split, as upstream: 8 and 7 rows both give 4 chunks (2 + 2 + 2 + 1 rows
@@ -942,8 +946,8 @@ TEST_CASE("DataParallel: tensor arguments giving different chunk counts are an e
   CHECK(close(rows, torch::cat(expected_rows)));
 }
 
-// Note [Which tensors set the batch] (python/torch_dp/scatter_gather.py): as upstream, a tensor that holds one value per
-// replica (expanded, or one equal row per device, as Hugging Face's Trainer passes num_items_in_batch) is cut to
+// Note [Which tensors set the batch] (python/torch_dp/scatter_gather.py): as upstream, a tensor that holds one value
+// per replica (expanded, or one equal row per device, as Hugging Face's Trainer passes num_items_in_batch) is cut to
 // the replicas the batch runs; rows of any other tensor are never dropped.
 TEST_CASE("DataParallel: a tensor holding one value per replica is cut to the batch", "[data_parallel]") {
   torch::manual_seed(31);
@@ -980,8 +984,9 @@ TEST_CASE("DataParallel: a tensor holding one value per replica is cut to the ba
     auto expected = ivalue_reference->forward(
         c10::IValue(c10::ivalue::Tuple::create({c10::IValue(a), c10::IValue(b.narrow(0, 0, 2))})));
     CHECK(close(out.toTupleRef().elements()[0].toTensor(), expected.toTupleRef().elements()[0].toTensor()));
-    CHECK(close(out.toTupleRef().elements()[1].toGenericDict().at("sum").toTensor(),
-                expected.toTupleRef().elements()[1].toGenericDict().at("sum").toTensor()));
+    CHECK(close(
+        out.toTupleRef().elements()[1].toGenericDict().at("sum").toTensor(),
+        expected.toTupleRef().elements()[1].toGenericDict().at("sum").toTensor()));
   }
   SECTION("distinct rows are never dropped") {
     torch_dp::DataParallel dp(module, torch_dp::DataParallelOptions(cpu_devices(2)));
@@ -1020,12 +1025,12 @@ TEST_CASE("DataParallel: a chunk size of 0 runs no replica; the first may not be
   auto [y_ref, sums_ref] = module->forward(a, b.narrow(0, 0, 1), 1.0);
   CHECK(close(y, y_ref));
 
-  CHECK_THROWS_WITH(torch_dp::DataParallel(make_net(), torch_dp::DataParallelOptions(cpu_devices(2)).chunk_sizes(
-                                                           {{0, 4}})),
-                    tdp_test::Contains("the first chunk size must not be 0, but got [0, 4]"));
-  CHECK_THROWS_WITH(torch_dp::DataParallel(make_net(), torch_dp::DataParallelOptions(cpu_devices(2)).chunk_sizes(
-                                                           {{4, -1}})),
-                    tdp_test::Contains("chunk sizes must be non-negative, but chunk 1 has size -1"));
+  CHECK_THROWS_WITH(
+      torch_dp::DataParallel(make_net(), torch_dp::DataParallelOptions(cpu_devices(2)).chunk_sizes({{0, 4}})),
+      tdp_test::Contains("the first chunk size must not be 0, but got [0, 4]"));
+  CHECK_THROWS_WITH(
+      torch_dp::DataParallel(make_net(), torch_dp::DataParallelOptions(cpu_devices(2)).chunk_sizes({{4, -1}})),
+      tdp_test::Contains("chunk sizes must be non-negative, but chunk 1 has size -1"));
 }
 
 TEST_CASE("DataParallel: clone() gives an independent DataParallel", "[data_parallel]") {

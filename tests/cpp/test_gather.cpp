@@ -22,7 +22,7 @@ struct CollectWarnings : public c10::WarningHandler {
   std::vector<std::string> messages;
 };
 
-} // namespace
+}  // namespace
 
 TEST_CASE("gather concatenates like at::cat along dim 0, 1 and -1", "[gather]") {
   SECTION("dim 0") {
@@ -82,8 +82,7 @@ TEST_CASE("gather errors name the problem", "[gather][errors]") {
 }
 
 TEST_CASE("gather turns scalars gathered on dim 0 into a vector, with a warning", "[gather]") {
-  const std::vector<at::Tensor> scalars = {
-      at::scalar_tensor(1.5), at::scalar_tensor(-2.0), at::scalar_tensor(4.25)};
+  const std::vector<at::Tensor> scalars = {at::scalar_tensor(1.5), at::scalar_tensor(-2.0), at::scalar_tensor(4.25)};
   CollectWarnings warnings;
   at::Tensor out;
   {
@@ -132,8 +131,8 @@ TEST_CASE("gather keeps channels_last when every input is channels_last", "[gath
 
 TEST_CASE("the gradient through gather equals the gradient without it (float64)", "[gather][autograd]") {
   const auto options = at::TensorOptions().dtype(at::kDouble);
-  const std::vector<at::Tensor> data = {at::randn({2, 3}, options), at::randn({5, 3}, options),
-                                        at::randn({1, 3}, options)};
+  const std::vector<at::Tensor> data = {
+      at::randn({2, 3}, options), at::randn({5, 3}, options), at::randn({1, 3}, options)};
   const auto weight = at::randn({8, 3}, options);
 
   auto run = [&](bool use_gather) {

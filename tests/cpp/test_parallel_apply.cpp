@@ -35,7 +35,7 @@ struct AutocastRestore {
   at::ScalarType dtype;
 };
 
-} // namespace
+}  // namespace
 
 TEST_CASE("WorkerPool runs every index exactly once, task 0 on the caller", "[parallel_apply][pool]") {
   torch_dp::WorkerPool pool;
@@ -216,12 +216,14 @@ TEST_CASE("WorkerPool settles Issuing::kAuto on the faster way after timing both
   CHECK(pool.next_auto_issuing() == expected);
   pool.record_auto_issuing(serial_faster ? Issuing::kThreads : Issuing::kSerial, 0.0);  // settled for good
   CHECK(pool.settled_auto_issuing() == expected);
-  CHECK_THROWS_WITH(pool.record_auto_issuing(Issuing::kAuto, 1.0),
-                    Contains("record_auto_issuing: expected threads or serial, got auto"));
+  CHECK_THROWS_WITH(
+      pool.record_auto_issuing(Issuing::kAuto, 1.0),
+      Contains("record_auto_issuing: expected threads or serial, got auto"));
 }
 
-TEST_CASE("parallel_apply with Issuing::kAuto settles after its trial calls and keeps its choice",
-          "[parallel_apply][issuing]") {
+TEST_CASE(
+    "parallel_apply with Issuing::kAuto settles after its trial calls and keeps its choice",
+    "[parallel_apply][issuing]") {
   torch_dp::WorkerPool pool;
   const auto devices = cpus(3);
   std::mutex mutex;
@@ -244,14 +246,15 @@ TEST_CASE("parallel_apply with Issuing::kAuto settles after its trial calls and 
   // Failed calls are not timed: a pool whose every call fails never settles, and keeps reporting the failures.
   torch_dp::WorkerPool failing;
   for (int call = 0; call < 14; ++call) {
-    CHECK_THROWS_AS(torch_dp::run_replicas(failing, devices, [](size_t) { TORCH_CHECK(false, "no"); }),
-                    torch_dp::ReplicaError);
+    CHECK_THROWS_AS(
+        torch_dp::run_replicas(failing, devices, [](size_t) { TORCH_CHECK(false, "no"); }), torch_dp::ReplicaError);
   }
   CHECK(failing.settled_auto_issuing() == torch_dp::Issuing::kAuto);
 }
 
-TEST_CASE("Issuing::kSerial runs every replica on the caller, in order, and still reports failures",
-          "[parallel_apply][issuing][errors]") {
+TEST_CASE(
+    "Issuing::kSerial runs every replica on the caller, in order, and still reports failures",
+    "[parallel_apply][issuing][errors]") {
   torch_dp::WorkerPool pool;
   std::vector<size_t> order;
   std::vector<std::thread::id> ids;
@@ -414,9 +417,8 @@ TEST_CASE("a nested run from inside a task does not deadlock", "[parallel_apply]
   std::atomic<int> count{0};
   tdp_test::require_finishes(
       [&] {
-        torch_dp::run_replicas(pool, cpus(2), [&](size_t) {
-          torch_dp::run_replicas(pool, cpus(4), [&](size_t) { count++; });
-        });
+        torch_dp::run_replicas(
+            pool, cpus(2), [&](size_t) { torch_dp::run_replicas(pool, cpus(4), [&](size_t) { count++; }); });
       },
       "nested parallel_apply");
   CHECK(count == 8);

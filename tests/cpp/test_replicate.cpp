@@ -29,10 +29,10 @@ struct Fixture {
   const std::vector<c10::Device> devices = cpus(3);
 };
 
-} // namespace
+}  // namespace
 
-TEST_CASE("Replicator on CPU devices: slot 0 shares everything, later slots share params, copy buffers",
-          "[replicate]") {
+TEST_CASE(
+    "Replicator on CPU devices: slot 0 shares everything, later slots share params, copy buffers", "[replicate]") {
   Fixture f;
   CHECK(f.replicator.params().size() == 2);
   CHECK(f.replicator.buffers().size() == 2);
@@ -237,8 +237,8 @@ TEST_CASE("gradients from every slot reach the original parameters", "[replicate
   CHECK_FALSE(slots[1][2].requires_grad());
 }
 
-TEST_CASE("Replicator on the copy path copies parameters too and routes their gradients back",
-          "[replicate][autograd]") {
+TEST_CASE(
+    "Replicator on the copy path copies parameters too and routes their gradients back", "[replicate][autograd]") {
   const auto options = at::TensorOptions().dtype(at::kDouble);
   auto w = at::randn({3, 2}, options).requires_grad_(true);
   auto running = at::randn({2}, options);
@@ -317,8 +317,9 @@ TEST_CASE("Replicator on the copy path copies parameters too and routes their gr
   }
 }
 
-TEST_CASE("Replicator::bind fills the caller's tensors in place and gives them the gradient path",
-          "[replicate][bind][autograd]") {
+TEST_CASE(
+    "Replicator::bind fills the caller's tensors in place and gives them the gradient path",
+    "[replicate][bind][autograd]") {
   Fixture f;
   f.replicator.set_devices(f.devices);
   CHECK(f.replicator.uses_sources(0));
@@ -326,9 +327,9 @@ TEST_CASE("Replicator::bind fills the caller's tensors in place and gives them t
   REQUIRE_THROWS_WITH(f.replicator.uses_sources(3), Contains("slot 3 does not exist"));
   const auto options = at::TensorOptions().dtype(at::kDouble);
   // A clone's tensors: other values, requiring grad like a fresh parameter.
-  std::vector<at::Tensor> own = {at::zeros({3, 2}, options).requires_grad_(true),
-                                 at::zeros({2}, options).requires_grad_(true), at::zeros({2}, options),
-                                 at::zeros({1}, at::kLong)};
+  std::vector<at::Tensor> own = {
+      at::zeros({3, 2}, options).requires_grad_(true), at::zeros({2}, options).requires_grad_(true),
+      at::zeros({2}, options), at::zeros({1}, at::kLong)};
   REQUIRE_THROWS_WITH(f.replicator.bind(1, {own[0]}), Contains("expected 4 tensors (2 parameters and 2 buffers)"));
   f.replicator.bind(1, own);
 

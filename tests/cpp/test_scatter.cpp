@@ -148,8 +148,7 @@ TEST_CASE("scatter errors name the problem", "[scatter][errors]") {
       torch_dp::scatter(input, cpus(3), V{2, 3, 4}), Contains("chunk sizes add up to 9 but the tensor has 10"));
 
   REQUIRE_THROWS_AS(torch_dp::scatter(input, cpus(3), V{5, 5}), c10::Error);
-  REQUIRE_THROWS_WITH(
-      torch_dp::scatter(input, cpus(3), V{5, 5}), Contains("got 2 chunk sizes for 3 devices"));
+  REQUIRE_THROWS_WITH(torch_dp::scatter(input, cpus(3), V{5, 5}), Contains("got 2 chunk sizes for 3 devices"));
 
   REQUIRE_THROWS_WITH(torch_dp::scatter(input, cpus(2), V{-1, 11}), Contains("chunk sizes must be non-negative"));
 

@@ -42,9 +42,9 @@ class CoalescedCopies {
     int64_t version = -1;
   };
   struct Group {
-    at::Tensor flat;                // empty for sparse sources, which are copied one by one
-    std::vector<size_t> members;    // indices into sources / copies_
-    int64_t flat_version = -1;      // the flat buffer's version after our last write
+    at::Tensor flat;              // empty for sparse sources, which are copied one by one
+    std::vector<size_t> members;  // indices into sources / copies_
+    int64_t flat_version = -1;    // the flat buffer's version after our last write
   };
   bool layout_matches(at::TensorList sources) const;
   bool group_is_stale(const Group& group, at::TensorList sources) const;
@@ -55,8 +55,8 @@ class CoalescedCopies {
   bool handed_out_with_grad_ = false;  // the copies since the last refresh may be saved by autograd
   std::vector<at::Tensor> copies_;
   std::vector<Group> groups_;
-  std::vector<Stamp> stamps_;       // per source, as of the last refresh
-  std::vector<at::Tensor> aliases_; // see bind(); empty when unbound
+  std::vector<Stamp> stamps_;        // per source, as of the last refresh
+  std::vector<at::Tensor> aliases_;  // see bind(); empty when unbound
   std::vector<int64_t> alias_versions_;
   std::vector<std::vector<int64_t>> sizes_;
   std::vector<at::ScalarType> dtypes_;
@@ -64,4 +64,4 @@ class CoalescedCopies {
   std::vector<bool> strided_;
 };
 
-} // namespace torch_dp::detail
+}  // namespace torch_dp::detail

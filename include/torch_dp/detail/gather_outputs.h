@@ -43,4 +43,4 @@ ReturnType gather_outputs(std::vector<ReturnType>& outputs, c10::Device destinat
   }
 }
 
-} // namespace torch_dp::detail
+}  // namespace torch_dp::detail

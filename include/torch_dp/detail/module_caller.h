@@ -46,4 +46,4 @@ class ModuleCaller {
   std::shared_ptr<torch::nn::SequentialImpl> sequential_;
 };
 
-} // namespace torch_dp::detail
+}  // namespace torch_dp::detail

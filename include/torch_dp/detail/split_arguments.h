@@ -75,4 +75,4 @@ const T& replica_argument(const T& original, const PerReplica& per_replica, size
   }
 }
 
-} // namespace torch_dp::detail
+}  // namespace torch_dp::detail
