@@ -30,7 +30,11 @@ class CMakeBuild(build_ext):
         package_dir.mkdir(parents=True, exist_ok=True)
         build_dir = Path(self.build_temp).resolve() / "cmake"
         configure = [
-            "cmake", "-S", str(ROOT), "-B", str(build_dir),
+            "cmake",
+            "-S",
+            str(ROOT),
+            "-B",
+            str(build_dir),
             "-DCMAKE_BUILD_TYPE=Release",
             "-DTORCH_DP_BUILD_PYTHON=ON",
             f"-DTORCH_DP_PYTHON_OUTPUT_DIR={package_dir}",

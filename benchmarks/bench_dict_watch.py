@@ -25,9 +25,15 @@ except ImportError:  # a source checkout with the module built in place (scripts
 def main() -> int:
     blocks = [
         torch.nn.Sequential(
-            torch.nn.Conv2d(8, 8, 1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-            torch.nn.Conv2d(8, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-            torch.nn.Conv2d(8, 8, 1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 8, 1),
+            torch.nn.BatchNorm2d(8),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 8, 3),
+            torch.nn.BatchNorm2d(8),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 8, 1),
+            torch.nn.BatchNorm2d(8),
+            torch.nn.ReLU(),
         )
         for _ in range(16)
     ]
@@ -42,8 +48,10 @@ def main() -> int:
         watch.unchanged()
     us = (time.perf_counter() - start) / calls * 1e6
     proof = "entry walk" if not watch.fast else ("dict watcher" if sys.version_info >= (3, 12) else "version tags")
-    print(f"Python {sys.version.split()[0]}, torch {torch.__version__}: {len(modules)} modules, {len(dicts)} dicts; "
-          f"nothing changed proven by {proof}: DictWatch.unchanged() {us:.2f} us per call")
+    print(
+        f"Python {sys.version.split()[0]}, torch {torch.__version__}: {len(modules)} modules, {len(dicts)} dicts; "
+        f"nothing changed proven by {proof}: DictWatch.unchanged() {us:.2f} us per call"
+    )
     return 0
 
 

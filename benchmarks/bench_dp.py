@@ -64,6 +64,7 @@ except Exception:  # noqa: BLE001 - any import failure means "no ResNet-50"
 
 # ---- models ------------------------------------------------------------------------------------------------
 
+
 def make_tiny() -> tuple[torch.nn.Module, tuple[int, ...]]:
     return torch.nn.Linear(5, 2), (30, 5)
 
@@ -96,6 +97,7 @@ def loss_of(out: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 # ---- timing ------------------------------------------------------------------------------------------------
+
 
 class Clock:
     """Times blocks of calls: CUDA events on the current stream on CUDA (device-side), perf_counter on CPU."""
@@ -165,9 +167,7 @@ def _median_stats(samples: list[float]) -> dict[str, Any]:
     return {"ms": statistics.median(s), "min_ms": s[0], "p25_ms": q[0], "p75_ms": q[2], "rounds": len(s)}
 
 
-def time_interleaved(
-    clock: Clock, fns: dict[str, Callable[[], Any]], settings: Settings
-) -> dict[str, dict[str, Any]]:
+def time_interleaved(clock: Clock, fns: dict[str, Callable[[], Any]], settings: Settings) -> dict[str, dict[str, Any]]:
     """Warm-up, then rounds of one block per variant (rotating order); per variant the median ms per call.
     A variant that raises is dropped from the rounds and reported with its error."""
     results: dict[str, dict[str, Any]] = {}
@@ -186,7 +186,7 @@ def time_interleaved(
     samples: dict[str, list[float]] = {name: [] for name in live}
     names = list(live)
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)] if names else []:
+        for name in names[r % len(names) :] + names[: r % len(names)] if names else []:
             if name in results:
                 continue
             fn, k = live[name]
@@ -228,6 +228,7 @@ def _recover(clock: Clock) -> None:
 
 
 # ---- configurations ----------------------------------------------------------------------------------------
+
 
 def replica_lists(device: torch.device) -> list[list[Any]]:
     if device.type == "cuda":
@@ -310,17 +311,20 @@ def bench_config(
     def make_fn(name: str, wrapper: torch.nn.Module) -> Callable[[], Any]:
         if name == "ideal":
             if training:
+
                 def ideal_step() -> None:
                     opt.zero_grad(set_to_none=True)
                     loss = sum(loss_of(model(c), scale) for c in chunks)
                     loss.backward()
                     opt.step()
+
                 return ideal_step
 
             def ideal_infer() -> None:
                 with torch.no_grad():
                     for c in chunks:
                         model(c)
+
             return ideal_infer
         if name == "streams":
             streams = [torch.cuda.Stream(device) for _ in chunks]
@@ -334,17 +338,21 @@ def bench_config(
                             model(c)
                     for stream in streams:
                         main.wait_stream(stream)
+
             return streams_infer
         if training:
+
             def step() -> None:
                 opt.zero_grad(set_to_none=True)
                 loss_of(wrapper(x), scale).backward()
                 opt.step()
+
             return step
 
         def infer() -> None:
             with torch.no_grad():
                 wrapper(x)
+
         return infer
 
     fns = {name: make_fn(name, w) for name, w in wrappers.items() if w is not None and name not in errors}
@@ -408,6 +416,7 @@ def bench_config(
 
 
 # ---- pieces ------------------------------------------------------------------------------------------------
+
 
 def bench_pieces(
     model: torch.nn.Module,
@@ -480,6 +489,7 @@ def bench_pieces(
 
 # ---- output ------------------------------------------------------------------------------------------------
 
+
 def fmt_ms(entry: Optional[dict[str, Any]]) -> str:
     if entry is None:
         return "-"
@@ -496,8 +506,21 @@ def fmt_ratio(value: Optional[float]) -> str:
 
 
 def print_table(rows: list[dict[str, Any]], cuda: bool) -> None:
-    header = ["model", "mode", "replicas", "plain ms", "ideal ms", "nn.DP ms", "torch_dp ms",
-              "dp/plain", "dp/ideal", "nnDP/dp", "auto uses", "threads ms", "serial ms"]
+    header = [
+        "model",
+        "mode",
+        "replicas",
+        "plain ms",
+        "ideal ms",
+        "nn.DP ms",
+        "torch_dp ms",
+        "dp/plain",
+        "dp/ideal",
+        "nnDP/dp",
+        "auto uses",
+        "threads ms",
+        "serial ms",
+    ]
     if cuda:
         header += ["streams ms", "peak MiB plain", "peak MiB nn.DP", "peak MiB torch_dp"]
     lines = [header]
@@ -507,11 +530,21 @@ def print_table(rows: list[dict[str, Any]], cuda: bool) -> None:
             lines.append([row["model"], row["mode"], row["replicas"], f"ERROR: {row['error']}"])
             continue
         v, r = row["variants"], row["ratios"]
-        line = [row["model"], row["mode"], row["replicas"], fmt_ms(v.get("plain")), fmt_ms(v.get("ideal")),
-                fmt_ms(v.get("nn.DP")), fmt_ms(v.get("torch_dp")), fmt_ratio(r.get("torch_dp/plain")),
-                fmt_ratio(r.get("torch_dp/ideal")), fmt_ratio(r.get("nn.DP/torch_dp")),
-                v.get("torch_dp", {}).get("note", "-").replace("issuing: auto settled on ", ""),
-                fmt_ms(v.get("dp threads")), fmt_ms(v.get("dp serial"))]
+        line = [
+            row["model"],
+            row["mode"],
+            row["replicas"],
+            fmt_ms(v.get("plain")),
+            fmt_ms(v.get("ideal")),
+            fmt_ms(v.get("nn.DP")),
+            fmt_ms(v.get("torch_dp")),
+            fmt_ratio(r.get("torch_dp/plain")),
+            fmt_ratio(r.get("torch_dp/ideal")),
+            fmt_ratio(r.get("nn.DP/torch_dp")),
+            v.get("torch_dp", {}).get("note", "-").replace("issuing: auto settled on ", ""),
+            fmt_ms(v.get("dp threads")),
+            fmt_ms(v.get("dp serial")),
+        ]
         if cuda:
             line.append(fmt_ms(v.get("streams")))
             for name in ("plain", "nn.DP", "torch_dp"):
@@ -538,21 +571,32 @@ def print_table(rows: list[dict[str, Any]], cuda: bool) -> None:
 
 
 def print_pieces(pieces: list[dict[str, Any]]) -> None:
-    names = ["scatter", "replicate (unchanged)", "replicate (after optimizer step)", "parallel_apply", "gather",
-             "forward (whole)"]
+    names = [
+        "scatter",
+        "replicate (unchanged)",
+        "replicate (after optimizer step)",
+        "parallel_apply",
+        "gather",
+        "forward (whole)",
+    ]
     header = ["model", "mode", "replicas", "impl"] + [n.replace("replicate ", "repl. ") for n in names]
     lines = [header]
     for entry in pieces:
         for impl, result in entry.get("impls", {}).items():
             if "error" in result:
-                lines.append([entry["model"], entry["mode"], entry["replicas"], impl, f"ERROR: {result['error']}"]
-                             + [""] * (len(names) - 1))
+                lines.append(
+                    [entry["model"], entry["mode"], entry["replicas"], impl, f"ERROR: {result['error']}"]
+                    + [""] * (len(names) - 1)
+                )
                 continue
-            lines.append([entry["model"], entry["mode"], entry["replicas"], impl]
-                         + [fmt_ms(result.get(n)) for n in names])
+            lines.append(
+                [entry["model"], entry["mode"], entry["replicas"], impl] + [fmt_ms(result.get(n)) for n in names]
+            )
         if "error" in entry:
-            lines.append([entry["model"], entry["mode"], entry["replicas"], "-", f"ERROR: {entry['error']}"]
-                         + [""] * (len(names) - 1))
+            lines.append(
+                [entry["model"], entry["mode"], entry["replicas"], "-", f"ERROR: {entry['error']}"]
+                + [""] * (len(names) - 1)
+            )
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(header))]
     for n, line in enumerate(lines):
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |")
@@ -562,8 +606,10 @@ def print_pieces(pieces: list[dict[str, Any]]) -> None:
         for impl, result in entry.get("impls", {}).items():
             for n in names:
                 if "error" in result.get(n, {}):
-                    print(f"  {entry['model']} / {entry['mode']} / {entry['replicas']} / {impl} / {n}: "
-                          f"{result[n]['error']}")
+                    print(
+                        f"  {entry['model']} / {entry['mode']} / {entry['replicas']} / {impl} / {n}: "
+                        f"{result[n]['error']}"
+                    )
 
 
 def metadata(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
@@ -582,11 +628,19 @@ def metadata(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
         "argv": sys.argv,
     }
     try:
-        meta["commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
-        ).stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        meta["commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+            or None
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         meta["dirty"] = bool(dirty)
     except Exception:  # noqa: BLE001 - no git there
         meta["commit"] = None
@@ -601,6 +655,7 @@ def metadata(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---- main --------------------------------------------------------------------------------------------------
+
 
 def add_common_arguments(parser: argparse.ArgumentParser, quick_help: str) -> None:
     """--device, --quick and --json, as every benchmark script takes them."""
@@ -642,14 +697,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings = Settings(args.quick, device)
     clock = Clock(device)
     meta = metadata(device, args)
-    print(f"bench_dp: {meta['date_utc']} UTC, device {meta.get('gpu', 'cpu')}, torch {meta['torch']}, "
-          f"torch_dp {meta['torch_dp']} at commit {meta.get('commit')}{' (dirty)' if meta.get('dirty') else ''}, "
-          f"{meta['cpu_count']} CPUs, {meta['torch_threads']} torch threads, quick={args.quick}")
+    print(
+        f"bench_dp: {meta['date_utc']} UTC, device {meta.get('gpu', 'cpu')}, torch {meta['torch']}, "
+        f"torch_dp {meta['torch_dp']} at commit {meta.get('commit')}{' (dirty)' if meta.get('dirty') else ''}, "
+        f"{meta['cpu_count']} CPUs, {meta['torch_threads']} torch threads, quick={args.quick}"
+    )
     if torchvision is None and "resnet50" not in models:
         print("bench_dp: torchvision is not installed: no ResNet-50")
-    print(f"timing: median over {settings.rounds} rounds of interleaved blocks (~{settings.block_ms:g} ms each) "
-          f"after {settings.warmup} warm-up calls; "
-          + ("CUDA events on the current stream" if clock.cuda else "perf_counter") + "\n", flush=True)
+    print(
+        f"timing: median over {settings.rounds} rounds of interleaved blocks (~{settings.block_ms:g} ms each) "
+        f"after {settings.warmup} warm-up calls; "
+        + ("CUDA events on the current stream" if clock.cuda else "perf_counter")
+        + "\n",
+        flush=True,
+    )
 
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -677,19 +738,27 @@ def main(argv: Optional[list[str]] = None) -> int:
                 except Exception as error:  # noqa: BLE001
                     row = {"error": _error_text(error), "traceback": traceback.format_exc()}
                     _recover(clock)
-                row.update(model=label, model_key=model_key, mode=mode, replicas=replicas,
-                           device_ids=None if ids is None else [str(d) for d in ids])
+                row.update(
+                    model=label,
+                    model_key=model_key,
+                    mode=mode,
+                    replicas=replicas,
+                    device_ids=None if ids is None else [str(d) for d in ids],
+                )
                 rows.append(row)
-                summary = row.get("error") or "  ".join(
-                    f"{k} {fmt_ms(e)}" for k, e in row["variants"].items())
+                summary = row.get("error") or "  ".join(f"{k} {fmt_ms(e)}" for k, e in row["variants"].items())
                 print(f"  {label} / {mode} / {replicas}: {summary}  ({time.perf_counter() - t0:.1f} s)", flush=True)
         if not args.no_pieces:
             for mode in modes:
                 for ids in replica_lists(device):
                     if len(ids) < 2:
                         continue
-                    entry: dict[str, Any] = {"model": label, "model_key": model_key, "mode": mode,
-                                             "replicas": ids_label(ids)}
+                    entry: dict[str, Any] = {
+                        "model": label,
+                        "model_key": model_key,
+                        "mode": mode,
+                        "replicas": ids_label(ids),
+                    }
                     try:
                         entry["impls"] = bench_pieces(model, x, mode, ids, device, clock, settings)
                     except Exception as error:  # noqa: BLE001
@@ -701,19 +770,27 @@ def main(argv: Optional[list[str]] = None) -> int:
         _recover(clock)
 
     elapsed = time.perf_counter() - started
-    print(f"\n## side by side ({meta.get('gpu', 'CPU')}, torch {meta['torch']}, {meta['date_utc']} UTC, "
-          f"commit {meta.get('commit')}; ms per iteration, medians)\n")
+    print(
+        f"\n## side by side ({meta.get('gpu', 'CPU')}, torch {meta['torch']}, {meta['date_utc']} UTC, "
+        f"commit {meta.get('commit')}; ms per iteration, medians)\n"
+    )
     print_table(rows, clock.cuda)
     if pieces:
-        print("\n## torch_dp's pieces on their own (ms per call, medians"
-              + (", nn.DP = torch.nn.DataParallel's same methods" if clock.cuda else "") + ")\n")
+        print(
+            "\n## torch_dp's pieces on their own (ms per call, medians"
+            + (", nn.DP = torch.nn.DataParallel's same methods" if clock.cuda else "")
+            + ")\n"
+        )
         print_pieces(pieces)
     print(f"\nbench_dp: {elapsed:.1f} s")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"meta": {**meta, "elapsed_s": elapsed,
-                                "settings": vars(settings)}, "rows": rows, "pieces": pieces}, f, indent=1)
+            json.dump(
+                {"meta": {**meta, "elapsed_s": elapsed, "settings": vars(settings)}, "rows": rows, "pieces": pieces},
+                f,
+                indent=1,
+            )
         print(f"bench_dp: wrote {args.json}")
     # Failures are reported in their rows; the exit status says only whether nothing at all could be timed.
     timed = any("ms" in e for r in rows for e in r.get("variants", {}).values())

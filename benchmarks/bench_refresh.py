@@ -41,15 +41,20 @@ def make_convbn() -> tuple[torch.nn.Module, tuple[int, ...]]:
     layers: list[torch.nn.Module] = []
     channels = 3
     for width in (16, 32, 32, 64):
-        layers += [torch.nn.Conv2d(channels, width, 3, padding=1, bias=False), torch.nn.BatchNorm2d(width),
-                   torch.nn.ReLU()]
+        layers += [
+            torch.nn.Conv2d(channels, width, 3, padding=1, bias=False),
+            torch.nn.BatchNorm2d(width),
+            torch.nn.ReLU(),
+        ]
         channels = width
     layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(channels, 10)]
     return torch.nn.Sequential(*layers), (16, 3, 16, 16)
 
 
 MODELS: dict[str, Callable[[], tuple[torch.nn.Module, tuple[int, ...]]]] = {
-    "tiny": bench_dp.make_tiny, "mlp": bench_dp.make_mlp, "convbn": make_convbn,
+    "tiny": bench_dp.make_tiny,
+    "mlp": bench_dp.make_mlp,
+    "convbn": make_convbn,
 }
 
 
@@ -89,12 +94,14 @@ def bench(name: str, path: str, ids: list[Any], device: torch.device, clock: Clo
         def fn() -> None:
             with torch.no_grad():
                 dp.replicate(dp.module, dp.device_ids)
+
         return fn
 
     def inference_fn(dp: torch.nn.Module) -> Callable[[], Any]:
         def fn() -> None:
             with torch.no_grad():
                 dp(x)
+
         return fn
 
     def training_fn(dp: torch.nn.Module) -> Callable[[], Any]:
@@ -102,6 +109,7 @@ def bench(name: str, path: str, ids: list[Any], device: torch.device, clock: Clo
             opt.zero_grad(set_to_none=True)
             dp(x).float().pow(2).mean().backward()
             opt.step()
+
         return fn
 
     model.eval()
@@ -132,8 +140,14 @@ def print_rows(rows: list[dict[str, Any]], cuda: bool) -> None:
             continue
         for what in ("replicate", "inference", "training"):
             entry = row[what]
-            cells = [row["model"], row["path"], what, fmt_ms(entry.get("default")), fmt_ms(entry.get("trusting")),
-                     ratio(entry, "default", "trusting")]
+            cells = [
+                row["model"],
+                row["path"],
+                what,
+                fmt_ms(entry.get("default")),
+                fmt_ms(entry.get("trusting")),
+                ratio(entry, "default", "trusting"),
+            ]
             if cuda:
                 cells += [fmt_ms(entry.get("nn.DP")), ratio(entry, "default", "nn.DP")]
             print("| " + " | ".join(cells) + " |")
@@ -159,8 +173,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 with contextlib.suppress(Exception):
                     bench_dp._recover(clock)
     meta = metadata(device, args)
-    print(f"bench_refresh on {meta.get('gpu', meta['device'])}, torch {meta['torch']}, commit {meta.get('commit')}"
-          f"{' (dirty)' if meta.get('dirty') else ''}, {meta['date_utc']} UTC")
+    print(
+        f"bench_refresh on {meta.get('gpu', meta['device'])}, torch {meta['torch']}, commit {meta.get('commit')}"
+        f"{' (dirty)' if meta.get('dirty') else ''}, {meta['date_utc']} UTC"
+    )
     print_rows(rows, device.type == "cuda")
     if args.json:
         with open(args.json, "w") as f:

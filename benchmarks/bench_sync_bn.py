@@ -24,15 +24,30 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_dp import (  # noqa: E402
-    Clock, Settings, add_common_arguments, ids_label, metadata, replica_lists, time_interleaved, torch_dp)
+    Clock,
+    Settings,
+    add_common_arguments,
+    ids_label,
+    metadata,
+    replica_lists,
+    time_interleaved,
+    torch_dp,
+)
 
 
 def make_model() -> nn.Module:
     def block(cin: int, cout: int) -> list[nn.Module]:
         return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
 
-    return nn.Sequential(*block(3, 32), *block(32, 64), nn.MaxPool2d(2), *block(64, 64),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    return nn.Sequential(
+        *block(3, 32),
+        *block(32, 64),
+        nn.MaxPool2d(2),
+        *block(64, 64),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(64, 10),
+    )
 
 
 def training_step(module: nn.Module, x: torch.Tensor) -> Any:
@@ -68,8 +83,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         }
         result = time_interleaved(clock, fns, settings)
         bn, sync = result["BatchNorm"].get("ms"), result["SyncBatchNorm"].get("ms")
-        rows.append({"replicas": ids_label(ids), "results": result,
-                     "sync_over_bn": sync / bn if bn and sync else None})
+        rows.append({"replicas": ids_label(ids), "results": result, "sync_over_bn": sync / bn if bn and sync else None})
     print(f"training step, batch {x.size(0)} x 3 x 32 x 32, {device}; ms per step (median)")
     print(f"{'replicas':<12} {'plain':>9} {'BatchNorm':>10} {'SyncBN':>9} {'SyncBN/BN':>10}")
     for row in rows:

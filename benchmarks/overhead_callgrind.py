@@ -72,8 +72,9 @@ def build_helper(directory: str) -> Optional[str]:
     library = os.path.join(directory, "cg_helper.so")
     with open(source, "w") as f:
         f.write(HELPER_C)
-    result = subprocess.run([compiler, "-O1", "-shared", "-fPIC", source, "-o", library],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [compiler, "-O1", "-shared", "-fPIC", source, "-o", library], capture_output=True, text=True
+    )
     return library if result.returncode == 0 else None
 
 
@@ -110,6 +111,7 @@ def make_models(replicas: list[int], model: str = "tiny"):
 
 # ---- inside valgrind ---------------------------------------------------------------------------------------
 
+
 def worker(args: argparse.Namespace) -> None:
     import torch
 
@@ -143,11 +145,12 @@ def worker(args: argparse.Namespace) -> None:
 
 # ---- the driver --------------------------------------------------------------------------------------------
 
+
 def read_totals(out_file: str) -> list[int]:
     """Ir totals of the dumps out_file.1, out_file.2, ... in order."""
     dumps = []
     for path in glob.glob(out_file + ".*"):
-        suffix = path[len(out_file) + 1:]
+        suffix = path[len(out_file) + 1 :]
         if suffix.isdigit():
             dumps.append((int(suffix), path))
     totals = []
@@ -173,8 +176,19 @@ def count_instructions(
         command = [valgrind, "--tool=callgrind", f"--callgrind-out-file={out_file}"]
         command += ["--instr-atstart=no"] if helper else ["--collect-atstart=no"]
         # sys.executable: the interpreter itself, not a wrapper script valgrind would not follow.
-        command += [sys.executable, os.path.abspath(__file__), "--worker", "--n", str(n),
-                    "--replicas", ",".join(map(str, replicas)), "--plan", plan_file, "--model", model]
+        command += [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--worker",
+            "--n",
+            str(n),
+            "--replicas",
+            ",".join(map(str, replicas)),
+            "--plan",
+            plan_file,
+            "--model",
+            model,
+        ]
         if helper:
             command += ["--helper", helper]
         # The worker imports the torch_dp that this process imports (PYTHONPATH, installed, or the source tree).
@@ -185,8 +199,9 @@ def count_instructions(
         result = subprocess.run(command, capture_output=True, text=True, env=env)
         elapsed = time.perf_counter() - t0
         if result.returncode != 0 or not os.path.exists(plan_file):
-            raise RuntimeError(f"callgrind run failed ({result.returncode}):\n{result.stdout[-3000:]}"
-                               f"\n{result.stderr[-3000:]}")
+            raise RuntimeError(
+                f"callgrind run failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            )
         if verbose:
             print(result.stderr[-2000:], file=sys.stderr)
         with open(plan_file) as f:
@@ -202,9 +217,15 @@ def count_instructions(
     for (name, count), total in zip(plan, totals):
         per_variant.setdefault(name, {})[count] = total
     result_counts = {name: (c[2 * n] - c[n]) / n for name, c in per_variant.items()}
-    return {"per_forward": result_counts, "raw": per_variant, "n": n, "seconds": elapsed,
-            "mode": "client requests (instrumentation only around the loops)" if helper
-            else "torch toggles (everything instrumented)"}
+    return {
+        "per_forward": result_counts,
+        "raw": per_variant,
+        "n": n,
+        "seconds": elapsed,
+        "mode": "client requests (instrumentation only around the loops)"
+        if helper
+        else "torch toggles (everything instrumented)",
+    }
 
 
 def wall_ratio(replicas: list[int], model: str = "tiny", rounds: int = 31, block_s: float = 0.01) -> dict[str, Any]:
@@ -228,7 +249,7 @@ def wall_ratio(replicas: list[int], model: str = "tiny", rounds: int = 31, block
         for r in range(rounds):
             this_round = {}
             names = list(variants)
-            for name in names[r % len(names):] + names[: r % len(names)]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 model, k = variants[name], calls[name]
                 t0 = time.perf_counter()
                 for _ in range(k):
@@ -251,8 +272,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=200, help="forwards per measurement (n and 2n are run)")
     parser.add_argument("--replicas", default="2", help="comma-separated replica counts, e.g. 1,2,4")
-    parser.add_argument("--model", choices=sorted(MODELS), default="tiny", help="tiny: Linear(5, 2) (default); "
-                        "deep: a ResNet-50-sized module tree with tiny tensors (per-module overheads)")
+    parser.add_argument(
+        "--model",
+        choices=sorted(MODELS),
+        default="tiny",
+        help="tiny: Linear(5, 2) (default); "
+        "deep: a ResNet-50-sized module tree with tiny tensors (per-module overheads)",
+    )
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--no-wall", action="store_true", help="skip the wall-clock ratio")
     parser.add_argument("--verbose", action="store_true")
@@ -276,9 +302,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     per = counts["per_forward"]
     plain = per["plain"]
     print(f"torch_dp from {os.path.dirname(torch_dp.__file__)}")
-    print(f"callgrind instructions per forward: {MODELS[args.model]}, no_grad, 1 intra-op thread, "
-          f"n={args.n} and {2 * args.n} forwards per variant, all threads ({counts['mode']}; "
-          f"{counts['seconds']:.0f} s under valgrind)")
+    print(
+        f"callgrind instructions per forward: {MODELS[args.model]}, no_grad, 1 intra-op thread, "
+        f"n={args.n} and {2 * args.n} forwards per variant, all threads ({counts['mode']}; "
+        f"{counts['seconds']:.0f} s under valgrind)"
+    )
     overheads: dict[str, dict[str, float]] = {}
     for name, value in per.items():
         extra = ""
@@ -286,8 +314,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             k = name.rsplit("x", 1)[1]
             ideal = per.get(f"ideal x{k}", plain)
             overheads[name] = {"over_plain": value - plain, "over_ideal": value - ideal}
-            extra = (f"   over plain {value - plain:>+12,.0f} ({value / plain:.2f} x)"
-                     f"   over ideal {value - ideal:>+12,.0f} ({value / ideal:.2f} x)")
+            extra = (
+                f"   over plain {value - plain:>+12,.0f} ({value / plain:.2f} x)"
+                f"   over ideal {value - ideal:>+12,.0f} ({value / ideal:.2f} x)"
+            )
         print(f"  {name:<20} {value:>12,.0f}{extra}")
     report: dict[str, Any] = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
@@ -301,13 +331,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.no_wall:
         wall = wall_ratio(args.replicas, args.model)
         report["wall"] = wall
-        print(f"wall clock, one run, interleaved blocks (medians of {wall['rounds']} rounds, 1 intra-op thread; "
-              "min = fastest block):")
+        print(
+            f"wall clock, one run, interleaved blocks (medians of {wall['rounds']} rounds, 1 intra-op thread; "
+            "min = fastest block):"
+        )
         fastest_plain = wall["min_us_per_forward"]["plain"]
         for name, us in wall["us_per_forward"].items():
             fastest = wall["min_us_per_forward"][name]
-            extra = "" if name == "plain" else (f"   ratio {wall['ratio_to_plain'][name]:.1f} x plain"
-                                                f"   (min {fastest / fastest_plain:.1f} x)")
+            extra = (
+                ""
+                if name == "plain"
+                else (f"   ratio {wall['ratio_to_plain'][name]:.1f} x plain   (min {fastest / fastest_plain:.1f} x)")
+            )
             print(f"  {name:<20} {us:>10.1f} us   min {fastest:>8.1f} us{extra}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -94,11 +94,16 @@ def main() -> int:
     issuing = args.issuing
     if issuing == "auto" and args.replicas > 1:
         issuing += f", settled on {settled_issuing(dp)}"
-    print(f"{label} on {args.replicas} replicas ({where}, torch {torch.__version__}, issuing={issuing}), "
-          f"wall clock per forward, {args.iters} forwards after 20 warm-up:")
-    print("  " + ", ".join(f"{name} {ms:.4f} ms" for name, ms in wall.items())
-          + f"; torch_dp/ideal {wall['torch_dp'] / wall['ideal']:.2f}"
-          + f", torch_dp/plain {wall['torch_dp'] / wall['plain']:.2f}")
+    print(
+        f"{label} on {args.replicas} replicas ({where}, torch {torch.__version__}, issuing={issuing}), "
+        f"wall clock per forward, {args.iters} forwards after 20 warm-up:"
+    )
+    print(
+        "  "
+        + ", ".join(f"{name} {ms:.4f} ms" for name, ms in wall.items())
+        + f"; torch_dp/ideal {wall['torch_dp'] / wall['ideal']:.2f}"
+        + f", torch_dp/plain {wall['torch_dp'] / wall['plain']:.2f}"
+    )
     print("under the profiler, per forward (all threads):")
     for name, profile in profiles.items():
         events = profile.key_averages()

@@ -46,10 +46,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64, help="rows per process and step")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                        help="where the replicas run (default: cuda if available, else cpu)")
-    parser.add_argument("--replicas", type=int, default=None,
-                        help="replicas per process (default: one per GPU of the process, or 2 on the CPU)")
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="where the replicas run (default: cuda if available, else cpu)",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="replicas per process (default: one per GPU of the process, or 2 on the CPU)",
+    )
     args = parser.parse_args()
     use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
     if use_cuda and not torch.cuda.is_available():
@@ -61,8 +69,7 @@ def main() -> None:
 
     dist.init_process_group("nccl" if use_cuda else "gloo")
     rank = dist.get_rank()
-    devices = local_devices(use_cuda, int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"]),
-                            args.replicas)
+    devices = local_devices(use_cuda, int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"]), args.replicas)
     device = torch.device("cuda", devices[0]) if use_cuda else torch.device("cpu")
 
     # The same synthetic regression problem on every rank: y = x @ w_true + noise.
@@ -78,8 +85,10 @@ def main() -> None:
     model = DistributedDataParallel(torch_dp.DataParallel(model, device_ids=devices))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     if rank == 0:
-        print(f"{dist.get_world_size()} processes x {len(devices)} replicas each "
-              f"({'GPUs ' + str(devices) if device.type == 'cuda' else 'CPU'}), backend {dist.get_backend()}")
+        print(
+            f"{dist.get_world_size()} processes x {len(devices)} replicas each "
+            f"({'GPUs ' + str(devices) if device.type == 'cuda' else 'CPU'}), backend {dist.get_backend()}"
+        )
 
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)

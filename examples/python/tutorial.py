@@ -51,10 +51,15 @@ class Model(nn.Module):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                        help="where the replicas run (default: cuda if available, else cpu)")
-    parser.add_argument("--replicas", type=int, default=None,
-                        help="number of replicas (default: every GPU, or 4 on the CPU)")
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="where the replicas run (default: cuda if available, else cpu)",
+    )
+    parser.add_argument(
+        "--replicas", type=int, default=None, help="number of replicas (default: every GPU, or 4 on the CPU)"
+    )
     args = parser.parse_args()
     device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_type == "cuda" and not torch.cuda.is_available():

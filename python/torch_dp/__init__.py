@@ -1,7 +1,7 @@
 """torch_dp: a faster drop-in for torch.nn.DataParallel, built on a C++ engine.
 
-    model = torch_dp.DataParallel(model)              # instead of torch.nn.DataParallel(model)
-    model = torch_dp.DataParallel(model, ["cpu"] * 4) # four CPU replicas, no GPU needed
+model = torch_dp.DataParallel(model)              # instead of torch.nn.DataParallel(model)
+model = torch_dp.DataParallel(model, ["cpu"] * 4) # four CPU replicas, no GPU needed
 """
 
 import torch

@@ -167,8 +167,13 @@ class DataParallel(torch.nn.DataParallel):
         # The engine's pool serves one forward at a time (the replicas' lock), so SyncBatchNorm layers can meet.
         engine = self._get_engine()
         return _parallel_apply(
-            replicas, inputs, kwargs, self._replica_devices[: len(replicas)], engine.pool,
-            synchronize=engine.replicas.has_sync_batchnorm, issuing=self.issuing,
+            replicas,
+            inputs,
+            kwargs,
+            self._replica_devices[: len(replicas)],
+            engine.pool,
+            synchronize=engine.replicas.has_sync_batchnorm,
+            issuing=self.issuing,
             compiled=engine.replicas.has_compiled,
         )
 
@@ -318,7 +323,12 @@ def data_parallel(
             return module(*inputs[0], **kwargs[0])
         modules = replicas.get(len(inputs), differentiable=torch.is_grad_enabled())
         outputs = _parallel_apply(
-            modules, inputs, kwargs, devices[: len(inputs)], _default_pool(), issuing="auto",
+            modules,
+            inputs,
+            kwargs,
+            devices[: len(inputs)],
+            _default_pool(),
+            issuing="auto",
             compiled=replicas.has_compiled,
         )
     if _is_minus_one(output_device):

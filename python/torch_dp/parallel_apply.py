@@ -51,8 +51,14 @@ def _checked_issuing(issuing: str) -> str:
 
 
 def _parallel_apply(
-    modules, inputs, kwargs_tup, devices: list[torch.device], pool, synchronize: bool = False,
-    issuing: str = "threads", compiled: bool = False,
+    modules,
+    inputs,
+    kwargs_tup,
+    devices: list[torch.device],
+    pool,
+    synchronize: bool = False,
+    issuing: str = "threads",
+    compiled: bool = False,
 ) -> list[Any]:
     """Runs replica i on inputs[i] and kwargs_tup[i] on the pool, issued as `issuing` says (Note [Issuing
     replicas] in parallel_apply.cpp). With `synchronize` (replicas holding SyncBatchNorm layers), those layers

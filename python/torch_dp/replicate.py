@@ -65,8 +65,9 @@ def _replica_of(module: torch.nn.Module) -> torch.nn.Module:
     # and make it its own child (upstream's replicate does exactly that). Build the replica's dict directly.
     replica = type(module).__new__(type(module))
     object.__setattr__(replica, "__dict__", dict(module.__dict__))
-    replica.__dict__.update(_parameters={}, _buffers=dict(module._buffers), _modules=dict(module._modules),
-                            _is_replica=True)
+    replica.__dict__.update(
+        _parameters={}, _buffers=dict(module._buffers), _modules=dict(module._modules), _is_replica=True
+    )
     return replica
 
 
@@ -95,10 +96,15 @@ class _CompiledReplicaCall:
         if self._settled:
             return self._compiled(module, *args, **kwargs)
         # Dynamo guards on the parameters' types too: replicas holding copies see tensors, not Parameters.
-        key = (torch.is_grad_enabled(), module.training, type(next(module.parameters(), None)), tuple(
-            (tuple(x.shape), x.dtype, x.device, x.requires_grad) if isinstance(x, torch.Tensor) else type(x)
-            for x in pytree.tree_leaves((args, kwargs))
-        ))
+        key = (
+            torch.is_grad_enabled(),
+            module.training,
+            type(next(module.parameters(), None)),
+            tuple(
+                (tuple(x.shape), x.dtype, x.device, x.requires_grad) if isinstance(x, torch.Tensor) else type(x)
+                for x in pytree.tree_leaves((args, kwargs))
+            ),
+        )
         if key not in self._seen:
             with self._lock:
                 if key not in self._seen:

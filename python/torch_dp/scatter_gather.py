@@ -19,6 +19,7 @@ __all__ = ["scatter", "scatter_kwargs", "gather"]
 
 # ---- scatter -----------------------------------------------------------------------------------------------
 
+
 def _leaf_name(path: tuple, roots: Optional[tuple[str, ...]]) -> str:
     """How error messages name the leaf at `path`: "args[0]", "kwargs['mask'][1]", or "input"."""
     if roots is not None and path:
@@ -233,6 +234,7 @@ def scatter(inputs: Any, target_gpus: Sequence[DeviceLike], dim: int = 0) -> Any
 
 
 # ---- gather ------------------------------------------------------------------------------------------------
+
 
 def gather(outputs: Sequence[Any], target_device: Optional[DeviceLike], dim: int = 0) -> Any:
     """Concatenates the replicas' outputs on ``target_device`` along ``dim``, keeping their structure."""

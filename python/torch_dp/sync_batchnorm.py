@@ -78,8 +78,14 @@ class SyncGroup:
         self._finished: set[int] = set()
         self._failed: Optional[int] = None
 
-    def exchange(self, layer: object, replica: int, stats: torch.Tensor, count: int,
-                 combine: Callable[[list[torch.Tensor]], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def exchange(
+        self,
+        layer: object,
+        replica: int,
+        stats: torch.Tensor,
+        count: int,
+        combine: Callable[[list[torch.Tensor]], torch.Tensor],
+    ) -> tuple[torch.Tensor, int]:
         """`combine` of every replica's `stats` for this call (run by the last replica to arrive), on `stats`'s
         device, and the sum of the replicas' `count`s (known on the host: no device synchronization). The
         replicas meet at their n-th SyncBatchNorm call; `layer` (a token the replicas of one layer share) checks
@@ -105,7 +111,8 @@ class SyncGroup:
             while slot["outputs"] is None:
                 if self._failed is not None:
                     raise PeerReplicaFailed(
-                        f"SyncBatchNorm: replica {self._failed} failed while replica {replica} waited for it")
+                        f"SyncBatchNorm: replica {self._failed} failed while replica {replica} waited for it"
+                    )
                 missing = sorted(self._finished - set(slot["inputs"]))
                 if missing:
                     raise RuntimeError(
@@ -200,8 +207,17 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
-        return _batch_norm(self, input, self.running_mean if track else None, self.running_var if track else None,
-                           self.weight, self.bias, batch_stats, factor, self.eps)
+        return _batch_norm(
+            self,
+            input,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            batch_stats,
+            factor,
+            self.eps,
+        )
 
     def _processes(self) -> Optional[Any]:
         """The process group to synchronize across, when torch.distributed runs with more than one process."""
@@ -216,10 +232,17 @@ def _context() -> tuple[Optional[SyncGroup], int]:
     return context if context is not None else (None, 0)
 
 
-def _batch_norm(layer: SyncBatchNorm, input: torch.Tensor, running_mean: Optional[torch.Tensor],
-                running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor] = None,
-                bias: Optional[torch.Tensor] = None, training: bool = False, momentum: float = 0.1,
-                eps: float = 1e-5) -> torch.Tensor:
+def _batch_norm(
+    layer: SyncBatchNorm,
+    input: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> torch.Tensor:
     """F.batch_norm (same arguments after `layer`), with the batch statistics of every replica (and process)
     when `layer` runs in a synchronizing forward."""
     _local.batch_norm_calls = getattr(_local, "batch_norm_calls", 0) + 1
@@ -256,7 +279,8 @@ def _batch_norm(layer: SyncBatchNorm, input: torch.Tensor, running_mean: Optiona
     if total_count <= 1 and processes is None:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {list(input.shape)} "
-            f"and {total_count} value(s) per channel over all replicas")
+            f"and {total_count} value(s) per channel over all replicas"
+        )
     batch_mean, batch_m2, total = batch[0], batch[1], batch[2]
     with torch.no_grad():
         # Through .data, as ATen's batch norm updates them, without bumping their version counters: a
@@ -305,8 +329,17 @@ class _BatchNormCalls(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _from_aten_order(input: Any, weight: Any, bias: Any, running_mean: Any, running_var: Any, training: bool,
-                     momentum: float, eps: float, cudnn_enabled: bool) -> tuple:
+def _from_aten_order(
+    input: Any,
+    weight: Any,
+    bias: Any,
+    running_mean: Any,
+    running_var: Any,
+    training: bool,
+    momentum: float,
+    eps: float,
+    cudnn_enabled: bool,
+) -> tuple:
     """torch.batch_norm's arguments in F.batch_norm's order."""
     return input, running_mean, running_var, weight, bias, training, momentum, eps
 
@@ -342,7 +375,9 @@ def _synchronized_class(cls: type) -> type:
                     warnings.warn(
                         f"torch_dp.SyncBatchNorm: {_name(cls)}.forward does not call the batch-norm op "
                         "(torch.nn.functional.batch_norm), so its statistics cannot be synchronized across "
-                        "replicas; it runs as written, on each replica's chunk", stacklevel=2)
+                        "replicas; it runs as written, on each replica's chunk",
+                        stacklevel=2,
+                    )
             return out
 
         def __reduce_ex__(self, protocol: Any) -> Any:
@@ -379,8 +414,14 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Optional[Any] = Non
     converted = module
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
         if type(module) in _EXACT:
-            converted = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
-                                      module.track_running_stats, process_group)
+            converted = SyncBatchNorm(
+                module.num_features,
+                module.eps,
+                module.momentum,
+                module.affine,
+                module.track_running_stats,
+                process_group,
+            )
             if module.affine:
                 with torch.no_grad():
                     converted.weight = module.weight
@@ -397,7 +438,9 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Optional[Any] = Non
             except TypeError as error:  # the subclass refuses to be subclassed (say, __init_subclass__ arguments)
                 warnings.warn(
                     f"convert_sync_batchnorm: left {_name(type(module))} unconverted ({error}): its replicas "
-                    "normalize with their own chunk's statistics", stacklevel=2)
+                    "normalize with their own chunk's statistics",
+                    stacklevel=2,
+                )
             else:
                 module.process_group = process_group
                 module._torch_dp_sync_token = _Token()

@@ -29,6 +29,7 @@ Pair = collections.namedtuple("Pair", ["first", "second"])
 
 # ---- models --------------------------------------------------------------------------------------------------
 
+
 class MLP(nn.Module):
     def __init__(self):
         super().__init__()
@@ -89,12 +90,14 @@ class Scaled(nn.Module):
 
 # ---- helpers -------------------------------------------------------------------------------------------------
 
+
 def tensors_of(tree):
     return [leaf for leaf in pytree.tree_leaves(tree) if isinstance(leaf, torch.Tensor)]
 
 
 def leaf_inputs(args, kwargs):
     """Fresh requires-grad leaves with the same values, for each of the two runs."""
+
     def fresh(leaf):
         if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
             return leaf.detach().clone().requires_grad_()
@@ -140,6 +143,7 @@ def count_calls(module):
 
 
 # ---- the class and its attributes ----------------------------------------------------------------------------
+
 
 def test_is_a_torch_data_parallel_with_its_attributes():
     net = MLP()
@@ -216,6 +220,7 @@ def test_import_under_another_torch_fails_naming_both_versions():
 
 
 # ---- equivalence with the unwrapped module -------------------------------------------------------------------
+
 
 def test_mlp_equals_module(cpu_ids):
     assert_equivalent(MLP().double(), (torch.randn(10, 5, dtype=torch.float64),), {}, cpu_ids)
@@ -365,6 +370,7 @@ def test_autocast_reaches_the_replicas():
 
 # ---- BatchNorm in training mode ------------------------------------------------------------------------------
 
+
 def test_batchnorm_train_mode_uses_per_replica_statistics_and_replica_zero_buffers():
     net = conv_net(training=True)
     reference = copy.deepcopy(net)  # updated with chunk 0 only, as PyTorch's replica 0
@@ -395,6 +401,7 @@ def test_batchnorm_train_mode_gradients_equal_per_chunk_module():
 
 
 # ---- changes to dp.module between forwards -------------------------------------------------------------------
+
 
 def test_optimizer_step_between_forwards_is_seen():
     net = MLP().double()
@@ -503,6 +510,7 @@ def test_dtype_change_between_forwards_is_seen():
 
 # ---- errors --------------------------------------------------------------------------------------------------
 
+
 class FailsOnMarker(nn.Module):
     def __init__(self):
         super().__init__()
@@ -565,6 +573,7 @@ def test_single_cuda_device_equals_module():
 
 
 # ---- special forwards ----------------------------------------------------------------------------------------
+
 
 def test_zero_argument_forward():
     class NoInputs(nn.Module):
@@ -645,6 +654,7 @@ def test_nested_data_parallel():
 
 # ---- resources -----------------------------------------------------------------------------------------------
 
+
 def test_many_forwards_start_no_new_threads():
     gc.collect()
     threads_before, tasks_before = threading.active_count(), os_threads()
@@ -685,6 +695,7 @@ def test_concurrent_forwards_from_two_threads():
 
 
 # ---- copies --------------------------------------------------------------------------------------------------
+
 
 def test_pickle_and_torch_save_after_a_forward():
     net = conv_net(training=False)
@@ -728,6 +739,7 @@ def test_deepcopy():
 
 # ---- functional form -----------------------------------------------------------------------------------------
 
+
 def test_functional_data_parallel_equals_module():
     net = KwargsNet().double()
     reference = copy.deepcopy(net)
@@ -758,6 +770,7 @@ def test_no_warnings_in_a_plain_forward():
 
 # ---- bad input: each gets an error naming the problem and the expected value, and leaves the module as it was --
 # (the table "Bad input and the errors it gets" in README.md; scatter and gather rows are in their own files)
+
 
 def state_of(module):
     """A copy of the module's state_dict: device, dtype, shape and values (meta tensors have no values)."""
@@ -823,12 +836,17 @@ def test_bad_input_module_on_meta_with_one_device():
     # module.to would fail half-way. The error comes first and names the tensor.
     net = meta_buffer_net()
     raises_and_leaves_module_unchanged(
-        net, lambda: torch_dp.DataParallel(net, cpus(1)), RuntimeError,
-        "on device cpu (device_ids[0])", "buffer 'fc1.scale' is on device meta", "to_empty",
+        net,
+        lambda: torch_dp.DataParallel(net, cpus(1)),
+        RuntimeError,
+        "on device cpu (device_ids[0])",
+        "buffer 'fc1.scale' is on device meta",
+        "to_empty",
     )
 
 
 # ---- chunk_sizes: rows per device instead of the even split -------------------------------------------------
+
 
 class RowsSeen(nn.Module):
     """Returns, for every row of its chunk, the number of rows the replica received (and a differentiable
@@ -956,10 +974,16 @@ def test_bad_input_chunk_sizes_do_not_fit_the_batch():
     net = MLP()
     dp = torch_dp.DataParallel(net, cpus(2), chunk_sizes=[3, 1])
     raises_and_leaves_module_unchanged(
-        net, lambda: dp(torch.randn(5, 5)), ValueError,
-        "chunk_sizes=[3, 1], which split exactly 4 rows along dim 0", "args[0] has 5 along dim 0", "drop_last=True")
+        net,
+        lambda: dp(torch.randn(5, 5)),
+        ValueError,
+        "chunk_sizes=[3, 1], which split exactly 4 rows along dim 0",
+        "args[0] has 5 along dim 0",
+        "drop_last=True",
+    )
     raises_and_leaves_module_unchanged(
-        net, lambda: dp(torch.randn(4, 5), mask=torch.ones(3)), ValueError, "kwargs['mask'] has 3 along dim 0")
+        net, lambda: dp(torch.randn(4, 5), mask=torch.ones(3)), ValueError, "kwargs['mask'] has 3 along dim 0"
+    )
     x = torch.randn(4, 5)  # a fitting batch still works
     torch.testing.assert_close(dp(x), net(x))
 
@@ -981,10 +1005,12 @@ def test_bad_input_chunk_sizes_do_not_fit_the_batch():
 def test_bad_input_chunk_sizes(sizes, error, fragments):
     net = MLP()
     raises_and_leaves_module_unchanged(
-        net, lambda: torch_dp.DataParallel(net, cpus(2), chunk_sizes=sizes), error, *fragments)
+        net, lambda: torch_dp.DataParallel(net, cpus(2), chunk_sizes=sizes), error, *fragments
+    )
 
 
 # ---- issuing (Note [Issuing replicas]) -----------------------------------------------------------------------
+
 
 class RecordsThread(nn.Module):
     """Records which thread ran each chunk (keyed by the chunk's first value)."""
@@ -1096,10 +1122,14 @@ def test_serial_issuing_keeps_the_callers_grad_mode():
 def test_bad_input_issuing():
     net = MLP()
     raises_and_leaves_module_unchanged(
-        net, lambda: torch_dp.DataParallel(net, cpus(2), issuing="fast"), ValueError,
-        "issuing must be one of 'auto', 'threads', 'serial', but got 'fast'")
+        net,
+        lambda: torch_dp.DataParallel(net, cpus(2), issuing="fast"),
+        ValueError,
+        "issuing must be one of 'auto', 'threads', 'serial', but got 'fast'",
+    )
     raises_and_leaves_module_unchanged(
-        net, lambda: torch_dp.DataParallel(net, cpus(2), issuing=None), ValueError, "but got None")
+        net, lambda: torch_dp.DataParallel(net, cpus(2), issuing=None), ValueError, "but got None"
+    )
 
 
 def test_serial_issuing_refuses_sync_batchnorm_and_auto_uses_threads():
@@ -1107,12 +1137,18 @@ def test_serial_issuing_refuses_sync_batchnorm_and_auto_uses_threads():
     x = torch.randn(8, 5)
     dp = torch_dp.DataParallel(net, cpus(2), issuing="serial")
     raises_and_leaves_module_unchanged(
-        net, lambda: dp(x), RuntimeError, "issuing='serial' runs replicas one after another",
-        "SyncBatchNorm layers", "use issuing='auto' or 'threads'")
+        net,
+        lambda: dp(x),
+        RuntimeError,
+        "issuing='serial' runs replicas one after another",
+        "SyncBatchNorm layers",
+        "use issuing='auto' or 'threads'",
+    )
     out = torch_dp.DataParallel(net, cpus(2), issuing="auto")(x)  # would hang if the replicas ran serially
     # and the replicas met: BatchNorm over the whole batch, not per chunk
-    torch.testing.assert_close(out, nn.functional.batch_norm(
-        net[0](x), None, None, net[1].weight, net[1].bias, training=True))
+    torch.testing.assert_close(
+        out, nn.functional.batch_norm(net[0](x), None, None, net[1].weight, net[1].bias, training=True)
+    )
 
 
 def test_issuing_is_kept_by_pickling():

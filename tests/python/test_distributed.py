@@ -35,8 +35,9 @@ LR = 0.1
 # Replicas per rank: the ranks need not agree (DDP sees one module per process, whatever runs inside it).
 REPLICAS = {0: 2, 1: 3}
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is not available"
+)
 
 
 class MLP(nn.Module):
@@ -90,8 +91,9 @@ def _micro_batches(x: torch.Tensor, y: torch.Tensor, rank: int, count: int):
 
 
 def _run_rank(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120)
+    )
     try:
         x, y = _batch()
         seen = {}
@@ -145,7 +147,7 @@ def _reference(model_options: dict) -> tuple[dict[str, torch.Tensor], dict[int, 
         optimizer.zero_grad()
         outputs, after_replica0 = [], {}
         for rank in range(WORLD):
-            rows = x[rank * local:(rank + 1) * local]
+            rows = x[rank * local : (rank + 1) * local]
             chunks = rows.chunk(REPLICAS[rank])
             outputs += [model(chunk) for chunk in chunks]
             # In training mode the outputs do not depend on the running statistics; a copy of the module
@@ -216,9 +218,26 @@ def test_ddp_example_under_torchrun():
     python_path = os.pathsep.join(filter(None, [str(root / "python"), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=python_path)
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(root / "examples" / "python" / "ddp.py"), "--device", "cpu", "--epochs", "3", "--replicas", "2"],
-        capture_output=True, text=True, timeout=300, env=env)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(root / "examples" / "python" / "ddp.py"),
+            "--device",
+            "cpu",
+            "--epochs",
+            "3",
+            "--replicas",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 processes x 2 replicas each (CPU), backend gloo" in result.stdout
     losses = [float(line.rsplit(" ", 1)[1]) for line in result.stdout.splitlines() if line.startswith("epoch ")]

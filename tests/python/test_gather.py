@@ -60,6 +60,7 @@ def test_channels_last_is_preserved():
 
 # ---- nested outputs ------------------------------------------------------------------------------------------
 
+
 def test_nested_outputs_keep_their_types():
     def replica_output(rows):
         t = torch.randn(rows, 2)
@@ -112,6 +113,7 @@ def test_none_outputs():
 
 # ---- scalars -------------------------------------------------------------------------------------------------
 
+
 def test_scalars_become_a_vector_with_a_warning():
     losses = [torch.tensor(1.5), torch.tensor(-2.0), torch.tensor(0.25)]
     with pytest.warns(UserWarning, match="all input tensors were scalars"):
@@ -142,6 +144,7 @@ def test_scalar_gradients():
 
 
 # ---- errors --------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "outputs",
@@ -225,19 +228,39 @@ class Strict:
     [
         ([{"s": "a"}, {"s": "b"}], TypeError, ["hold str values at output['s']", "Return a tensor there"]),
         ([(1,), (2,)], TypeError, ["hold int values at output[0]", "int is not iterable"]),
-        ([Strict(torch.ones(1), torch.ones(1))] * 2, TypeError,
-         ["hold Strict values at output", "Strict(gathered parts) raised TypeError", "missing 1 required"]),
-        ([LayerCache([(torch.ones(1),)]), LayerCache([(torch.ones(1),)] * 2)], ValueError,
-         ["LayerCache values at output hold different numbers of parts (1, 2 for replicas 0 to 1)"]),
+        (
+            [Strict(torch.ones(1), torch.ones(1))] * 2,
+            TypeError,
+            ["hold Strict values at output", "Strict(gathered parts) raised TypeError", "missing 1 required"],
+        ),
+        (
+            [LayerCache([(torch.ones(1),)]), LayerCache([(torch.ones(1),)] * 2)],
+            ValueError,
+            ["LayerCache values at output hold different numbers of parts (1, 2 for replicas 0 to 1)"],
+        ),
         ([LayerCache([(torch.ones(1), "k")])] * 2, TypeError, ["hold str values at output[0][1]"]),
-        ([LayerCache([(torch.ones(1, 2),)]), LayerCache([(torch.ones(1, 3),)])], RuntimeError,
-         ["at output[0][0]: gather: tensor at index 1 has invalid shape [1, 3]"]),
+        (
+            [LayerCache([(torch.ones(1, 2),)]), LayerCache([(torch.ones(1, 3),)])],
+            RuntimeError,
+            ["at output[0][0]: gather: tensor at index 1 has invalid shape [1, 3]"],
+        ),
         ([LayerCache(), (torch.ones(1),)], ValueError, ["replica 1 returned a different structure"]),
-        ([{"c": LayerCache()}, {"c": None}], TypeError, ["LayerCache and NoneType values at output['c']",
-                                                         "every replica must return the same type there"]),
+        (
+            [{"c": LayerCache()}, {"c": None}],
+            TypeError,
+            ["LayerCache and NoneType values at output['c']", "every replica must return the same type there"],
+        ),
     ],
-    ids=["str", "int", "constructor-rejects-parts", "different-lengths", "str-part", "part-shapes",
-         "object-vs-tuple", "object-vs-none"],
+    ids=[
+        "str",
+        "int",
+        "constructor-rejects-parts",
+        "different-lengths",
+        "str-part",
+        "part-shapes",
+        "object-vs-tuple",
+        "object-vs-none",
+    ],
 )
 def test_objects_that_cannot_be_gathered_raise_naming_the_place(outputs, error, fragments):
     with pytest.raises(error) as info:
@@ -257,6 +280,7 @@ def test_no_outputs_raise():
 
 
 # ---- autograd ------------------------------------------------------------------------------------------------
+
 
 def test_gradcheck_gather():
     parts = [torch.randn(n, 3, dtype=torch.float64, requires_grad=True) for n in (3, 3, 2)]
@@ -286,6 +310,7 @@ def test_gradient_flows_back_to_each_part():
 # ---- bad input: each gets an error naming the problem and the expected value ----------------------------------
 # (the table "Bad input and the errors it gets" in README.md). These are found in the replicas' outputs, so only
 # after the forward ran: the module's state is then what one successful forward leaves.
+
 
 class PerReplica(torch.nn.Module):
     """Returns ``self.make(replica, y)``: column 0 of each input row holds the index of the replica that gets it.
@@ -345,7 +370,9 @@ def test_bad_input_non_tensor_outputs():
         lambda r, y: (y, "label"), TypeError, "hold str values at output[1]", "can only gather tensors (and None)"
     )
     assert_gather_error(
-        lambda r, y: {"logits": y, "count": r}, TypeError, "hold int values at output['count']",
+        lambda r, y: {"logits": y, "count": r},
+        TypeError,
+        "hold int values at output['count']",
         "Return a tensor there",
     )
     assert_gather_error(lambda r, y: object(), TypeError, "hold object values at output")
@@ -354,11 +381,14 @@ def test_bad_input_non_tensor_outputs():
 def test_bad_input_none_in_some_replicas_only():
     # nn.DataParallel returns None when replica 0 returned None, silently dropping the other replicas' tensors.
     assert_gather_error(
-        lambda r, y: (y, None if r == 0 else y), ValueError,
-        "at output[1] replica 0 returned None but replica 1 returned a tensor", "or every replica None",
+        lambda r, y: (y, None if r == 0 else y),
+        ValueError,
+        "at output[1] replica 0 returned None but replica 1 returned a tensor",
+        "or every replica None",
     )
     assert_gather_error(
-        lambda r, y: {"aux": None if r == 2 else y}, ValueError,
+        lambda r, y: {"aux": None if r == 2 else y},
+        ValueError,
         "at output['aux'] replica 2 returned None but replica 0 returned a tensor",
     )
 
@@ -375,13 +405,18 @@ def test_none_in_every_replica_is_gathered_as_none():
 
 def test_bad_input_dicts_with_different_keys():
     assert_gather_error(
-        lambda r, y: {"a": y} if r == 0 else {"b": y}, ValueError,
-        "replica 1 returned a different structure than replica 0", "dicts must have the same keys",
-        "['a']", "['b']",
+        lambda r, y: {"a": y} if r == 0 else {"b": y},
+        ValueError,
+        "replica 1 returned a different structure than replica 0",
+        "dicts must have the same keys",
+        "['a']",
+        "['b']",
     )
     assert_gather_error(
-        lambda r, y: {"a": y, "extra": y} if r == 2 else {"a": y}, ValueError,
-        "replica 2 returned a different structure than replica 0", "['a', 'extra']",
+        lambda r, y: {"a": y, "extra": y} if r == 2 else {"a": y},
+        ValueError,
+        "replica 2 returned a different structure than replica 0",
+        "['a', 'extra']",
     )
 
 
@@ -390,23 +425,28 @@ def test_bad_input_replica_returns_a_tensor_without_data():
     # One that holds no data (here a meta tensor, standing in for a wrong device on a CPU-only machine) cannot
     # be: gather names the replica instead of failing inside the copy.
     assert_gather_error(
-        lambda r, y: y.to("meta") if r == 2 else y, RuntimeError,
-        "tensor at index 2 (replica 2's output) is on device meta", "no data to copy to cpu",
+        lambda r, y: y.to("meta") if r == 2 else y,
+        RuntimeError,
+        "tensor at index 2 (replica 2's output) is on device meta",
+        "no data to copy to cpu",
         "expected a tensor with data, on its replica's device",
     )
     assert_gather_error(
-        lambda r, y: Output(y, y.to("meta") if r == 1 else y), RuntimeError,
+        lambda r, y: Output(y, y.to("meta") if r == 1 else y),
+        RuntimeError,
         "at output.aux: gather: tensor at index 1 (replica 1's output) is on device meta",
     )
 
 
 def test_bad_input_outputs_that_do_not_concatenate():
     assert_gather_error(
-        lambda r, y: y.double() if r == 1 else y, RuntimeError,
+        lambda r, y: y.double() if r == 1 else y,
+        RuntimeError,
         "expected all tensors to have the same dtype, but tensor at index 1 is Double and tensor at index 0 is Float",
     )
     assert_gather_error(
-        lambda r, y: y[:, :1] if r == 2 else y, RuntimeError,
+        lambda r, y: y[:, :1] if r == 2 else y,
+        RuntimeError,
         "tensor at index 2 has invalid shape [2, 1], but expected the shape of tensor 0, [2, 2]",
     )
 
@@ -514,7 +554,9 @@ if hypothesis is not None:
             for i, (leaf, original) in enumerate(zip(part_leaves, leaves)):
                 if i in tensor_positions:
                     assert leaf.dtype == original.dtype and leaf.size(dim) == size
-                    assert leaf.shape[:dim] == original.shape[:dim] and leaf.shape[dim + 1:] == original.shape[dim + 1:]
+                    assert (
+                        leaf.shape[:dim] == original.shape[:dim] and leaf.shape[dim + 1 :] == original.shape[dim + 1 :]
+                    )
                 else:
                     assert leaf is original
 

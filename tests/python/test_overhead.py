@@ -32,11 +32,15 @@ BOUND_FACTOR = 3
 def test_overhead_instructions_per_forward(tmp_path):
     report_path = tmp_path / "overhead.json"
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(REPO, "python")] + (
-        [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.join(REPO, "python")] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
     result = subprocess.run(
         [sys.executable, SCRIPT, "--n", "30", "--replicas", "1,2", "--no-wall", "--json", str(report_path)],
-        capture_output=True, text=True, env=env, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     if result.returncode != 0 and "callgrind run failed" in result.stderr:
         # valgrind itself could not run the interpreter here (an unsupported instruction, a sandbox): not a

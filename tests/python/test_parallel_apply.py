@@ -51,6 +51,7 @@ def probe(n=3):
 
 # ---- results and arguments -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("n", [1, 2, 4, 7])
 def test_results_in_order(n):
     modules = [Scale(i + 1) for i in range(n)]
@@ -103,6 +104,7 @@ def test_replicas_run_concurrently():
 
 # ---- exceptions ----------------------------------------------------------------------------------------------
 
+
 def test_exception_is_reraised_with_replica_and_traceback():
     modules = [Fails(), Fails(KeyError("wonderful")), Fails()]
     expected = r"Caught KeyError in replica 1 on device cpu\.\nOriginal Traceback[\s\S]+wonderful"
@@ -148,6 +150,7 @@ def test_workers_keep_working_after_an_exception():
 
 
 # ---- thread-local state --------------------------------------------------------------------------------------
+
 
 def test_default_state_reaches_replicas():
     for state in probe():

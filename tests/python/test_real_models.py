@@ -35,34 +35,70 @@ def _quiet():
 
 def gpt2():
     config = transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        vocab_size=VOCAB,
+        n_positions=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return transformers.GPT2LMHeadModel(config)
 
 
 def t5():
     config = transformers.T5Config(
-        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=2, dropout_rate=0.0,
-        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=2,
+        dropout_rate=0.0,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
     )
     return transformers.T5ForConditionalGeneration(config)
 
 
 def bart():
     config = transformers.BartConfig(
-        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32, dropout=0.0,
-        attention_dropout=0.0, activation_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-        decoder_start_token_id=2, forced_eos_token_id=None,
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=32,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=None,
     )
     return transformers.BartForConditionalGeneration(config)
 
 
 def bert():
     config = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
     )
     return transformers.BertForSequenceClassification(config)
 
@@ -73,8 +109,11 @@ def tokens(rows=BATCH, length=SEQ):
 
 def batch_for(name, rows=BATCH):
     if name == "bert":
-        return {"input_ids": tokens(rows), "attention_mask": torch.ones(rows, SEQ, dtype=torch.long),
-                "labels": torch.randint(0, 3, (rows,))}
+        return {
+            "input_ids": tokens(rows),
+            "attention_mask": torch.ones(rows, SEQ, dtype=torch.long),
+            "labels": torch.randint(0, 3, (rows,)),
+        }
     if name == "gpt2":
         ids = tokens(rows)
         return {"input_ids": ids, "labels": ids}
@@ -131,8 +170,11 @@ def test_models_with_a_kv_cache_gather_it_as_upstream(name, replicas):
     assert_same_outputs(out, expected)
     # The gathered cache serves the next step of decoding, as the whole batch's does.
     with torch.no_grad():
-        step = {"input_ids": tokens(BATCH, 1)} if name == "gpt2" else {
-            "input_ids": batch["input_ids"], "decoder_input_ids": tokens(BATCH, 1)}
+        step = (
+            {"input_ids": tokens(BATCH, 1)}
+            if name == "gpt2"
+            else {"input_ids": batch["input_ids"], "decoder_input_ids": tokens(BATCH, 1)}
+        )
         following = model(**step, cache=out.cache)
         expected_following = model(**step, cache=expected.cache)
     torch.testing.assert_close(following.logits, expected_following.logits)
@@ -190,6 +232,7 @@ def test_bert_with_a_chunk_size_of_0():
 
 # ---- Trainer --------------------------------------------------------------------------------------------------
 
+
 class TokenRows(torch.utils.data.Dataset):
     def __init__(self, rows):
         self.ids = tokens(rows)
@@ -226,8 +269,16 @@ def train(wrapper, replicas, per_device, rows, tmp_path):
         with_kwargs=True,
     )
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=per_device, num_train_epochs=2, learning_rate=1e-2,
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=per_device,
+        num_train_epochs=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
     )
     _ = args.device
     args._n_gpu = replicas  # as transformers' own tests force it: Trainer then wraps the model in nn.DataParallel
@@ -257,7 +308,7 @@ def test_trainer_with_a_last_batch_smaller_than_the_replica_count(replicas, per_
     trainer, model, losses, calls = train(CpuDataParallel, replicas, per_device, rows, tmp_path)
     assert isinstance(trainer.model_wrapped, CpuDataParallel)
     assert trainer.state.global_step == 2 * -(-rows // (per_device * replicas)) == len(losses)
-    assert sorted(n for n, _ in calls[-len(last_chunks):]) == last_chunks  # the last batch's replicas
+    assert sorted(n for n, _ in calls[-len(last_chunks) :]) == last_chunks  # the last batch's replicas
     assert all(items is not None and items.shape == (1, 1) for _, items in calls)  # one row per replica
     _, reference, reference_losses, _ = train(Reference, replicas, per_device, rows, tmp_path)
     torch.testing.assert_close(losses, reference_losses)

@@ -53,6 +53,7 @@ def _sigint_raises_keyboard_interrupt():
 
 # ---- a module that fails on request --------------------------------------------------------------------------
 
+
 class FailingBackward(torch.autograd.Function):
     """Identity in forward; raises in backward."""
 
@@ -144,6 +145,7 @@ def assert_healthy(dp, net, threads_before):
 
 # ---- faults in forward ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("failing", [0, 2, 3])
 def test_exception_in_one_replica(failing):
     net, dp = faulty_dp(4)
@@ -179,6 +181,7 @@ def test_every_replica_failing():
 
 # ---- faults in backward --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("failing", [[0], [2], [1, 2]], ids=["replica0", "replica2", "replicas1and2"])
 def test_exception_in_backward_of_some_replicas(failing):
     net, dp = faulty_dp(3)
@@ -194,6 +197,7 @@ def test_exception_in_backward_of_some_replicas(failing):
 
 
 # ---- KeyboardInterrupt ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("failing", [0, 2])
 def test_keyboard_interrupt_raised_in_a_replica(failing):
@@ -238,6 +242,7 @@ def test_sigint_while_the_main_thread_waits_for_the_workers():
 
 # ---- a replica that blocks -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("replicas, sleeping", [(4, 1), (2, 0)], ids=["on-a-worker", "on-the-main-thread"])
 def test_blocking_replica_is_waited_for_and_the_result_is_right(replicas, sleeping):
     net, dp = faulty_dp(replicas)
@@ -251,6 +256,7 @@ def test_blocking_replica_is_waited_for_and_the_result_is_right(replicas, sleepi
 
 
 # ---- threads -------------------------------------------------------------------------------------------------
+
 
 def test_two_instances_used_from_two_threads_at_once():
     torch.manual_seed(1)
@@ -285,6 +291,7 @@ def test_two_instances_used_from_two_threads_at_once():
 
 
 # ---- fork ----------------------------------------------------------------------------------------------------
+
 
 def _child_runs_forward_and_backward(dp, net, x, connection):
     try:
@@ -452,9 +459,7 @@ _EXIT_SCRIPTS = {
 def _run_script(body):
     python_dir = os.path.dirname(os.path.dirname(torch_dp.__file__))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [python_dir, os.environ.get("PYTHONPATH")])))
-    return subprocess.run(
-        [sys.executable, "-c", body], env=env, capture_output=True, text=True, timeout=60
-    )
+    return subprocess.run([sys.executable, "-c", body], env=env, capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.parametrize("name", list(_EXIT_SCRIPTS))
@@ -477,6 +482,7 @@ def test_interpreter_exit_by_sys_exit_or_an_exception(ending, code):
 
 
 # ---- freeing -------------------------------------------------------------------------------------------------
+
 
 def test_deleting_data_parallel_frees_its_workers_and_replicas():
     gc.collect()
@@ -531,14 +537,28 @@ def test_last_reference_dropped_on_another_thread_frees_the_workers():
 
 # ---- long runs -----------------------------------------------------------------------------------------------
 
+
 def _rss_bytes():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def _malloc_in_use_bytes():
@@ -591,6 +611,7 @@ def _train_and_sample(issuing):
         step()
     hook.remove()
     assert len(replica_threads) == (2 if issuing == "threads" else 1)  # a worker ran replica 1, or none did
+
     # Sampled after warm-up, then every 500 steps: OS threads, RSS, the C heap in use (where a leak in C++ or
     # in torch's CPU allocator shows even when RSS absorbs it), and Python's allocated blocks (objects leaked by
     # torch_dp's Python layer; cheap to read, unlike gc.get_objects(), whose list itself moves RSS).
@@ -605,7 +626,8 @@ def _train_and_sample(issuing):
             samples.append(sample())
     threads, rss, heap, blocks = zip(*samples)
     report = f"(OS threads, RSS MiB, heap KiB, Python blocks) every {every} steps: " + str(
-        [(t, round(r / 2**20, 2), h // 1024, b) for t, r, h, b in samples])
+        [(t, round(r / 2**20, 2), h // 1024, b) for t, r, h, b in samples]
+    )
     assert all(t == threads[0] for t in threads), report
     # Bounded at every sample, not only at the end, over 4,000 steps. RSS: 1 MiB, ~260 bytes a step (a small
     # tensor with its TensorImpl; an autograd graph or a replica per step would be far more); its own drift

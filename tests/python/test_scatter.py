@@ -66,6 +66,7 @@ def test_non_contiguous_input():
 
 # ---- views ---------------------------------------------------------------------------------------------------
 
+
 def test_chunks_on_the_same_device_are_views():
     x = torch.randn(30, 3, dtype=torch.float64)
     chunks = torch_dp.scatter(x, cpus(4))
@@ -86,6 +87,7 @@ def test_kwargs_chunks_are_views_too():
 
 
 # ---- nested structures ---------------------------------------------------------------------------------------
+
 
 def test_nested_args_keep_types_and_pass_leaves_by_identity():
     x = torch.randn(8, 3)
@@ -159,6 +161,7 @@ def test_kwargs_only():
 
 # ---- errors --------------------------------------------------------------------------------------------------
 
+
 def test_different_chunk_counts_raise_naming_both_tensors():
     with pytest.raises(ValueError) as info:
         torch_dp.scatter_kwargs((torch.randn(30, 3),), {"y": torch.randn(6)}, cpus(4))
@@ -181,6 +184,7 @@ def test_different_sizes_with_equal_chunk_counts_are_fine():
 
 # Note [Which tensors set the batch]: a tensor that holds one value per replica may give more chunks than the batch
 # and is cut to the replicas that run, as upstream; rows of any other tensor are never dropped.
+
 
 @pytest.mark.parametrize(
     "rows, devices, per_replica",
@@ -212,8 +216,11 @@ def test_tensors_holding_one_value_per_replica_are_cut_to_the_batch(rows, device
 
 
 def test_tensors_with_distinct_rows_are_never_cut():
-    with pytest.raises(ValueError, match=r"args\[0\]: 1 along dim 0 -> 1 chunks; kwargs\['n'\]: 2 along dim 0 -> 2 "
-                                         r"chunks\. Give all tensor arguments the same size.*one value per replica"):
+    with pytest.raises(
+        ValueError,
+        match=r"args\[0\]: 1 along dim 0 -> 1 chunks; kwargs\['n'\]: 2 along dim 0 -> 2 "
+        r"chunks\. Give all tensor arguments the same size.*one value per replica",
+    ):
         torch_dp.scatter_kwargs((torch.randn(1, 3),), {"n": torch.tensor([[1.0], [2.0]])}, cpus(2))
     # Equal rows, but not one per device (4 rows on 2 devices): a batch of its own.
     with pytest.raises(ValueError, match="different numbers of chunks"):
@@ -249,6 +256,7 @@ def test_invalid_devices_raise(devices, error):
 
 # ---- autograd ------------------------------------------------------------------------------------------------
 
+
 def test_chunks_carry_autograd_history():
     x = torch.randn(6, 2, requires_grad=True)
     chunks = torch_dp.scatter(x, cpus(3))
@@ -279,6 +287,7 @@ def test_gradcheck_scatter_kwargs_nested():
 
 # ---- bad input: each gets an error naming the problem and the expected value, and leaves the module as it was --
 # (the table "Bad input and the errors it gets" in README.md)
+
 
 class Recorder(torch.nn.Module):
     """Records each call's batch size; takes any positional and keyword tensors."""
@@ -320,13 +329,18 @@ def test_bad_input_zero_dim_tensor():
 def test_bad_input_sizes_giving_different_chunk_counts():
     # nn.DataParallel silently drops the chunks beyond the smallest count (here 4 rows of x, half the batch).
     assert_raises_before_any_replica_ran(
-        lambda dp: dp(torch.randn(8, 2), torch.randn(2, 2)), ValueError,
-        "different numbers of chunks over 4 devices", "args[0]: 8 along dim 0 -> 4 chunks",
-        "args[1]: 2 along dim 0 -> 2 chunks", "Give all tensor arguments the same size along dim 0",
+        lambda dp: dp(torch.randn(8, 2), torch.randn(2, 2)),
+        ValueError,
+        "different numbers of chunks over 4 devices",
+        "args[0]: 8 along dim 0 -> 4 chunks",
+        "args[1]: 2 along dim 0 -> 2 chunks",
+        "Give all tensor arguments the same size along dim 0",
     )
     assert_raises_before_any_replica_ran(
-        lambda dp: dp(torch.randn(8, 2), mask=[torch.randn(3, 2)]), ValueError,
-        "args[0]: 8 along dim 0 -> 4 chunks", "kwargs['mask'][0]: 3 along dim 0 -> 3 chunks",
+        lambda dp: dp(torch.randn(8, 2), mask=[torch.randn(3, 2)]),
+        ValueError,
+        "args[0]: 8 along dim 0 -> 4 chunks",
+        "kwargs['mask'][0]: 3 along dim 0 -> 3 chunks",
     )
 
 

@@ -119,11 +119,16 @@ def _raw_alias(tensor: torch.Tensor) -> torch.Tensor:
     """A tensor over `tensor`'s memory built from its data_ptr() alone, as an extension sees it: no shared version
     counter, no autograd."""
     if tensor.is_cuda:
+
         class Memory:
             __cuda_array_interface__ = {
-                "shape": tuple(tensor.shape), "typestr": "<f8", "data": (tensor.data_ptr(), False), "version": 3,
+                "shape": tuple(tensor.shape),
+                "typestr": "<f8",
+                "data": (tensor.data_ptr(), False),
+                "version": 3,
                 "strides": None,
             }
+
         return torch.as_tensor(Memory(), device=tensor.device)
     memory = (ctypes.c_char * (tensor.numel() * tensor.element_size())).from_address(tensor.data_ptr())
     return torch.frombuffer(memory, dtype=tensor.dtype).view(tensor.shape)
@@ -166,8 +171,16 @@ def _recalibrate_batchnorm(net):
 
 
 EDITS = [
-    _data_in_place, _no_grad_in_place, _load_state_dict, _copy_from_another_module, _write_through_data_ptr, _set_,
-    _swap_data, _replace_submodule, _replace_attribute, _recalibrate_batchnorm,
+    _data_in_place,
+    _no_grad_in_place,
+    _load_state_dict,
+    _copy_from_another_module,
+    _write_through_data_ptr,
+    _set_,
+    _swap_data,
+    _replace_submodule,
+    _replace_attribute,
+    _recalibrate_batchnorm,
 ]
 
 

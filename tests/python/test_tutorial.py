@@ -22,7 +22,11 @@ def test_tutorial_prints_the_tutorials_chunk_sizes(replicas):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples/python/tutorial.py"), "--device", "cpu", "--replicas", str(replicas)],
-        capture_output=True, text=True, timeout=120, env=env, check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=True,
     )
     inside_sizes = re.findall(r"In Model: input size torch\.Size\(\[(\d+), 5\]\)", result.stdout)
     inside = collections.Counter(int(m) for m in inside_sizes)
