@@ -2,26 +2,27 @@
 
 Every test runs on the CPU: torch_dp accepts CPU device lists such as ``["cpu"] * 4``, which run four replicas
 on four worker threads, so the multi-replica paths (scatter, replicate, parallel_apply, gather and their
-gradients) are exercised without a GPU. Tests that need a GPU carry ``@pytest.mark.cuda`` and are skipped
-without one.
+gradients) are exercised without a GPU. Tests that need GPUs carry ``@pytest.mark.cuda`` (one device) or
+``@pytest.mark.cuda(2)`` (that many), the one way to gate a test on GPUs, and are skipped where fewer are present.
+Markers are registered in pyproject.toml only.
 """
 
 import pytest
 import torch
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: the test needs a CUDA device (skipped without one)")
-
-
 def pytest_collection_modifyitems(config, items):
-    # A test marked `cuda` is skipped where no CUDA device is available, so `-m cuda` is safe everywhere.
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    # A test marked `cuda(n)` is skipped where fewer than n CUDA devices are present, so `-m cuda` is safe
+    # everywhere.
+    present = torch.cuda.device_count() if torch.cuda.is_available() else 0
     for item in items:
-        if item.get_closest_marker("cuda") is not None:
-            item.add_marker(skip)
+        marker = item.get_closest_marker("cuda")
+        if marker is None:
+            continue
+        needed = marker.args[0] if marker.args else marker.kwargs.get("devices", 1)
+        if present < needed:
+            reason = "needs a CUDA device" if needed == 1 else f"needs {needed} CUDA devices"
+            item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(autouse=True)

@@ -49,8 +49,12 @@ def _device_lists() -> list[tuple[str, list]]:
     lists.append(("cpu3_copies", CopyingDevices(["cpu"] * 3)))
     lists.append(("cpu3_serial", IssuedDevices(["cpu"] * 3, "serial")))
     if CUDA:
-        lists += [("cuda00", [0, 0]), ("cuda0000", [0, 0, 0, 0]), ("cuda00_threads", IssuedDevices([0, 0], "threads")),
-                  ("cuda00_copies", CopyingDevices([0, 0]))]
+        lists += [
+            ("cuda00", [0, 0]),
+            ("cuda0000", [0, 0, 0, 0]),
+            ("cuda00_threads", IssuedDevices([0, 0], "threads")),
+            ("cuda00_copies", CopyingDevices([0, 0])),
+        ]
         if torch.cuda.device_count() > 1:
             lists.append(("cuda_all", list(range(torch.cuda.device_count()))))
     return lists
@@ -80,6 +84,7 @@ def _reference(module: nn.Module, device_ids: list, **kwargs: Any) -> nn.Module:
 
 
 # ---- the harness ------------------------------------------------------------------------------------------
+
 
 def _clone_inputs(tree: Any) -> Any:
     return pytree.tree_map(
@@ -164,8 +169,10 @@ def compare(
             ours_opt.step()
             ref_opt.step()
         _assert_trees_close(
-            _compared_buffers(ours_module, device_ids), _compared_buffers(ref_module, device_ids),
-            f"step {step} buffers", **tol,
+            _compared_buffers(ours_module, device_ids),
+            _compared_buffers(ref_module, device_ids),
+            f"step {step} buffers",
+            **tol,
         )
     _assert_trees_close(
         list(ours_module.parameters()), list(ref_module.parameters()), "parameters after the steps", **tol
@@ -186,6 +193,7 @@ def _x(device: torch.device, *shape: int, dtype: torch.dtype = torch.double, gra
 
 
 # ---- models -----------------------------------------------------------------------------------------------
+
 
 class MultiInput(nn.Module):
     """Nested positional inputs, a float and keyword arguments."""
@@ -299,6 +307,7 @@ def _mlp() -> nn.Module:
 
 # ---- cases ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name,device_ids", DEVICE_LISTS)
 def test_mlp(name, device_ids):
     compare(_mlp, lambda d: ((_x(d, 30, 6),), {}), device_ids)
@@ -394,8 +403,10 @@ def test_sparse_embedding_gradients(name, device_ids):
 @pytest.mark.parametrize("name,device_ids", MULTI)
 def test_channels_last_layers_and_gradient_layouts(name, device_ids):
     def model():
-        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1)).double().to(
-            memory_format=torch.channels_last
+        return (
+            nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1))
+            .double()
+            .to(memory_format=torch.channels_last)
         )
 
     def inputs(d):
@@ -410,7 +421,8 @@ def test_channels_last_layers_and_gradient_layouts(name, device_ids):
     # float64 the convolutions (not cuDNN's) return contiguous outputs.
     plain_out = copy.deepcopy(ours_module)(inputs(device)[0][0])
     assert out.is_contiguous(memory_format=torch.channels_last) == plain_out.is_contiguous(
-        memory_format=torch.channels_last)
+        memory_format=torch.channels_last
+    )
     if device.type == "cpu":
         assert out.is_contiguous(memory_format=torch.channels_last)
     out.sum().backward()
@@ -580,7 +592,7 @@ def test_output_device_forms_on_cpu(output_device):
     assert bool(future) == (output_device == -1)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("form", ["int", "str", "device"])
 def test_output_device_forms_on_cuda(form):
     last = torch.cuda.device_count() - 1
@@ -593,7 +605,7 @@ def test_output_device_forms_on_cuda(form):
     assert ours(x).device == torch.device("cuda", last)
 
 
-@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.cuda
 def test_output_device_minus_one_on_cuda_warns_like_pytorch():
     model = _mlp().cuda()
     dp = torch_dp.DataParallel(model, [0, 0], output_device=-1)
@@ -603,6 +615,7 @@ def test_output_device_minus_one_on_cuda_warns_like_pytorch():
 
 
 # ---- subclasses and the ecosystem ----------------------------------------------------------------------------
+
 
 class RecordingDataParallel(torch_dp.DataParallel):
     """Overrides every step, as PyTorch-Encoding's DataParallelModel does with gather."""
@@ -723,6 +736,7 @@ def test_only_replica_0_counts_batches_even_with_repeated_ids(name, device_ids):
 
 # ---- torch.compile --------------------------------------------------------------------------------------------
 
+
 class CountingBackend:
     """A torch.compile backend that runs the captured graph as it is and counts the graphs it was given."""
 
@@ -761,7 +775,13 @@ def test_torch_compile_module_runs_compiled_replicas(name, device_ids):
     module = compiled[0]
     assert list(module._modules) == ["conv", "bn", "fc"]
     assert [name for name, _ in module.named_parameters()] == [
-        "conv.weight", "conv.bias", "bn.weight", "bn.bias", "fc.weight", "fc.bias"]
+        "conv.weight",
+        "conv.bias",
+        "bn.weight",
+        "bn.bias",
+        "fc.weight",
+        "fc.bias",
+    ]
 
 
 def test_torch_compile_module_on_one_device_runs_serially():

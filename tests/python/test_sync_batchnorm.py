@@ -20,8 +20,14 @@ from reference import copying
 
 def convnet(**bn_options):
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, **bn_options), nn.ReLU(), nn.Flatten(),
-        nn.Linear(4 * 4 * 4, 5), nn.BatchNorm1d(5, **bn_options), nn.Tanh(), nn.Linear(5, 2),
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4, **bn_options),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 5),
+        nn.BatchNorm1d(5, **bn_options),
+        nn.Tanh(),
+        nn.Linear(5, 2),
     ).double()
 
 
@@ -40,8 +46,7 @@ def sequence_net():
     return Net().double()
 
 
-def assert_trains_like_whole_batch(make_model, make_input, device_ids, steps=3, copy_everything=False,
-                                   **dp_options):
+def assert_trains_like_whole_batch(make_model, make_input, device_ids, steps=3, copy_everything=False, **dp_options):
     torch.manual_seed(0)
     reference = make_model()
     model = torch_dp.convert_sync_batchnorm(copy.deepcopy(reference))
@@ -72,30 +77,38 @@ def assert_trains_like_whole_batch(make_model, make_input, device_ids, steps=3, 
 @pytest.mark.parametrize("replicas", [2, 3, 4])
 def test_trains_like_batchnorm_on_the_whole_batch(replicas):
     # 10 rows over 3 or 4 replicas: chunks of unequal size.
-    assert_trains_like_whole_batch(convnet, lambda: torch.randn(10, 3, 6, 6, dtype=torch.double,
-                                                               requires_grad=True), cpus(replicas))
+    assert_trains_like_whole_batch(
+        convnet, lambda: torch.randn(10, 3, 6, 6, dtype=torch.double, requires_grad=True), cpus(replicas)
+    )
 
 
 def test_trains_like_batchnorm_with_copied_replicas():
-    assert_trains_like_whole_batch(convnet, lambda: torch.randn(9, 3, 6, 6, dtype=torch.double,
-                                                               requires_grad=True), cpus(3), copy_everything=True)
+    assert_trains_like_whole_batch(
+        convnet, lambda: torch.randn(9, 3, 6, 6, dtype=torch.double, requires_grad=True), cpus(3), copy_everything=True
+    )
 
 
-@pytest.mark.parametrize("options", [dict(momentum=None), dict(affine=False), dict(track_running_stats=False)],
-                         ids=["cumulative-average", "no-affine", "no-running-stats"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(momentum=None), dict(affine=False), dict(track_running_stats=False)],
+    ids=["cumulative-average", "no-affine", "no-running-stats"],
+)
 def test_trains_like_batchnorm_with_options(options):
-    assert_trains_like_whole_batch(lambda: convnet(**options), lambda: torch.randn(
-        8, 3, 6, 6, dtype=torch.double, requires_grad=True), cpus(3))
+    assert_trains_like_whole_batch(
+        lambda: convnet(**options), lambda: torch.randn(8, 3, 6, 6, dtype=torch.double, requires_grad=True), cpus(3)
+    )
 
 
 def test_1d_and_3d_inputs_and_a_layer_called_twice():
-    assert_trains_like_whole_batch(sequence_net, lambda: torch.randn(
-        7, 3, 8, dtype=torch.double, requires_grad=True), cpus(3))
+    assert_trains_like_whole_batch(
+        sequence_net, lambda: torch.randn(7, 3, 8, dtype=torch.double, requires_grad=True), cpus(3)
+    )
 
 
 def test_a_device_with_an_empty_chunk_leaves_the_others_synchronized():
-    assert_trains_like_whole_batch(convnet, lambda: torch.randn(
-        6, 3, 6, 6, dtype=torch.double, requires_grad=True), cpus(3), chunk_sizes=[4, 0, 2])
+    assert_trains_like_whole_batch(
+        convnet, lambda: torch.randn(6, 3, 6, 6, dtype=torch.double, requires_grad=True), cpus(3), chunk_sizes=[4, 0, 2]
+    )
 
 
 def test_eval_mode_uses_the_running_statistics():
@@ -165,10 +178,30 @@ def test_bad_input_too_few_values_over_all_replicas():
 
 
 class BatchNormAct2d(nn.BatchNorm2d):
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, apply_act=True,
-                 act_layer=nn.ReLU, act_kwargs=None, inplace=True, drop_layer=None, device=None, dtype=None):
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
-                         track_running_stats=track_running_stats, device=device, dtype=dtype)
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        apply_act=True,
+        act_layer=nn.ReLU,
+        act_kwargs=None,
+        inplace=True,
+        drop_layer=None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(
+            num_features,
+            eps=eps,
+            momentum=momentum,
+            affine=affine,
+            track_running_stats=track_running_stats,
+            device=device,
+            dtype=dtype,
+        )
         self.drop = drop_layer() if drop_layer is not None else nn.Identity()
         self.act = act_layer(inplace=inplace, **(act_kwargs or {})) if apply_act else nn.Identity()
 
@@ -184,7 +217,11 @@ class BatchNormAct2d(nn.BatchNorm2d):
             x,
             self.running_mean if not self.training or self.track_running_stats else None,
             self.running_var if not self.training or self.track_running_stats else None,
-            self.weight, self.bias, bn_training, exponential_average_factor, self.eps,
+            self.weight,
+            self.bias,
+            bn_training,
+            exponential_average_factor,
+            self.eps,
         )
         x = self.drop(x)
         return self.act(x)
@@ -205,8 +242,9 @@ def timm_convert_sync_batchnorm(module):
     """timm.layers.convert_sync_batchnorm: BatchNormAct2d -> SyncBatchNormAct keeping act and drop."""
     converted = module
     if isinstance(module, BatchNormAct2d):
-        converted = SyncBatchNormAct(module.num_features, module.eps, module.momentum, module.affine,
-                                     module.track_running_stats)
+        converted = SyncBatchNormAct(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         converted.act, converted.drop = module.act, module.drop
         if module.affine:
             converted.weight, converted.bias = module.weight, module.bias
@@ -220,10 +258,15 @@ def timm_convert_sync_batchnorm(module):
 def efficientnet_like(**bn_options):
     # An MBConv-like block: SiLU, ReLU6 and no activation (a projection), in place as timm builds them.
     return nn.Sequential(
-        nn.Conv2d(3, 6, 3, bias=False), BatchNormAct2d(6, act_layer=nn.SiLU, **bn_options),
-        nn.Conv2d(6, 6, 3, groups=6, bias=False), BatchNormAct2d(6, act_layer=nn.ReLU6, **bn_options),
-        nn.Conv2d(6, 4, 1, bias=False), BatchNormAct2d(4, apply_act=False, **bn_options),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2),
+        nn.Conv2d(3, 6, 3, bias=False),
+        BatchNormAct2d(6, act_layer=nn.SiLU, **bn_options),
+        nn.Conv2d(6, 6, 3, groups=6, bias=False),
+        BatchNormAct2d(6, act_layer=nn.ReLU6, **bn_options),
+        nn.Conv2d(6, 4, 1, bias=False),
+        BatchNormAct2d(4, apply_act=False, **bn_options),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 2),
     ).double()
 
 
@@ -242,11 +285,11 @@ def with_running_statistics(model):
     return model.eval()
 
 
-@pytest.mark.parametrize("replicas, options", [(2, {}), (3, {}), (3, dict(momentum=None))],
-                         ids=["2cpu", "3cpu", "3cpu-cumulative-average"])
+@pytest.mark.parametrize(
+    "replicas, options", [(2, {}), (3, {}), (3, dict(momentum=None))], ids=["2cpu", "3cpu", "3cpu-cumulative-average"]
+)
 def test_batchnorm_act_trains_like_batchnorm_act_on_the_whole_batch(replicas, options):
-    model, _ = assert_trains_like_whole_batch(lambda: efficientnet_like(**options), efficientnet_input,
-                                              cpus(replicas))
+    model, _ = assert_trains_like_whole_batch(lambda: efficientnet_like(**options), efficientnet_input, cpus(replicas))
     assert all(isinstance(model[i], BatchNormAct2d) for i in (1, 3, 5))
 
 
@@ -261,8 +304,9 @@ def test_batchnorm_act_keeps_its_activation_in_eval_mode():
 @pytest.mark.parametrize("replicas", [2, 3])
 def test_timm_sync_batchnorm_act_trains_like_batchnorm_act_on_the_whole_batch(replicas):
     # timm's own converter first; nn.SyncBatchNorm alone does not synchronize replicas, torch_dp's then does.
-    model, _ = assert_trains_like_whole_batch(lambda: timm_convert_sync_batchnorm(efficientnet_like()),
-                                              efficientnet_input, cpus(replicas))
+    model, _ = assert_trains_like_whole_batch(
+        lambda: timm_convert_sync_batchnorm(efficientnet_like()), efficientnet_input, cpus(replicas)
+    )
     assert all(isinstance(model[i], SyncBatchNormAct) for i in (1, 3, 5))
     reference = timm_convert_sync_batchnorm(with_running_statistics(efficientnet_like()))
     x = torch.randn(9, 3, 8, 8, dtype=torch.double)
@@ -284,16 +328,18 @@ class AtenBatchNorm1d(nn.BatchNorm1d):
         if self.training:
             self.num_batches_tracked.add_(1)
         factor = 1.0 / float(self.num_batches_tracked) if self.training else 0.0
-        return torch.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var, self.training,
-                                factor, self.eps, False).tanh()
+        return torch.batch_norm(
+            x, self.weight, self.bias, self.running_mean, self.running_var, self.training, factor, self.eps, False
+        ).tanh()
 
 
 def test_other_subclasses_train_like_themselves_on_the_whole_batch():
     def make_model():
         return nn.Sequential(nn.Linear(4, 5), ScaledBatchNorm1d(5), nn.Linear(5, 3), AtenBatchNorm1d(3)).double()
 
-    model, _ = assert_trains_like_whole_batch(make_model, lambda: torch.randn(
-        10, 4, dtype=torch.double, requires_grad=True), cpus(3))
+    model, _ = assert_trains_like_whole_batch(
+        make_model, lambda: torch.randn(10, 4, dtype=torch.double, requires_grad=True), cpus(3)
+    )
     assert isinstance(model[1], ScaledBatchNorm1d) and isinstance(model[3], AtenBatchNorm1d)
 
 
@@ -413,8 +459,10 @@ def test_a_failing_replica_releases_the_waiting_ones(failing):
         run_with_timeout(lambda: dp(faulty_batch(3)))
     net.plan = {}
     x = faulty_batch(3)
-    torch.testing.assert_close(run_with_timeout(lambda: dp(x)), nn.functional.batch_norm(
-        x, None, None, net.bn.weight.detach(), net.bn.bias.detach(), training=True))
+    torch.testing.assert_close(
+        run_with_timeout(lambda: dp(x)),
+        nn.functional.batch_norm(x, None, None, net.bn.weight.detach(), net.bn.bias.detach(), training=True),
+    )
 
 
 def test_replicas_calling_different_layers_get_an_error():
@@ -428,16 +476,23 @@ def test_replicas_calling_different_layers_get_an_error():
         run_with_timeout(lambda: dp(faulty_batch(3)))
     net.plan = {}
     x = faulty_batch(3)  # and the next forward normalizes with the whole batch's statistics again
-    torch.testing.assert_close(run_with_timeout(lambda: dp(x)), nn.functional.batch_norm(
-        x, None, None, net.bn.weight.detach(), net.bn.bias.detach(), training=True))
+    torch.testing.assert_close(
+        run_with_timeout(lambda: dp(x)),
+        nn.functional.batch_norm(x, None, None, net.bn.weight.detach(), net.bn.bias.detach(), training=True),
+    )
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("device_ids", [[0, 0], [0, 0, 0, 0], "all"], ids=["cuda00", "cuda0000", "all-gpus"])
+@pytest.mark.parametrize(
+    "device_ids",
+    [[0, 0], [0, 0, 0, 0], pytest.param("all", marks=pytest.mark.cuda(2))],
+    ids=["cuda00", "cuda0000", "all-gpus"],
+)
 def test_on_gpus(device_ids):
     if device_ids == "all":
         device_ids = list(range(torch.cuda.device_count()))
-        if len(device_ids) < 2:
-            pytest.skip("needs two GPUs")
-    assert_trains_like_whole_batch(lambda: convnet().cuda(), lambda: torch.randn(
-        10, 3, 6, 6, dtype=torch.double, device="cuda", requires_grad=True), device_ids)
+    assert_trains_like_whole_batch(
+        lambda: convnet().cuda(),
+        lambda: torch.randn(10, 3, 6, 6, dtype=torch.double, device="cuda", requires_grad=True),
+        device_ids,
+    )
