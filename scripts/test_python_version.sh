@@ -48,22 +48,9 @@ torch_info=$("$PYTHON" -c "import torch; print(torch.__version__, torch.utils.cm
 read -r torch_version torch_prefix torch_cuda <<<"$torch_info"
 echo "test_python_version: Python $("$PYTHON" -c 'import platform; print(platform.python_version())'), torch $torch_version"
 
-# A CUDA build of torch makes its CMake package look for the CUDA toolkit: its root from nvcc itself (nvcc may be
-# a wrapper), and libnvrtc from the nvidia-* wheels where the toolkit lacks it (as scripts/gpu_check.sh does).
 cuda_args=()
-if [ -n "$torch_cuda" ] && command -v nvcc >/dev/null 2>&1; then
-  cuda_top=$(nvcc --dryrun -c -x cu /dev/null -o /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -n 1)
-  if [ -n "$cuda_top" ] && [ -d "$cuda_top" ]; then
-    cuda_top=$(cd "$cuda_top" && pwd -P)
-    cuda_args+=(-DCUDA_TOOLKIT_ROOT_DIR="$cuda_top" -DCUDAToolkit_ROOT="$cuda_top")
-    if ! ls "$cuda_top"/lib64/libnvrtc.so "$cuda_top"/targets/*/lib/libnvrtc.so >/dev/null 2>&1; then
-      nvrtc=$("$PYTHON" -c "import glob, os, nvidia
-for root in nvidia.__path__:
-    print('\n'.join(sorted(glob.glob(os.path.join(root, '**', 'libnvrtc.so*'), recursive=True))))" 2>/dev/null |
-              grep -v -e alt -e builtins | head -n 1 || true)
-      [ -n "$nvrtc" ] && cuda_args+=(-DCUDA_nvrtc_LIBRARY="$nvrtc")
-    fi
-  fi
+if [ -n "$torch_cuda" ]; then
+  source scripts/cuda_cmake_args.sh
 fi
 
 build=build-$tag
