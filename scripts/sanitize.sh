@@ -5,7 +5,7 @@
 #      (-DTORCH_DP_SANITIZE=ON), and a run of all of them.
 #   2. build-tsan/: the library and the worker pool's tests with ThreadSanitizer (-DTORCH_DP_TSAN=ON), and a
 #      run of them: test_parallel_apply.cpp (the pool itself: nested runs, two threads on one pool, exceptions,
-#      thread-local state) and test_data_parallel.cpp (the C++ module, whose replicas run on the pool).
+#      thread-local state) and test_data_parallel*.cpp (the C++ module, whose replicas run on the pool).
 #
 # Both builds are separate from build/ and use -O1 -g1 (fast enough to build, line numbers in reports). libtorch
 # itself is not instrumented: the sanitizers check torch_dp's code and the test code, and see libtorch only

@@ -1,5 +1,6 @@
 #pragma once
-// Shared helpers for the Catch2 tests: v2/v3 matcher names, tensor comparisons and a deadlock watchdog.
+// Shared helpers for the Catch2 tests: v2/v3 matcher names, tensor comparisons, a deadlock watchdog, and the small
+// modules and comparisons that the DataParallel tests (test_data_parallel*.cpp) share.
 
 // Torch first: c10/util/logging_is_not_google_glog.h defines a glog-style CHECK(cond) macro, which would
 // silently replace Catch2's CHECK (a failing check would then log-and-abort or, worse, not be counted). Every
@@ -22,6 +23,8 @@
 #include <mutex>
 #include <string>
 #include <thread>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace tdp_test {
@@ -44,13 +47,17 @@ inline auto StartsWith(const std::string& s) {
   return Catch::Matchers::StartsWith(s);
 }
 
-/// float64 comparison tight enough that only rounding differences pass.
-inline bool close64(const at::Tensor& a, const at::Tensor& b) {
-  return a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() && at::allclose(a, b, 1e-12, 1e-12);
+/// Defined, same shape, dtype and device, and values equal up to `tol` (relative and absolute). The default is
+/// tight enough that only float64 rounding differences pass; a looser `tol` is for float32 or for the GPU.
+inline bool close64(const at::Tensor& a, const at::Tensor& b, double tol = 1e-12) {
+  return a.defined() && b.defined() && a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type() &&
+         a.device() == b.device() && at::allclose(a, b, tol, tol);
 }
 
+const c10::Device kCpu(c10::kCPU);
+
 inline std::vector<c10::Device> cpus(size_t n) {
-  return std::vector<c10::Device>(n, c10::Device(c10::kCPU));
+  return std::vector<c10::Device>(n, kCpu);
 }
 
 inline bool same_impl(const at::Tensor& a, const at::Tensor& b) {
@@ -90,6 +97,147 @@ inline void require_finishes(const std::function<void()>& fn, const char* what, 
     std::rethrow_exception(shared->error);
   }
 }
+
+// ---- the DataParallel tests' modules and comparisons ----------------------------------------------------------
+
+const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+
+/// Every parameter of `a` has one of the same name in `b`, close64 up to `tol`.
+inline bool same_parameters(torch::nn::Module& a, torch::nn::Module& b, double tol = 1e-12) {
+  auto pa = a.named_parameters();
+  auto pb = b.named_parameters();
+  if (pa.size() != pb.size()) {
+    return false;
+  }
+  for (const auto& item : pa) {
+    const auto* other = pb.find(item.key());
+    if (other == nullptr || !close64(item.value(), *other, tol)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+/// The gradients of the parameters, in order: both undefined, or close64 up to `tol`.
+inline bool same_grads(torch::nn::Module& a, torch::nn::Module& b, double tol = 1e-12) {
+  auto pa = a.parameters();
+  auto pb = b.parameters();
+  if (pa.size() != pb.size()) {
+    return false;
+  }
+  for (size_t k = 0; k < pa.size(); ++k) {
+    if (!pa[k].grad().defined() && !pb[k].grad().defined()) {
+      continue;
+    }
+    if (!close64(pa[k].grad(), pb[k].grad(), tol)) {
+      return false;
+    }
+  }
+  return true;
+}
+
+/// A deep copy of a module holder (the module must be Cloneable).
+template <typename Holder>
+Holder clone_of(const Holder& module) {
+  return Holder(std::dynamic_pointer_cast<typename Holder::ContainedType>(module->clone()));
+}
+
+// A small MLP, Cloneable, so that it can be replicated.
+struct NetImpl : torch::nn::Cloneable<NetImpl> {
+  NetImpl() { reset(); }
+  void reset() override {
+    fc1 = register_module("fc1", torch::nn::Linear(10, 20));
+    fc2 = register_module("fc2", torch::nn::Linear(20, 5));
+  }
+  torch::Tensor forward(const torch::Tensor& x) { return fc2(torch::tanh(fc1(x))); }
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+};
+TORCH_MODULE(Net);
+
+/// The MLP in float64.
+inline Net make_net() {
+  Net net;
+  net->to(torch::kFloat64);
+  return net;
+}
+
+// A conv net with BatchNorm, for the buffer and train/eval tests.
+struct ConvBnImpl : torch::nn::Cloneable<ConvBnImpl> {
+  ConvBnImpl() { reset(); }
+  void reset() override {
+    conv = register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 4, 3).padding(1)));
+    bn = register_module("bn", torch::nn::BatchNorm2d(4));
+    fc = register_module("fc", torch::nn::Linear(4, 2));
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    auto h = torch::relu(bn(conv(x)));
+    return fc(h.mean({2, 3}));
+  }
+  torch::nn::Conv2d conv{nullptr};
+  torch::nn::BatchNorm2d bn{nullptr};
+  torch::nn::Linear fc{nullptr};
+};
+TORCH_MODULE(ConvBn);
+
+// Several tensor inputs and a non-tensor one, two tensor outputs.
+struct TwoInTwoOutImpl : torch::nn::Cloneable<TwoInTwoOutImpl> {
+  TwoInTwoOutImpl() { reset(); }
+  void reset() override { w = register_parameter("w", torch::randn({3}, f64)); }
+  std::tuple<torch::Tensor, torch::Tensor> forward(const torch::Tensor& a, const torch::Tensor& b, double scale) {
+    return {(a * w + b) * scale, (a * b).sum(1)};
+  }
+  torch::Tensor w;
+};
+TORCH_MODULE(TwoInTwoOut);
+
+// IValues in and out: takes a tuple (a, b), returns (a * w, {"sum": a + b, "rows": a.sum(1)}).
+struct IValueModuleImpl : torch::nn::Cloneable<IValueModuleImpl> {
+  IValueModuleImpl() { reset(); }
+  void reset() override { w = register_parameter("w", torch::randn({3}, f64)); }
+  c10::IValue forward(const c10::IValue& input) {
+    const auto& elements = input.toTupleRef().elements();
+    auto a = elements[0].toTensor();
+    auto b = elements[1].toTensor();
+    c10::Dict<std::string, torch::Tensor> dict;
+    dict.insert("sum", a + b);
+    dict.insert("rows", a.sum(1));
+    return c10::ivalue::Tuple::create({c10::IValue(a * w), c10::IValue(dict)});
+  }
+  torch::Tensor w;
+};
+TORCH_MODULE(IValueModule);
+
+// Records, per call, the thread-local modes a replica ran under. The recorder is shared by the clones (a
+// Cloneable clone copy-constructs the module, so the shared_ptr is copied).
+struct Recorder {
+  std::mutex mutex;
+  std::vector<bool> grad_enabled;
+  std::vector<bool> training;
+  std::vector<bool> inference;
+  void clear() {
+    std::lock_guard<std::mutex> lock(mutex);
+    grad_enabled.clear();
+    training.clear();
+    inference.clear();
+  }
+};
+
+struct ProbeImpl : torch::nn::Cloneable<ProbeImpl> {
+  explicit ProbeImpl(std::shared_ptr<Recorder> recorder) : recorder(std::move(recorder)) { reset(); }
+  void reset() override { w = register_parameter("w", torch::full({1}, 2.0, f64)); }
+  torch::Tensor forward(const torch::Tensor& x) {
+    {
+      std::lock_guard<std::mutex> lock(recorder->mutex);
+      recorder->grad_enabled.push_back(torch::GradMode::is_enabled());
+      recorder->training.push_back(is_training());
+      recorder->inference.push_back(c10::InferenceMode::is_enabled());
+    }
+    return x * w;
+  }
+  std::shared_ptr<Recorder> recorder;
+  torch::Tensor w;
+};
+TORCH_MODULE(Probe);
 
 /// Registers a test case with Catch2 only where a CUDA device is available (see TDP_CUDA_TEST_CASE).
 inline bool register_if_cuda(void (*test)(), const char* name, const char* tags, const char* file, std::size_t line) {

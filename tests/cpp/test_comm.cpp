@@ -9,13 +9,8 @@
 
 using tdp_test::Contains;
 using tdp_test::cpus;
+using tdp_test::kCpu;
 using tdp_test::same_impl;
-
-namespace {
-
-const c10::Device kCpu(c10::kCPU);
-
-}  // namespace
 
 TEST_CASE("broadcast_coalesced returns the input tensors themselves on their own device", "[comm]") {
   const std::vector<at::Tensor> tensors = {at::randn({2, 3}), at::randn({4}, at::kDouble), at::arange(5)};

@@ -12,10 +12,9 @@
 
 using tdp_test::Contains;
 using tdp_test::cpus;
+using tdp_test::kCpu;
 
 namespace {
-
-const c10::Device kCpu(c10::kCPU);
 
 struct CollectWarnings : public c10::WarningHandler {
   void process(const c10::Warning& warning) override { messages.push_back(warning.msg()); }

@@ -368,6 +368,13 @@ def test_autocast_reaches_the_replicas():
     assert dp(x).dtype == torch.float32
 
 
+@pytest.mark.cuda
+def test_single_cuda_device_equals_module():
+    net = MLP().double().cuda()
+    x = torch.randn(6, 5, dtype=torch.float64, device="cuda")
+    torch.testing.assert_close(torch_dp.DataParallel(copy.deepcopy(net), [0])(x), net(x))
+
+
 # ---- BatchNorm in training mode ------------------------------------------------------------------------------
 
 
@@ -508,7 +515,7 @@ def test_dtype_change_between_forwards_is_seen():
     torch.testing.assert_close(out, net(x.double()))
 
 
-# ---- errors --------------------------------------------------------------------------------------------------
+# ---- an exception in a replica (more in test_reliability.py; bad input: test_errors.py) ----------------------
 
 
 class FailsOnMarker(nn.Module):
@@ -535,41 +542,6 @@ def test_replica_exception_is_reraised_and_the_next_forward_works():
     with pytest.raises(KeyError, match=r"Caught KeyError in replica 0 on device cpu\."):
         dp(bad)
     torch.testing.assert_close(dp(x), net(x))
-
-
-def test_parameter_on_another_device_raises():
-    net = nn.Linear(3, 2)
-    net.bias = nn.Parameter(torch.empty(2, device="meta"))
-    dp = torch_dp.DataParallel(net, cpus(2))
-    message = (
-        "module must have its parameters and buffers on device cpu (device_ids[0]) but found one of them on "
-        "device: meta"
-    )
-    with pytest.raises(RuntimeError) as info:
-        dp(torch.randn(4, 3))
-    assert message in str(info.value)
-    net.bias = nn.Parameter(torch.randn(2))  # fixed: works again
-    x = torch.randn(4, 3)
-    torch.testing.assert_close(dp(x), net(x))
-
-
-def test_different_batch_sizes_in_arguments_raise():
-    dp = torch_dp.DataParallel(KwargsNet(), cpus(4))
-    with pytest.raises(ValueError, match=r"args\[0\]: 8 .*kwargs\['y'\]: 2 "):
-        dp(torch.randn(8, 4), y=torch.randn(2, 4))
-
-
-@pytest.mark.cuda
-def test_empty_device_ids_with_an_accelerator():
-    with pytest.raises(ValueError, match="empty"):
-        torch_dp.DataParallel(MLP(), [])
-
-
-@pytest.mark.cuda
-def test_single_cuda_device_equals_module():
-    net = MLP().double().cuda()
-    x = torch.randn(6, 5, dtype=torch.float64, device="cuda")
-    torch.testing.assert_close(torch_dp.DataParallel(copy.deepcopy(net), [0])(x), net(x))
 
 
 # ---- special forwards ----------------------------------------------------------------------------------------
@@ -768,83 +740,6 @@ def test_no_warnings_in_a_plain_forward():
         dp(torch.randn(8, 5)).sum().backward()
 
 
-# ---- bad input: each gets an error naming the problem and the expected value, and leaves the module as it was --
-# (the table "Bad input and the errors it gets" in README.md; scatter and gather rows are in their own files)
-
-
-def state_of(module):
-    """A copy of the module's state_dict: device, dtype, shape and values (meta tensors have no values)."""
-    return {
-        name: (t.device, t.dtype, t.shape, None if t.is_meta else t.detach().clone())
-        for name, t in module.state_dict(keep_vars=True).items()
-    }
-
-
-def raises_and_leaves_module_unchanged(module, call, error, *fragments):
-    """``call()`` raises ``error`` whose message holds every fragment, and ``module``'s state is unchanged."""
-    before = state_of(module)
-    with pytest.raises(error) as info:
-        call()
-    for fragment in fragments:
-        assert fragment in str(info.value), f"{fragment!r} not in {str(info.value)!r}"
-    after = state_of(module)
-    assert after.keys() == before.keys()
-    for name, (device, dtype, shape, values) in before.items():
-        assert after[name][:3] == (device, dtype, shape), name
-        if values is not None:
-            assert torch.equal(after[name][3], values), name
-    return info.value
-
-
-def test_bad_input_without_an_accelerator_device_ids_are_ignored_as_upstream(no_accelerator):
-    # torch.nn.DataParallel ignores device_ids on a machine without an accelerator and calls the module
-    # directly, so device_ids=[0, 1] (or list(range(torch.cuda.device_count())) == []) runs unchanged on a
-    # laptop; torch_dp keeps that. Only lists naming "cpu" select torch_dp's CPU replicas.
-    for device_ids in ([], [0, 1], [-1], ["cuda:7"]):
-        net = MLP()
-        dp = torch_dp.DataParallel(net, device_ids)
-        assert dp.device_ids == []
-        x = torch.randn(4, 5)
-        torch.testing.assert_close(dp(x), net(x))
-
-
-def meta_buffer_net():
-    net = MLP()
-    net.fc1.register_buffer("scale", torch.empty(5, device="meta"))  # e.g. built under torch.device("meta")
-    return net
-
-
-@pytest.mark.parametrize("replicas", [2, 4])
-def test_bad_input_module_not_on_device_ids0(replicas):
-    net = meta_buffer_net()
-    dp = torch_dp.DataParallel(net, cpus(replicas))
-    expected = (
-        "module must have its parameters and buffers on device cpu (device_ids[0]) "
-        "but found one of them on device: meta"
-    )
-    raises_and_leaves_module_unchanged(net, lambda: dp(torch.randn(4, 5)), RuntimeError, expected)
-    raises_and_leaves_module_unchanged(
-        net, lambda: torch_dp.data_parallel(net, torch.randn(4, 5), cpus(replicas)), RuntimeError, expected
-    )
-    net.fc1.scale = torch.ones(5)  # fixed: the same DataParallel works
-    x = torch.randn(4, 5)
-    torch.testing.assert_close(dp(x), net(x))
-
-
-def test_bad_input_module_on_meta_with_one_device():
-    # With one device, DataParallel moves the module there (as upstream); a meta tensor cannot be moved, and
-    # module.to would fail half-way. The error comes first and names the tensor.
-    net = meta_buffer_net()
-    raises_and_leaves_module_unchanged(
-        net,
-        lambda: torch_dp.DataParallel(net, cpus(1)),
-        RuntimeError,
-        "on device cpu (device_ids[0])",
-        "buffer 'fc1.scale' is on device meta",
-        "to_empty",
-    )
-
-
 # ---- chunk_sizes: rows per device instead of the even split -------------------------------------------------
 
 
@@ -970,45 +865,6 @@ def test_chunk_sizes_keep_pytorch_semantics_elsewhere():
     assert torch_dp.DataParallel(net, cpus(2)).chunk_sizes is None
 
 
-def test_bad_input_chunk_sizes_do_not_fit_the_batch():
-    net = MLP()
-    dp = torch_dp.DataParallel(net, cpus(2), chunk_sizes=[3, 1])
-    raises_and_leaves_module_unchanged(
-        net,
-        lambda: dp(torch.randn(5, 5)),
-        ValueError,
-        "chunk_sizes=[3, 1], which split exactly 4 rows along dim 0",
-        "args[0] has 5 along dim 0",
-        "drop_last=True",
-    )
-    raises_and_leaves_module_unchanged(
-        net, lambda: dp(torch.randn(4, 5), mask=torch.ones(3)), ValueError, "kwargs['mask'] has 3 along dim 0"
-    )
-    x = torch.randn(4, 5)  # a fitting batch still works
-    torch.testing.assert_close(dp(x), net(x))
-
-
-@pytest.mark.parametrize(
-    "sizes, error, fragments",
-    [
-        ([4], ValueError, ["one size per device: 2 devices, but got 1 sizes [4]"]),
-        ([3, -1], ValueError, ["non-negative and not all 0, but got [3, -1]"]),
-        ([0, 0], ValueError, ["non-negative and not all 0"]),
-        ([0, 4], ValueError, ["chunk_sizes[0] must not be 0, but got [0, 4]", "the module itself", "at least one row"]),
-        ([2.0, 2], TypeError, ["must hold ints", "[2.0, 2]"]),
-        ([True, 3], TypeError, ["must hold ints"]),
-        (4, TypeError, ["sequence of ints, one per device, but got 4"]),
-        ("22", TypeError, ["sequence of ints"]),
-    ],
-    ids=["count", "negative", "all-zero", "first-zero", "float", "bool", "int", "str"],
-)
-def test_bad_input_chunk_sizes(sizes, error, fragments):
-    net = MLP()
-    raises_and_leaves_module_unchanged(
-        net, lambda: torch_dp.DataParallel(net, cpus(2), chunk_sizes=sizes), error, *fragments
-    )
-
-
 # ---- issuing (Note [Issuing replicas]) -----------------------------------------------------------------------
 
 
@@ -1117,38 +973,6 @@ def test_serial_issuing_keeps_the_callers_grad_mode():
     dp = torch_dp.DataParallel(TurnsGradOff(), cpus(2), issuing="serial")
     dp(torch.ones(4, requires_grad=True))
     assert torch.is_grad_enabled()  # the replica's change did not leak into the caller
-
-
-def test_bad_input_issuing():
-    net = MLP()
-    raises_and_leaves_module_unchanged(
-        net,
-        lambda: torch_dp.DataParallel(net, cpus(2), issuing="fast"),
-        ValueError,
-        "issuing must be one of 'auto', 'threads', 'serial', but got 'fast'",
-    )
-    raises_and_leaves_module_unchanged(
-        net, lambda: torch_dp.DataParallel(net, cpus(2), issuing=None), ValueError, "but got None"
-    )
-
-
-def test_serial_issuing_refuses_sync_batchnorm_and_auto_uses_threads():
-    net = torch_dp.convert_sync_batchnorm(nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4)))
-    x = torch.randn(8, 5)
-    dp = torch_dp.DataParallel(net, cpus(2), issuing="serial")
-    raises_and_leaves_module_unchanged(
-        net,
-        lambda: dp(x),
-        RuntimeError,
-        "issuing='serial' runs replicas one after another",
-        "SyncBatchNorm layers",
-        "use issuing='auto' or 'threads'",
-    )
-    out = torch_dp.DataParallel(net, cpus(2), issuing="auto")(x)  # would hang if the replicas ran serially
-    # and the replicas met: BatchNorm over the whole batch, not per chunk
-    torch.testing.assert_close(
-        out, nn.functional.batch_norm(net[0](x), None, None, net[1].weight, net[1].bias, training=True)
-    )
 
 
 def test_issuing_is_kept_by_pickling():

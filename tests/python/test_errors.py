@@ -1,9 +1,14 @@
 """Bad arguments to torch_dp.DataParallel and torch_dp.data_parallel (README.md, "Bad input and the errors it
-gets"): both forms give the same error, type and text, for the same mistake, and raise it before any replica
-runs. The model holds a training-mode BatchNorm, whose running statistics move in any forward that runs, so
-"before any replica runs" is checked bitwise on its buffers as well as on its parameters.
+gets"): each mistake gets an error that names the problem and what was expected, raised before any replica runs,
+and both forms give the same error, type and text, wherever both raise. The model holds a training-mode
+BatchNorm, whose running statistics move in any forward that runs, so "before any replica runs" is checked
+bitwise on its buffers as well as on its parameters. The options that only DataParallel takes (chunk_sizes,
+issuing) have their bad values here too.
 
-Errors that can only be found in the replicas' outputs (gather's) are in test_gather.py."""
+Errors that can only be found in the replicas' outputs (gather's) are in test_gather.py; an exception raised
+inside a replica is in test_parallel_apply.py, test_reliability.py and test_data_parallel.py."""
+
+import functools
 
 import pytest
 import torch
@@ -24,6 +29,24 @@ class BatchNormNet(nn.Module):
 
     def forward(self, x, *rest, **kwargs):
         return self.out(torch.relu(self.bn(self.fc(x))))
+
+
+class MLP(nn.Module):
+    """test_data_parallel.py's MLP; the errors about a meta buffer name its layers ('fc1.scale')."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(5, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def meta_buffer_net():
+    net = MLP()
+    net.fc1.register_buffer("scale", torch.empty(5, device="meta"))  # e.g. built under torch.device("meta")
+    return net
 
 
 def batchnorm_net(meta_buffer=False):
@@ -48,6 +71,17 @@ def assert_bitwise_unchanged(module, before):
             assert torch.equal(actual.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), name
 
 
+def raises_and_leaves_module_unchanged(module, call, error, *fragments):
+    """``call()`` raises ``error`` whose message holds every fragment, and ``module``'s state is bitwise unchanged."""
+    before = state_of(module)
+    with pytest.raises(error) as info:
+        call()
+    for fragment in fragments:
+        assert fragment in str(info.value), f"{fragment!r} not in {str(info.value)!r}"
+    assert_bitwise_unchanged(module, before)
+    return info.value
+
+
 def call_class(net, inputs, kwargs, device_ids, output_device, dim):
     torch_dp.DataParallel(net, device_ids, output_device, dim)(*inputs, **kwargs)
 
@@ -58,14 +92,12 @@ def call_functional(net, inputs, kwargs, device_ids, output_device, dim):
 
 def raise_from_both(net, inputs, kwargs, device_ids, output_device, dim, error):
     """Each form's exception, checking after each that the module's state did not change."""
-    before = state_of(net)
-    raised = []
-    for call in (call_class, call_functional):
-        with pytest.raises(error) as info:
-            call(net, inputs, kwargs, device_ids, output_device, dim)
-        raised.append(info.value)
-        assert_bitwise_unchanged(net, before)
-    return raised
+    return [
+        raises_and_leaves_module_unchanged(
+            net, functools.partial(call, net, inputs, kwargs, device_ids, output_device, dim), error
+        )
+        for call in (call_class, call_functional)
+    ]
 
 
 X = (torch.randn(8, 5),)
@@ -286,6 +318,54 @@ def test_bad_input_module_not_on_device_ids0_same_error_before_any_replica_runs(
     )
 
 
+@pytest.mark.parametrize("replicas", [2, 4])
+def test_bad_input_module_not_on_device_ids0(replicas):
+    # As the test above, on another module; and once the tensor is fixed, the same DataParallel works.
+    net = meta_buffer_net()
+    dp = torch_dp.DataParallel(net, cpus(replicas))
+    expected = (
+        "module must have its parameters and buffers on device cpu (device_ids[0]) "
+        "but found one of them on device: meta"
+    )
+    raises_and_leaves_module_unchanged(net, lambda: dp(torch.randn(4, 5)), RuntimeError, expected)
+    raises_and_leaves_module_unchanged(
+        net, lambda: torch_dp.data_parallel(net, torch.randn(4, 5), cpus(replicas)), RuntimeError, expected
+    )
+    net.fc1.scale = torch.ones(5)  # fixed: the same DataParallel works
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(dp(x), net(x))
+
+
+def test_parameter_on_another_device_raises():
+    net = nn.Linear(3, 2)
+    net.bias = nn.Parameter(torch.empty(2, device="meta"))
+    dp = torch_dp.DataParallel(net, cpus(2))
+    message = (
+        "module must have its parameters and buffers on device cpu (device_ids[0]) but found one of them on "
+        "device: meta"
+    )
+    with pytest.raises(RuntimeError) as info:
+        dp(torch.randn(4, 3))
+    assert message in str(info.value)
+    net.bias = nn.Parameter(torch.randn(2))  # fixed: works again
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(dp(x), net(x))
+
+
+def test_bad_input_module_on_meta_with_one_device():
+    # With one device, DataParallel moves the module there (as upstream); a meta tensor cannot be moved, and
+    # module.to would fail half-way. The error comes first and names the tensor.
+    net = meta_buffer_net()
+    raises_and_leaves_module_unchanged(
+        net,
+        lambda: torch_dp.DataParallel(net, cpus(1)),
+        RuntimeError,
+        "on device cpu (device_ids[0])",
+        "buffer 'fc1.scale' is on device meta",
+        "to_empty",
+    )
+
+
 # Without an accelerator the class calls the module directly unless device_ids names "cpu", as
 # torch.nn.DataParallel ignores device_ids there; data_parallel has nothing to fall back on and raises.
 FUNCTIONAL_ONLY = {
@@ -311,6 +391,31 @@ def test_bad_input_without_an_accelerator_functional_raises_where_the_class_call
     assert torch_dp.DataParallel(net, device_ids).device_ids == []  # the pass-through
 
 
+def test_bad_input_without_an_accelerator_device_ids_are_ignored_as_upstream(no_accelerator):
+    # torch.nn.DataParallel ignores device_ids on a machine without an accelerator and calls the module
+    # directly, so device_ids=[0, 1] (or list(range(torch.cuda.device_count())) == []) runs unchanged on a
+    # laptop; torch_dp keeps that. Only lists naming "cpu" select torch_dp's CPU replicas.
+    for device_ids in ([], [0, 1], [-1], ["cuda:7"]):
+        net = MLP()
+        dp = torch_dp.DataParallel(net, device_ids)
+        assert dp.device_ids == []
+        x = torch.randn(4, 5)
+        torch.testing.assert_close(dp(x), net(x))
+
+
+@pytest.mark.cuda
+def test_empty_device_ids_with_an_accelerator():
+    with pytest.raises(ValueError, match="empty"):
+        torch_dp.DataParallel(MLP(), [])
+
+
+def test_different_batch_sizes_in_arguments_raise():
+    # Found by scatter, before forward would see (and ignore) y.
+    dp = torch_dp.DataParallel(batchnorm_net(), cpus(4))
+    with pytest.raises(ValueError, match=r"args\[0\]: 8 .*kwargs\['y'\]: 2 "):
+        dp(torch.randn(8, 5), y=torch.randn(2, 5))
+
+
 def test_bad_input_module_kwargs_not_a_dict():
     net = batchnorm_net()
     before = state_of(net)
@@ -334,3 +439,80 @@ def test_bad_input_scatter_and_gather_arguments():
         torch_dp.scatter_kwargs((x,), [1], cpus(2))
     with pytest.raises(TypeError, match=r"^target_gpus must be a sequence of devices, but got a single device 'cpu'$"):
         torch_dp.scatter(x, "cpu")
+
+
+# ---- chunk_sizes: at construction, and a batch they do not fit -----------------------------------------------
+
+
+def test_bad_input_chunk_sizes_do_not_fit_the_batch():
+    net = MLP()
+    dp = torch_dp.DataParallel(net, cpus(2), chunk_sizes=[3, 1])
+    raises_and_leaves_module_unchanged(
+        net,
+        lambda: dp(torch.randn(5, 5)),
+        ValueError,
+        "chunk_sizes=[3, 1], which split exactly 4 rows along dim 0",
+        "args[0] has 5 along dim 0",
+        "drop_last=True",
+    )
+    raises_and_leaves_module_unchanged(
+        net, lambda: dp(torch.randn(4, 5), mask=torch.ones(3)), ValueError, "kwargs['mask'] has 3 along dim 0"
+    )
+    x = torch.randn(4, 5)  # a fitting batch still works
+    torch.testing.assert_close(dp(x), net(x))
+
+
+@pytest.mark.parametrize(
+    "sizes, error, fragments",
+    [
+        ([4], ValueError, ["one size per device: 2 devices, but got 1 sizes [4]"]),
+        ([3, -1], ValueError, ["non-negative and not all 0, but got [3, -1]"]),
+        ([0, 0], ValueError, ["non-negative and not all 0"]),
+        ([0, 4], ValueError, ["chunk_sizes[0] must not be 0, but got [0, 4]", "the module itself", "at least one row"]),
+        ([2.0, 2], TypeError, ["must hold ints", "[2.0, 2]"]),
+        ([True, 3], TypeError, ["must hold ints"]),
+        (4, TypeError, ["sequence of ints, one per device, but got 4"]),
+        ("22", TypeError, ["sequence of ints"]),
+    ],
+    ids=["count", "negative", "all-zero", "first-zero", "float", "bool", "int", "str"],
+)
+def test_bad_input_chunk_sizes(sizes, error, fragments):
+    net = MLP()
+    raises_and_leaves_module_unchanged(
+        net, lambda: torch_dp.DataParallel(net, cpus(2), chunk_sizes=sizes), error, *fragments
+    )
+
+
+# ---- issuing: an unknown way, and serial issuing with SyncBatchNorm ------------------------------------------
+
+
+def test_bad_input_issuing():
+    net = MLP()
+    raises_and_leaves_module_unchanged(
+        net,
+        lambda: torch_dp.DataParallel(net, cpus(2), issuing="fast"),
+        ValueError,
+        "issuing must be one of 'auto', 'threads', 'serial', but got 'fast'",
+    )
+    raises_and_leaves_module_unchanged(
+        net, lambda: torch_dp.DataParallel(net, cpus(2), issuing=None), ValueError, "but got None"
+    )
+
+
+def test_serial_issuing_refuses_sync_batchnorm_and_auto_uses_threads():
+    net = torch_dp.convert_sync_batchnorm(nn.Sequential(nn.Linear(5, 4), nn.BatchNorm1d(4)))
+    x = torch.randn(8, 5)
+    dp = torch_dp.DataParallel(net, cpus(2), issuing="serial")
+    raises_and_leaves_module_unchanged(
+        net,
+        lambda: dp(x),
+        RuntimeError,
+        "issuing='serial' runs replicas one after another",
+        "SyncBatchNorm layers",
+        "use issuing='auto' or 'threads'",
+    )
+    out = torch_dp.DataParallel(net, cpus(2), issuing="auto")(x)  # would hang if the replicas ran serially
+    # and the replicas met: BatchNorm over the whole batch, not per chunk
+    torch.testing.assert_close(
+        out, nn.functional.batch_norm(net[0](x), None, None, net[1].weight, net[1].bias, training=True)
+    )
