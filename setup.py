@@ -37,6 +37,7 @@ class CMakeBuild(build_ext):
             str(build_dir),
             "-DCMAKE_BUILD_TYPE=Release",
             "-DTORCH_DP_BUILD_PYTHON=ON",
+            "-DTORCH_DP_PYTHON_PACKAGE=ON",
             f"-DTORCH_DP_PYTHON_OUTPUT_DIR={package_dir}",
             f"-DPython3_EXECUTABLE={sys.executable}",
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
@@ -46,6 +47,10 @@ class CMakeBuild(build_ext):
         subprocess.check_call(configure)
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
         subprocess.check_call(["cmake", "--build", str(build_dir), "--target", "_C", "-j", jobs])
+        # libtorch_dp beside _C, and the C++ package: headers and TorchDPConfig.cmake (Note [C++ package in the
+        # wheel] in CMakeLists.txt).
+        install = ["cmake", "--install", str(build_dir), "--component", "python_package", "--prefix", str(package_dir)]
+        subprocess.check_call(install)
 
 
 def torch_requirement() -> list:

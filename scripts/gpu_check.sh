@@ -11,6 +11,11 @@
 #
 #   bash scripts/gpu_check.sh [OUTDIR]
 #   GPU_CHECK_SKIP=memcheck,racecheck bash scripts/gpu_check.sh   # leave steps out
+#   GPU_CHECK_EXTRA=bench_criterion bash scripts/gpu_check.sh       # add optional steps (named below)
+#
+# Optional steps, run only when GPU_CHECK_EXTRA names them (after pytest, before the other benchmarks):
+#   bench_criterion  peak memory per device and step time of a language-model step with torch_dp.ParallelCriterion
+#                    against the gathered loss and torch.nn.DataParallel ([0, 0], [0, 0, 0, 0]; about 60 s)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -19,6 +24,7 @@ logs=$outdir/logs
 mkdir -p "$logs"
 PYTHON=${PYTHON:-python3}
 skip=",${GPU_CHECK_SKIP:-},"
+extra=",${GPU_CHECK_EXTRA:-},"
 export PYTHONUNBUFFERED=1
 jobs=$(nproc 2>/dev/null || echo 4)
 deadline=$((SECONDS + ${GPU_CHECK_BUDGET:-540}))
@@ -73,6 +79,10 @@ if [ $built -eq 0 ]; then
   "$PYTHON" -c "import xdist" 2>/dev/null && xdist=(-n 4 --dist load --max-worker-restart 50)
   step pytest 240 "$PYTHON" -m pytest tests/python -q -p no:cacheprovider -m "not slow" -rfEs "${xdist[@]}" \
     --junitxml="$logs/pytest.xml"
+  if [[ $extra == *",bench_criterion,"* ]]; then  # optional: GPU_CHECK_EXTRA=bench_criterion
+    step bench_criterion 180 "$PYTHON" benchmarks/bench_criterion.py --device cuda --quick \
+      --json "$logs/bench_criterion.json"
+  fi
   # What refreshing replicas' copies on every forward costs, next to trust_version_counters and nn.DataParallel.
   step bench_refresh 120 "$PYTHON" benchmarks/bench_refresh.py --device cuda --quick --json "$logs/bench_refresh.json"
   sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)

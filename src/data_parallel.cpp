@@ -9,12 +9,14 @@
 #include <ATen/DeviceAccelerator.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Type.h>
 
 #include <algorithm>
 #include <map>
 #include <memory>
 #include <ostream>
 #include <string>
+#include <typeinfo>
 #include <utility>
 
 // Note [C++ replicas]
@@ -53,6 +55,40 @@ struct ReplicaSet {
 
 namespace {
 
+// The unqualified name, for the struct line of the fix ("Net" for "app::Net"); a template's name as it is.
+std::string unqualified(const std::string& type) {
+  const auto colons = type.rfind("::");
+  return type.find('<') != std::string::npos || colons == std::string::npos ? type : type.substr(colons + 2);
+}
+
+}  // namespace
+
+[[noreturn]] void throw_not_cloneable(
+    const std::string& type, const std::string& culprit, const std::string& needed_for) {
+  const auto name = unqualified(culprit);
+  const auto what = culprit == type ? std::string("it") : culprit + ", used inside " + type + ",";
+  TORCH_DP_CHECK(
+      false, "DataParallel: cannot replicate ", type, ": ", what,
+      " derives from torch::nn::Module, which does not implement clone(). DataParallel runs the module itself ",
+      "as its first replica and a copy made with clone() as every other (here: ", needed_for,
+      "), and a torch::nn module gets clone() by deriving from torch::nn::Cloneable. Declare it as\n", "    struct ",
+      name, " : torch::nn::Cloneable<", name, "> {  // instead of torch::nn::Module\n",
+      "      void reset() override { /* register_module / register_parameter calls */ }\n",
+      "and call reset() from the constructor (clone() calls it to build the copy's submodules and parameters). ",
+      "A single device that holds the module needs no copy.");
+  TORCH_INTERNAL_ASSERT(false);  // TORCH_DP_CHECK(false, ...) has thrown
+}
+
+void throw_wrong_module_type(const torch::nn::Module& module, const char* requested) {
+  const auto wrapped = c10::demangle(typeid(module).name());
+  TORCH_DP_CHECK(
+      false, "DataParallel::module_as<", c10::demangle(requested), ">: the wrapped module is a ", wrapped, ", not a ",
+      c10::demangle(requested), " (nor derived from it); ask for module_as<", wrapped, ">()");
+  TORCH_INTERNAL_ASSERT(false);  // TORCH_DP_CHECK(false, ...) has thrown
+}
+
+namespace {
+
 bool same_tensors(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
   if (a.size() != b.size()) {
     return false;
@@ -65,6 +101,55 @@ bool same_tensors(const std::vector<at::Tensor>& a, const std::vector<at::Tensor
   return true;
 }
 
+// The module's clone for a replica on `device`, or an error that says what the module lacks (Note [Plain modules]
+// in module_caller.h).
+ModuleCaller clone_for_replica(const ModuleCaller& module, c10::Device device) {
+  const auto type = c10::demangle(typeid(*module.ptr()).name());
+  ModuleCaller clone;
+  try {
+    clone = module.clone(device);
+  } catch (const c10::Error& error) {
+    const std::string text = error.what_without_backtrace();
+    // torch's text: "clone() has not been implemented for <name>. Subclass torch::nn::Cloneable<<name>> ..."
+    const std::string marker = "clone() has not been implemented for ";
+    const auto at = text.find(marker);
+    if (at == std::string::npos) {
+      throw;
+    }
+    const auto begin = at + marker.size();
+    const auto end = text.find(". Subclass", begin);
+    const auto culprit = end == std::string::npos ? type : text.substr(begin, end - begin);
+    throw_not_cloneable(type, culprit, "a replica on device " + device.str());
+  }
+  TORCH_DP_CHECK(
+      clone.ptr() != nullptr, "DataParallel: ", type, "::clone() did not return a ", type,
+      " (a module deriving from another module's Cloneable<Base> is cloned as a Base); give ", type,
+      " its own clone(): derive it from torch::nn::Cloneable<", type, ">");
+  return clone;
+}
+
+// Restores the CPU generator's state when it goes out of scope: clone() runs the clone's reset(), which
+// initialises parameters from the generator before the module's values replace them, and under `reproducible`
+// building replicas must draw nothing from the caller's random stream (Note [Reproducible replicas] in
+// parallel_apply.cpp).
+class KeepCpuGenerator {
+ public:
+  KeepCpuGenerator() : generator_(at::globalContext().defaultGenerator(c10::kCPU)) {
+    std::lock_guard<std::mutex> lock(generator_.mutex());
+    state_ = generator_.get_state();
+  }
+  ~KeepCpuGenerator() {
+    std::lock_guard<std::mutex> lock(generator_.mutex());
+    generator_.set_state(state_);
+  }
+  KeepCpuGenerator(const KeepCpuGenerator&) = delete;
+  KeepCpuGenerator& operator=(const KeepCpuGenerator&) = delete;
+
+ private:
+  at::Generator generator_;
+  at::Tensor state_;
+};
+
 void build_slot(ReplicaSet& set, const ModuleCaller& module, size_t j) {
   ReplicaSet::Slot slot;
   if (set.replicator.uses_sources(j)) {
@@ -72,7 +157,7 @@ void build_slot(ReplicaSet& set, const ModuleCaller& module, size_t j) {
     set.slots.push_back(std::move(slot));
     return;
   }
-  slot.module = module.clone(set.devices[j]);
+  slot.module = clone_for_replica(module, set.devices[j]);
   auto original_root = module.ptr();
   auto replica_root = slot.module.ptr();
   auto tensors = replica_root->parameters();
@@ -116,7 +201,7 @@ namespace {
 bool same_options(const DataParallelOptions& a, const DataParallelOptions& b) {
   return a.devices() == b.devices() && a.output_device() == b.output_device() && a.dim() == b.dim() &&
          a.chunk_sizes() == b.chunk_sizes() && a.issuing() == b.issuing() &&
-         a.trust_version_counters() == b.trust_version_counters();
+         a.trust_version_counters() == b.trust_version_counters() && a.reproducible() == b.reproducible();
 }
 }  // namespace
 
@@ -197,6 +282,15 @@ void DataParallelImpl::reset() {
       replica_devices_.push_back(devices_[i]);
     }
   }
+  if (!module_.unimplemented_clone().empty() && replica_devices_.size() > 1) {
+    std::string devices;
+    for (const auto& device : replica_devices_) {
+      devices += (devices.empty() ? "" : ", ") + device.str();
+    }
+    detail::throw_not_cloneable(
+        module_.unimplemented_clone(), module_.unimplemented_clone(),
+        std::to_string(replica_devices_.size()) + " replicas, on " + devices);
+  }
   replica_set_ = std::make_shared<detail::ReplicaSet>(options.trust_version_counters());
 }
 
@@ -233,8 +327,14 @@ std::vector<detail::ModuleCaller*> DataParallelImpl::replicas(size_t count) {
     set.replicator.set_sources(std::move(params), std::move(buffers));
     set.replicator.set_devices(set.devices);
   }
-  while (set.slots.size() < count) {
-    detail::build_slot(set, module_, set.slots.size());
+  if (set.slots.size() < count) {
+    std::optional<detail::KeepCpuGenerator> keep_generator;
+    if (options.reproducible()) {
+      keep_generator.emplace();
+    }
+    while (set.slots.size() < count) {
+      detail::build_slot(set, module_, set.slots.size());
+    }
   }
   // Fills every clone's tensors in place; their values are read by the clone's forward, not from the result.
   set.replicator.replicate(set.devices, count, /*differentiable=*/true);
@@ -255,6 +355,10 @@ void detail::TestAccess::copy_everything(DataParallelImpl& parallel) {
 
 WorkerPool& DataParallelImpl::pool() {
   return replica_set_->pool;
+}
+
+std::shared_ptr<WorkerPool> DataParallelImpl::shared_pool() {
+  return std::shared_ptr<WorkerPool>(replica_set_, &replica_set_->pool);
 }
 
 std::unique_lock<std::mutex> DataParallelImpl::lock() {

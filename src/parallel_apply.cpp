@@ -54,6 +54,31 @@
 // shared by the functional forms settles once for every module they run. The measurement is short and times
 // the forward only, so it can keep the slower way where the rest of a training step changes the picture
 // (BENCHMARKS.md lists where it did).
+//
+// Note [Reproducible replicas]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// Random ops (dropout, randn_like, bernoulli, ...) draw from their device's default generator: one for the
+// CPU, one per accelerator device. Replicas on threads that share a device draw from that one generator in
+// whatever order the threads reach it, so two runs with the same seed give different results (dropout masks
+// swapped between replicas, or drawn at other offsets). A generator per replica would make the order
+// irrelevant, but ATen has no per-thread default generator: an op called without an explicit generator (every
+// nn layer) takes the device's global one, and seeding or swapping that for a replica holds only while no other
+// thread draws from it, which is running the replicas one at a time anyway.
+// So `reproducible` fixes the order instead: the replicas of each device run one after another, in index
+// order, on one thread. Each device's generator is then used exactly as when the chunks are run one after
+// another through the unwrapped module after the same seed, which is what the tests compare against (the C++
+// module also restores the CPU generator after building replicas, whose clone() draws initial values).
+// Distinct devices have distinct generators and still run at once, one thread per device (the first device's
+// replicas on the calling thread); kSerial runs every device's on the calling thread, and kAuto measures
+// nothing, the order being fixed either way. All CPU devices count as one, whatever their index: they share
+// one generator. The price is the overlap of host work between replicas sharing a device, which only heavy
+// models on one GPU gain from (Note [Issuing replicas]).
+// Not covered: a replica drawing on a device other than its own (a CUDA replica calling torch.randn on the
+// CPU) shares that generator with the other devices' threads; ops given an explicit generator are the
+// caller's to order; and bitwise equal runs on a GPU also need deterministic kernels
+// (torch.use_deterministic_algorithms), a separate matter. Python's synchronized batch norm needs its replicas
+// running at once; there the replicas of each device take turns between the rendezvous instead (Note
+// [Reproducible synchronized batch norm] in sync_batchnorm.py).
 
 namespace torch_dp {
 namespace {
@@ -335,8 +360,49 @@ const char* issuing_name(Issuing issuing) {
   return "unknown";
 }
 
+namespace {
+
+// The replicas of each generator's device, in index order, the devices in order of first appearance (Note
+// [Reproducible replicas]). All CPU devices share the CPU's one generator.
+std::vector<std::vector<size_t>> replicas_per_generator(at::ArrayRef<c10::Device> devices) {
+  std::vector<c10::Device> keys;
+  std::vector<std::vector<size_t>> groups;
+  for (size_t i = 0; i < devices.size(); ++i) {
+    const auto key = devices[i].is_cpu() ? c10::Device(c10::kCPU) : devices[i];
+    const auto g = static_cast<size_t>(std::find(keys.begin(), keys.end(), key) - keys.begin());
+    if (g == keys.size()) {
+      keys.push_back(key);
+      groups.emplace_back();
+    }
+    groups[g].push_back(i);
+  }
+  return groups;
+}
+
+// Runs the replicas of each generator's device one after another in index order, one pool task per device (all
+// on the calling thread with `serial`); returns each replica's exception.
+std::vector<std::exception_ptr> run_per_generator(
+    WorkerPool& pool, at::ArrayRef<c10::Device> devices, const std::function<void(size_t)>& run_replica, bool serial) {
+  const auto groups = replicas_per_generator(devices);
+  std::vector<std::exception_ptr> errors(devices.size());
+  const std::function<void(size_t)> run_group = [&](size_t g) {
+    for (const auto i : groups[g]) {
+      try {
+        run_replica(i);
+      } catch (...) {
+        errors[i] = std::current_exception();
+      }
+    }
+  };
+  pool.run(groups.size(), run_group, serial);
+  return errors;
+}
+
+}  // namespace
+
 void run_replicas(
-    WorkerPool& pool, at::ArrayRef<c10::Device> devices, const std::function<void(size_t)>& task, Issuing issuing) {
+    WorkerPool& pool, at::ArrayRef<c10::Device> devices, const std::function<void(size_t)>& task, Issuing issuing,
+    bool reproducible) {
   const size_t n = devices.size();
   // Threads do not inherit thread-local state: capture the caller's (grad mode, inference mode, autocast
   // state and dtype, dispatch keys, ...) and its current stream per device, and install them in each worker.
@@ -360,16 +426,21 @@ void run_replicas(
     }
     task(i);
   };
-  issuing = resolve_issuing(issuing, devices);
-  const bool measuring = issuing == Issuing::kAuto && n > 1;  // the pool settles kAuto (Note [Issuing replicas])
-  if (measuring) {
-    issuing = pool.next_auto_issuing();
-  }
-  const auto start = std::chrono::steady_clock::now();
-  const auto errors = pool.run(n, run_replica, issuing == Issuing::kSerial);
-  const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
-  if (measuring && std::none_of(errors.begin(), errors.end(), [](const std::exception_ptr& e) { return bool(e); })) {
-    pool.record_auto_issuing(issuing, took.count());
+  std::vector<std::exception_ptr> errors;
+  if (reproducible) {
+    errors = run_per_generator(pool, devices, run_replica, issuing == Issuing::kSerial);
+  } else {
+    issuing = resolve_issuing(issuing, devices);
+    const bool measuring = issuing == Issuing::kAuto && n > 1;  // the pool settles kAuto (Note [Issuing replicas])
+    if (measuring) {
+      issuing = pool.next_auto_issuing();
+    }
+    const auto start = std::chrono::steady_clock::now();
+    errors = pool.run(n, run_replica, issuing == Issuing::kSerial);
+    const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
+    if (measuring && std::none_of(errors.begin(), errors.end(), [](const std::exception_ptr& e) { return bool(e); })) {
+      pool.record_auto_issuing(issuing, took.count());
+    }
   }
   for (size_t i = 0; i < n; ++i) {
     if (errors[i]) {

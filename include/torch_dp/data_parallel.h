@@ -2,6 +2,7 @@
 // data_parallel: torch_dp::DataParallel, a torch::nn module that runs the module it wraps in parallel over
 // devices, and torch_dp::data_parallel, a drop-in for torch::nn::parallel::data_parallel.
 
+#include <torch_dp/criterion.h>
 #include <torch_dp/detail/gather_outputs.h>
 #include <torch_dp/detail/module_caller.h>
 #include <torch_dp/detail/split_arguments.h>
@@ -21,6 +22,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <typeinfo>
 #include <utility>
 #include <vector>
 
@@ -50,6 +52,11 @@ struct DataParallelOptions {
   /// fused optimizers (`fused=true`), BatchNorm's running statistics updated by the module itself, edits
   /// through `.data()` or a raw pointer (Note [Stale copies]).
   TORCH_ARG(bool, trust_version_counters) = false;
+  /// Two runs with the same seed give bitwise equal results, random ops in the forward (dropout) included:
+  /// replicas sharing a device run one after another in index order (on the calling thread for the first
+  /// device), so they draw from the device's generator as the chunks run one after another would; distinct
+  /// devices still run at once, and Issuing::kAuto measures nothing (Note [Reproducible replicas]).
+  TORCH_ARG(bool, reproducible) = false;
 };
 
 namespace detail {
@@ -68,7 +75,9 @@ struct TestAccess;  // test hooks, src/test_access.h
 /// same device, and copies elsewhere are refreshed before every forward. Gradients reach the
 /// wrapped module's parameters, BatchNorm statistics follow PyTorch's rule (the first replica's updates are
 /// kept), grad mode and autocast reach the workers, and a failing replica is rethrown as a ReplicaError that
-/// names it. The wrapped module must be Cloneable when several replicas are used.
+/// names it. The wrapped module must implement clone() (derive from torch::nn::Cloneable<Net>) when more than one
+/// replica is used; a plain torch::nn::Module is refused then with a c10::Error that shows the fix, when the
+/// DataParallel is built where its type shows it (Note [Plain modules]). One device that holds it needs no clone.
 class DataParallelImpl : public torch::nn::Cloneable<DataParallelImpl> {
  public:
   explicit DataParallelImpl(detail::ModuleCaller module, DataParallelOptions options = {});
@@ -103,8 +112,21 @@ class DataParallelImpl : public torch::nn::Cloneable<DataParallelImpl> {
   template <typename ReturnType = at::Tensor, typename... ArgumentTypes>
   ReturnType forward_as(const ArgumentTypes&... arguments);
 
+  /// forward_as without its gather: the replicas' outputs stay on the devices that computed them, with those
+  /// devices and their chunk sizes along dim, for a ParallelCriterion (the loss computed on the replicas, so that
+  /// the output device never holds the whole output and its gradient). .gather() gives what forward_as returns.
+  template <typename ReturnType = at::Tensor, typename... ArgumentTypes>
+  ScatteredOutputs<ReturnType> forward_scattered(const ArgumentTypes&... arguments);
+
   /// The wrapped module (registered as the submodule "module", so parameters are named "module.<name>").
   std::shared_ptr<torch::nn::Module> module() const { return module_.ptr(); }
+
+  /// The wrapped module as the type it was given as: module_as<NetImpl>() gives a std::shared_ptr<NetImpl>,
+  /// module_as<Net>() (a module holder, TORCH_MODULE) a Net. Throws a c10::Error naming both types when the
+  /// module is not a ModuleType. Code that expects the module's own interface takes it from here: it is the
+  /// module itself, not a copy, so its members, submodules and weights are the ones DataParallel trains.
+  template <typename ModuleType>
+  auto module_as() const;
 
   DataParallelOptions options;
 
@@ -119,6 +141,11 @@ class DataParallelImpl : public torch::nn::Cloneable<DataParallelImpl> {
   /// Ensures replicas for the first `count` devices are current and returns them (Note [C++ replicas]).
   std::vector<detail::ModuleCaller*> replicas(size_t count);
   std::unique_lock<std::mutex> lock();
+  /// The pool, kept alive by its holder for as long as a ScatteredOutputs needs it.
+  std::shared_ptr<WorkerPool> shared_pool();
+  /// Split, replicate, run: the outputs of the replicas that ran, in order (forward_as less the gather).
+  template <typename ReturnType, typename... ArgumentTypes>
+  std::vector<ReturnType> replica_outputs(const ArgumentTypes&... arguments);
   friend struct detail::TestAccess;
 
   detail::ModuleCaller module_;
@@ -129,11 +156,51 @@ class DataParallelImpl : public torch::nn::Cloneable<DataParallelImpl> {
 
 TORCH_MODULE(DataParallel);
 
+template <typename ModuleType>
+auto DataParallelImpl::module_as() const {
+  if constexpr (torch::detail::is_module_holder<ModuleType>::value) {
+    return ModuleType(module_as<typename ModuleType::ContainedType>());
+  } else {
+    auto module = std::dynamic_pointer_cast<ModuleType>(module_.ptr());
+    if (!module) {
+      detail::throw_wrong_module_type(*module_.ptr(), typeid(ModuleType).name());
+    }
+    return module;
+  }
+}
+
 template <typename ReturnType, typename... ArgumentTypes>
 ReturnType DataParallelImpl::forward_as(const ArgumentTypes&... arguments) {
   if (devices_.empty()) {
     return module_.forward<ReturnType>(arguments...);
   }
+  auto outputs = replica_outputs<ReturnType>(arguments...);
+  return detail::gather_outputs<ReturnType>(outputs, output_device(), options.dim());
+}
+
+template <typename ReturnType, typename... ArgumentTypes>
+ScatteredOutputs<ReturnType> DataParallelImpl::forward_scattered(const ArgumentTypes&... arguments) {
+  ScatteredOutputs<ReturnType> result;
+  result.dim = options.dim();
+  if (devices_.empty()) {  // no device: the module's own output, where it is
+    result.outputs.push_back(module_.forward<ReturnType>(arguments...));
+    auto first = detail::first_tensor(result.outputs.front());
+    result.output_device = first.defined() ? first.device() : c10::Device(c10::kCPU);
+    result.devices = {result.output_device};
+  } else {
+    result.outputs = replica_outputs<ReturnType>(arguments...);
+    result.devices.assign(replica_devices_.begin(), replica_devices_.begin() + result.outputs.size());
+    result.output_device = output_device();
+    result.pool = shared_pool();
+    result.issuing = options.issuing();
+    result.reproducible = options.reproducible();
+  }
+  result.fill_chunk_sizes();
+  return result;
+}
+
+template <typename ReturnType, typename... ArgumentTypes>
+std::vector<ReturnType> DataParallelImpl::replica_outputs(const ArgumentTypes&... arguments) {
   auto guard = lock();
   detail::SplitPlan plan;
   plan.devices = devices_;
@@ -158,18 +225,20 @@ ReturnType DataParallelImpl::forward_as(const ArgumentTypes&... arguments) {
             },
             split);
       },
-      options.issuing());
+      options.issuing(), options.reproducible());
   guard.unlock();
   std::vector<ReturnType> outputs;
   outputs.reserve(count);
   for (auto& result : results) {
     outputs.push_back(std::move(*result));
   }
-  return detail::gather_outputs<ReturnType>(outputs, output_device(), options.dim());
+  return outputs;
 }
 
 /// A drop-in for torch::nn::parallel::data_parallel with the same signature, on torch_dp's engine: replicas
-/// are kept per module between calls instead of cloned on every call, and the module is not moved.
+/// are kept per module between calls instead of cloned on every call, and the module is not moved. `module`
+/// is what upstream takes: a std::shared_ptr<M> or a module holder (Net, torch::nn::Linear, nn::Sequential).
+/// `devices` defaults to every accelerator device; without one, the module is called directly.
 template <typename ModuleType>
 at::Tensor data_parallel(
     ModuleType module, at::Tensor input, std::optional<std::vector<c10::Device>> devices = std::nullopt,
@@ -178,6 +247,16 @@ at::Tensor data_parallel(
 namespace detail {
 /// The cached DataParallel for a module (weakly keyed by the module), made or updated for these options.
 DataParallel cached_data_parallel(const ModuleCaller& module, const DataParallelOptions& options);
+
+/// The module behind what data_parallel accepts: a std::shared_ptr<M> or a module holder.
+template <typename ModuleType>
+std::shared_ptr<ModuleType> module_pointer(const std::shared_ptr<ModuleType>& module) {
+  return module;
+}
+template <typename ModuleType>
+std::shared_ptr<ModuleType> module_pointer(const torch::nn::ModuleHolder<ModuleType>& module) {
+  return module.ptr();
+}
 }  // namespace detail
 
 template <typename ModuleType>
@@ -189,7 +268,8 @@ at::Tensor data_parallel(
     options.devices(*devices);
   }
   options.output_device(output_device).dim(dim);
-  return detail::cached_data_parallel(detail::ModuleCaller::of(module.ptr()), options)->forward(input);
+  return detail::cached_data_parallel(detail::ModuleCaller::of(detail::module_pointer(module)), options)
+      ->forward(input);
 }
 
 }  // namespace torch_dp

@@ -84,9 +84,14 @@ const char* issuing_name(Issuing issuing);
 /// autocast and its dtype, ...), with devices[i] as the current device and the caller's current stream for
 /// devices[i] as the current stream, issued as `issuing` says. After every task finished, the first failure
 /// (lowest i) is rethrown as a ReplicaError.
+///
+/// With `reproducible`, replicas sharing a device (and so that device's default random generator) run one after
+/// another in index order on one thread, so random ops draw from the generator in the same order on every run:
+/// one thread per distinct device, the first device's on the calling thread (every device's on the calling
+/// thread with kSerial), and kAuto measures nothing (Note [Reproducible replicas] in parallel_apply.cpp).
 void run_replicas(
     WorkerPool& pool, at::ArrayRef<c10::Device> devices, const std::function<void(size_t)>& task,
-    Issuing issuing = Issuing::kAuto);
+    Issuing issuing = Issuing::kAuto, bool reproducible = false);
 
 /// How a device is named in error messages: "cpu" for the CPU, the index for accelerators (as PyTorch does).
 std::string device_label(c10::Device device);

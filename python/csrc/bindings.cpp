@@ -135,7 +135,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "run_replicas",
       // fn(i) runs replica i; what escapes it is re-raised after all replicas ran (worker_threads.h).
       &torch_dp::python::run_replicas, py::arg("pool"), py::arg("devices"), py::arg("fn"),
-      py::arg("issuing") = torch_dp::Issuing::kThreads);
+      py::arg("issuing") = torch_dp::Issuing::kThreads, py::arg("reproducible") = false);
 
   m.def(
       "replica_location",

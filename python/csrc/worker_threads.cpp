@@ -32,7 +32,9 @@ void keep_thread_state() {
   PyEval_SaveThread();
 }
 
-void run_replicas(WorkerPool& pool, const std::vector<c10::Device>& devices, const py::function& fn, Issuing issuing) {
+void run_replicas(
+    WorkerPool& pool, const std::vector<c10::Device>& devices, const py::function& fn, Issuing issuing,
+    bool reproducible) {
   std::exception_ptr failure;
   {
     py::gil_scoped_release no_gil;
@@ -42,7 +44,7 @@ void run_replicas(WorkerPool& pool, const std::vector<c10::Device>& devices, con
       fn(i);
     };
     try {
-      torch_dp::run_replicas(pool, devices, task, issuing);
+      torch_dp::run_replicas(pool, devices, task, issuing, reproducible);
     } catch (const ReplicaError& e) {
       failure = e.original();
     } catch (...) {

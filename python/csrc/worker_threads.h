@@ -20,6 +20,7 @@ void keep_thread_state();
 /// escapes is raised after all replicas ran: the first failure (lowest i), as the exception the replica threw
 /// (not wrapped in a ReplicaError), translated to Python the way torch translates C++ exceptions.
 void run_replicas(
-    WorkerPool& pool, const std::vector<c10::Device>& devices, const pybind11::function& fn, Issuing issuing);
+    WorkerPool& pool, const std::vector<c10::Device>& devices, const pybind11::function& fn, Issuing issuing,
+    bool reproducible);
 
 }  // namespace torch_dp::python

@@ -4,7 +4,13 @@ model = torch_dp.DataParallel(model)              # instead of torch.nn.DataPara
 model = torch_dp.DataParallel(model, ["cpu"] * 4) # four CPU replicas, no GPU needed
 """
 
+import os as _os
+
 import torch
+
+# For C++ programs, like torch.utils.cmake_prefix_path: the CMake package TorchDP (find_package(TorchDP)) that
+# pip installed with this package, its headers and libtorch_dp (README.md, C++ usage).
+cmake_prefix_path = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "share", "cmake")
 
 try:
     from torch_dp._build_info import TORCH_DP_VERSION as __version__  # noqa: F401 - the package version
@@ -25,6 +31,7 @@ if torch.__version__ != _BUILT_AGAINST:
     )
 
 from torch_dp import _C  # noqa: E402, F401 - loads the compiled part at import, after the version check
+from torch_dp.criterion import ParallelCriterion, ScatteredOutputs, SumAndCount  # noqa: E402
 from torch_dp.data_parallel import DataParallel, data_parallel, is_patched, patch, unpatch  # noqa: E402
 from torch_dp.parallel_apply import parallel_apply  # noqa: E402
 from torch_dp.replicate import replicate  # noqa: E402
@@ -33,6 +40,9 @@ from torch_dp.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm  # noq
 
 __all__ = [
     "DataParallel",
+    "ParallelCriterion",
+    "ScatteredOutputs",
+    "SumAndCount",
     "SyncBatchNorm",
     "convert_sync_batchnorm",
     "data_parallel",

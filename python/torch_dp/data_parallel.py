@@ -15,6 +15,7 @@ import torch
 from torch.nn.parallel.data_parallel import _check_balance
 
 from torch_dp import _C
+from torch_dp.criterion import ScatteredOutputs
 from torch_dp.devices import (
     _MINUS_ONE_DEPRECATED,
     DeviceLike,
@@ -24,7 +25,7 @@ from torch_dp.devices import (
     _is_minus_one,
     _public_id,
 )
-from torch_dp.parallel_apply import _checked_issuing, _default_pool, _parallel_apply
+from torch_dp.parallel_apply import _checked_issuing, _default_pool, _device_of, _parallel_apply
 from torch_dp.replicate import _Replicas, replicate
 from torch_dp.scatter_gather import _checked_kwargs, _devices_that_run, _gather, _scatter_kwargs, gather
 
@@ -80,6 +81,13 @@ class DataParallel(torch.nn.DataParallel):
     pointer moved. Writes that move neither are then missed: fused optimizers (``fused=True``), in-place edits
     through ``.data``, BatchNorm statistics updated by running ``dp.module`` itself, writes through
     ``data_ptr()`` from extensions. Leave it off when training.
+
+    ``reproducible`` (keyword only, default ``False``) makes two runs with the same seed bitwise equal where
+    random ops in the forward (dropout, ``randn_like``) would otherwise depend on thread timing: replicas that
+    share a device (``["cpu"] * 4``, ``[0, 0]``) share its random generator, and run one after another in index
+    order, drawing from it as the chunks run one after another through the module would. Replicas on distinct
+    devices still run at once; ``"auto"`` then measures nothing. With SyncBatchNorm layers the replicas of a
+    device take turns between the layers instead (Note [Reproducible replicas] in parallel_apply.cpp).
     """
 
     def __init__(
@@ -92,6 +100,7 @@ class DataParallel(torch.nn.DataParallel):
         chunk_sizes: Optional[Sequence[int]] = None,
         issuing: str = "auto",
         trust_version_counters: bool = False,
+        reproducible: bool = False,
     ) -> None:
         torch.nn.Module.__init__(self)  # nn.DataParallel.__init__ would reject CPU devices
         torch._C._log_api_usage_once("torch_dp.DataParallel")
@@ -101,6 +110,9 @@ class DataParallel(torch.nn.DataParallel):
         if not isinstance(trust_version_counters, bool):
             raise TypeError(f"trust_version_counters must be a bool, but got {trust_version_counters!r}")
         self.trust_version_counters = trust_version_counters
+        if not isinstance(reproducible, bool):
+            raise TypeError(f"reproducible must be a bool, but got {reproducible!r}")
+        self.reproducible = reproducible
         accelerator = _accelerator_type()
         if accelerator is None and not _names_cpu(device_ids):
             # No accelerator: call the module directly, as torch.nn.DataParallel does.
@@ -129,21 +141,51 @@ class DataParallel(torch.nn.DataParallel):
         with _record_function("DataParallel.forward"):
             if not self.device_ids:
                 return self.module(*inputs, **kwargs)
-            engine = self._get_engine()
-            with engine.replicas.lock:
-                engine.replicas.sync(self.module, self._replica_devices)
-                engine.replicas.check_device(self.src_device_obj)
-                inputs, module_kwargs = self.scatter(inputs, kwargs, self.device_ids)
-                # For forward functions without any inputs, an empty list and dict are passed.
-                if not inputs and not module_kwargs:
-                    inputs, module_kwargs = ((),), ({},)
-                if len(self.device_ids) == 1:
-                    return self.module(*inputs[0], **module_kwargs[0])
-                # replicate checks the module tree again (an overridden scatter may have changed it); with
-                # nothing changed that check reads no dict entry (Note [Watching a module tree]).
-                replicas = self.replicate(self.module, self._replica_ids[: len(inputs)])
-                outputs = self.parallel_apply(replicas, inputs, module_kwargs)
+            outputs = self._replica_outputs(inputs, kwargs)
+            if len(self.device_ids) == 1:
+                return outputs[0]
             return self.gather(outputs, self.output_device)
+
+    def forward_scattered(self, *inputs: Any, **kwargs: Any) -> ScatteredOutputs:
+        """The forward without its gather: the replicas' outputs stay on the devices that computed them, in a
+        :class:`torch_dp.ScatteredOutputs` with their devices and chunk sizes along ``dim``, for a
+        :class:`torch_dp.ParallelCriterion` (the loss computed on the replicas, so that ``output_device`` never
+        holds the whole output and its gradient). ``.gather()`` on it gives what ``forward`` returns. Hooks
+        registered on this wrapper itself do not run (those on ``self.module`` do)."""
+        with _record_function("DataParallel.forward_scattered"):
+            dim = getattr(self, "dim", 0)  # not set without devices, as upstream
+            if not self.device_ids:
+                output = self.module(*inputs, **kwargs)
+                device = _device_of(output)
+                return ScatteredOutputs([output], [device], dim, device, pool=_default_pool(), issuing=self.issuing)
+            outputs = self._replica_outputs(inputs, kwargs)
+            engine = self._get_engine()
+            return ScatteredOutputs(
+                outputs,
+                self._replica_devices[: len(outputs)],
+                dim,
+                self._output_device_obj,
+                pool=engine.pool,
+                issuing=self.issuing,
+                reproducible=getattr(self, "reproducible", False),
+            )
+
+    def _replica_outputs(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        """Scatter, replicate and parallel_apply: the outputs of the replicas that ran, in order."""
+        engine = self._get_engine()
+        with engine.replicas.lock:
+            engine.replicas.sync(self.module, self._replica_devices)
+            engine.replicas.check_device(self.src_device_obj)
+            inputs, module_kwargs = self.scatter(inputs, kwargs, self.device_ids)
+            # For forward functions without any inputs, an empty list and dict are passed.
+            if not inputs and not module_kwargs:
+                inputs, module_kwargs = ((),), ({},)
+            if len(self.device_ids) == 1:
+                return [self.module(*inputs[0], **module_kwargs[0])]
+            # replicate checks the module tree again (an overridden scatter may have changed it); with
+            # nothing changed that check reads no dict entry (Note [Watching a module tree]).
+            replicas = self.replicate(self.module, self._replica_ids[: len(inputs)])
+            return self.parallel_apply(replicas, inputs, module_kwargs)
 
     # The four steps are methods, as upstream, so subclasses can override any of them.
 
@@ -175,6 +217,7 @@ class DataParallel(torch.nn.DataParallel):
             synchronize=engine.replicas.has_sync_batchnorm,
             issuing=self.issuing,
             compiled=engine.replicas.has_compiled,
+            reproducible=self.reproducible,
         )
 
     def gather(self, outputs: Any, output_device: DeviceLike) -> Any:
@@ -203,6 +246,7 @@ class DataParallel(torch.nn.DataParallel):
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("issuing", "auto")  # pickled before `issuing` existed
         state.setdefault("trust_version_counters", False)
+        state.setdefault("reproducible", False)
         super().__setstate__(state)
         self._engine = None
         if self.device_ids and "_replica_devices" not in state:  # pickled before empty chunks ran no replica
@@ -300,9 +344,14 @@ def data_parallel(
     output_device: Optional[DeviceLike] = None,
     dim: int = 0,
     module_kwargs: Optional[dict[str, Any]] = None,
+    *,
+    reproducible: bool = False,
 ) -> Any:
     """Evaluates ``module(*inputs, **module_kwargs)`` in parallel across ``device_ids``, like
-    ``torch.nn.parallel.data_parallel``. Replicas are cached per module between calls."""
+    ``torch.nn.parallel.data_parallel``. Replicas are cached per module between calls. ``reproducible`` (keyword
+    only) as for :class:`DataParallel`."""
+    if not isinstance(reproducible, bool):
+        raise TypeError(f"reproducible must be a bool, but got {reproducible!r}")
     if not isinstance(inputs, tuple):
         inputs = (inputs,) if inputs is not None else ()
     # Every check that does not need the replicas' outputs comes first, gather's included: a training-mode
@@ -330,6 +379,7 @@ def data_parallel(
             _default_pool(),
             issuing="auto",
             compiled=replicas.has_compiled,
+            reproducible=reproducible,
         )
     if _is_minus_one(output_device):
         warnings.warn(_MINUS_ONE_DEPRECATED, FutureWarning, stacklevel=2)

@@ -15,7 +15,7 @@ from torch._utils import ExceptionWrapper
 
 from torch_dp import _C
 from torch_dp.devices import DeviceLike, _accelerator_type, _as_device
-from torch_dp.sync_batchnorm import PeerReplicaFailed, SyncGroup, in_replica, replica_context
+from torch_dp.sync_group import PeerReplicaFailed, SyncGroup, in_replica, replica_context
 
 __all__ = ["parallel_apply"]
 
@@ -59,14 +59,21 @@ def _parallel_apply(
     synchronize: bool = False,
     issuing: str = "threads",
     compiled: bool = False,
+    reproducible: bool = False,
 ) -> list[Any]:
     """Runs replica i on inputs[i] and kwargs_tup[i] on the pool, issued as `issuing` says (Note [Issuing
     replicas] in parallel_apply.cpp). With `synchronize` (replicas holding SyncBatchNorm layers), those layers
     meet across replicas (Note [Synchronized batch norm]); only for a pool no other call can use at the same
     time, since replicas waiting for each other must all be running. `compiled` (replicas of a torch.compile
-    wrapper) makes "auto" serial on one device (Note [Compiled replicas] in replicate.py)."""
+    wrapper) makes "auto" serial on one device (Note [Compiled replicas] in replicate.py). With `reproducible`,
+    replicas sharing a device draw random numbers in index order (Note [Reproducible replicas] in
+    parallel_apply.cpp)."""
     results: list[Any] = [None] * len(modules)
-    group = SyncGroup(len(modules)) if synchronize and len(modules) > 1 and not in_replica() else None
+    group = None
+    if synchronize and len(modules) > 1 and not in_replica():
+        # Under `reproducible` the replicas run on threads all the same, and those sharing a device take turns
+        # (Note [Reproducible synchronized batch norm]).
+        group = SyncGroup(len(modules), turns=devices if reproducible else None)
     if group is not None:
         if issuing == "serial":
             raise RuntimeError(
@@ -87,6 +94,7 @@ def _parallel_apply(
                 results[i] = modules[i](*args, **kwargs_tup[i])
             else:
                 with replica_context(group, i):
+                    group.wait_turn(i)
                     results[i] = modules[i](*args, **kwargs_tup[i])
         except BaseException:
             failed = True
@@ -97,7 +105,8 @@ def _parallel_apply(
 
     if _rebuild_autograd_engine_first:
         _rebuild_autograd_engine()  # Note [After fork]
-    _C.run_replicas(pool, devices, run_replica, getattr(_C.Issuing, issuing))
+    # With a SyncGroup the replicas must run at once, and the group orders them where `reproducible` asks.
+    _C.run_replicas(pool, devices, run_replica, getattr(_C.Issuing, issuing), reproducible and group is None)
     failures = [r for r in results if isinstance(r, ExceptionWrapper)]
     if failures:
         # A replica that waited for a failed one reports that; raise the failure itself.

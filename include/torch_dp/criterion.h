@@ -1,0 +1,201 @@
+#pragma once
+// criterion: outputs left on the devices that computed them (ScatteredOutputs, from
+// DataParallel::forward_scattered) and ParallelCriterion, a loss computed on every replica's chunk and reduced to
+// the loss of the whole batch.
+
+#include <torch_dp/detail/gather_outputs.h>
+#include <torch_dp/parallel_apply.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/ivalue.h>
+#include <c10/core/Device.h>
+#include <torch/arg.h>
+#include <torch/nn/modules/loss.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace torch_dp {
+
+namespace detail {
+/// The first tensor of an output (in the order gather visits them); undefined when it holds none.
+inline at::Tensor first_tensor(const at::Tensor& output) {
+  return output;
+}
+inline at::Tensor first_tensor(const std::vector<at::Tensor>& output) {
+  return output.empty() ? at::Tensor() : output.front();
+}
+at::Tensor first_tensor(const c10::IValue& output);
+template <typename... Ts>
+at::Tensor first_tensor(const std::tuple<Ts...>& output) {
+  if constexpr (sizeof...(Ts) == 0) {
+    return at::Tensor();
+  } else {
+    return first_tensor(std::get<0>(output));
+  }
+}
+/// The size along dim of the output's first tensor; -1 when it has no tensor or no such dimension.
+int64_t rows_along(const at::Tensor& tensor, int64_t dim);
+}  // namespace detail
+
+/// The outputs of a DataParallel forward left where the replicas computed them: outputs[i] (a Tensor,
+/// std::vector<Tensor>, std::tuple of Tensors or IValue) on devices[i], chunk_sizes[i] its first tensor's size
+/// along dim (-1 where it has none). gather() gives what forward_as<Output> would have returned. `pool`,
+/// `issuing` and `reproducible` are how a ParallelCriterion runs its tasks: as the DataParallel's forward did
+/// (a null pool: the criterion's own).
+template <typename Output = at::Tensor>
+struct ScatteredOutputs {
+  std::vector<Output> outputs;
+  std::vector<c10::Device> devices;
+  std::vector<int64_t> chunk_sizes;
+  int64_t dim = 0;
+  c10::Device output_device = c10::kCPU;
+  std::shared_ptr<WorkerPool> pool;
+  Issuing issuing = Issuing::kAuto;
+  bool reproducible = false;
+
+  size_t size() const { return outputs.size(); }
+  const Output& operator[](size_t i) const { return outputs[i]; }
+
+  /// The outputs concatenated along dim on `destination` (default output_device), as forward_as gathers them.
+  Output gather(std::optional<c10::Device> destination = std::nullopt) const {
+    auto copies = outputs;
+    return detail::gather_outputs<Output>(copies, destination.value_or(output_device), dim);
+  }
+
+  /// fn applied to every output, the devices and everything else kept (chunk sizes from fn's results): e.g. the
+  /// logits out of an IValue output, for a ParallelCriterion, which takes tensors.
+  template <typename Fn>
+  auto map(Fn&& fn) const -> ScatteredOutputs<std::decay_t<std::invoke_result_t<Fn&, const Output&>>> {
+    ScatteredOutputs<std::decay_t<std::invoke_result_t<Fn&, const Output&>>> result;
+    for (const auto& output : outputs) {
+      result.outputs.push_back(fn(output));
+    }
+    result.devices = devices;
+    result.dim = dim;
+    result.output_device = output_device;
+    result.pool = pool;
+    result.issuing = issuing;
+    result.reproducible = reproducible;
+    result.fill_chunk_sizes();
+    return result;
+  }
+
+  /// chunk_sizes from outputs and dim.
+  void fill_chunk_sizes() {
+    chunk_sizes.clear();
+    for (const auto& output : outputs) {
+      chunk_sizes.push_back(detail::rows_along(detail::first_tensor(output), dim));
+    }
+  }
+};
+
+/// What a loss callable returns for one chunk to have its mean reduced exactly: the loss summed over the chunk,
+/// and what the whole batch's loss divides by, for this chunk (rows, a sum of class weights, tokens not ignored).
+/// The reduced loss is sum(total) / sum(count) over the replicas (sum(total) for LossReduction::kSum).
+struct SumAndCount {
+  at::Tensor total;
+  at::Tensor count;
+};
+
+/// How a ParallelCriterion over a callable combines the replicas' results.
+enum class LossReduction {
+  /// SumAndCount: sum(total) / sum(count). A tensor: the replicas' values weighted by their chunk's share of the
+  /// batch, sum(loss_i * chunk_sizes[i] / sum(chunk_sizes)), the whole batch's loss for a mean over rows.
+  kMean,
+  /// The sum of the replicas' values (of their totals for SumAndCount).
+  kSum,
+  /// The replicas' per-element losses gathered along dim.
+  kNone,
+};
+
+struct ParallelCriterionOptions {
+  /// The dimension the target is split along; default the outputs' dim.
+  TORCH_ARG(std::optional<int64_t>, dim) = std::nullopt;
+  /// For callables (default kMean). A torch::nn loss takes its own reduction: giving one here is an error.
+  TORCH_ARG(std::optional<LossReduction>, reduction) = std::nullopt;
+  /// Runs on each replica before the loss: (output, target) -> (input, target) for the loss, e.g. flattening a
+  /// language model's (batch, sequence, vocabulary) logits and (batch, sequence) targets. The exact rules apply
+  /// to what it returns.
+  using Prepare = std::function<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&)>;
+  TORCH_ARG(Prepare, prepare) = nullptr;
+};
+
+namespace detail {
+/// One chunk's loss under an exact rule: (the loss with the reduction given, the chunk's denominator).
+using ExactRule = std::function<std::pair<at::Tensor, at::Tensor>(
+    const at::Tensor& input, const at::Tensor& target, int64_t reduction, int64_t split_dim, bool first)>;
+template <typename T>
+inline constexpr bool kAlwaysFalse = false;
+}  // namespace detail
+
+/// A loss computed where the replicas' outputs are, reduced on the output device to the loss of the whole batch
+/// (Note [Reducing a loss over chunks] in criterion.cpp). criterion(outputs, target) splits target along dim into
+/// the outputs' chunk_sizes on their devices, runs the loss for every replica on the DataParallel's worker pool
+/// (the caller's grad mode and autocast state, the replica's device and current stream), and reduces:
+///  - for CrossEntropyLoss and NLLLoss (weight, ignore_index, label_smoothing, class-probability targets),
+///    MSELoss, L1Loss, SmoothL1Loss, HuberLoss, BCELoss, BCEWithLogitsLoss (weight, pos_weight) and KLDivLoss
+///    (log_target), with their own reduction, exactly: "mean"/"batchmean" as the chunks' sums over the sum of
+///    their denominators, "sum" as the sum, "none" gathered; other torch::nn modules do not compile here (wrap
+///    them in a lambda);
+///  - for a callable (input, target) -> Tensor or -> SumAndCount, as LossReduction says.
+/// A replica with an empty chunk does not run the loss (unless all are empty) and adds nothing.
+class ParallelCriterion {
+ public:
+  using Options = ParallelCriterionOptions;
+  using LossFn = std::function<at::Tensor(const at::Tensor& input, const at::Tensor& target)>;
+  using SumAndCountFn = std::function<SumAndCount(const at::Tensor& input, const at::Tensor& target)>;
+
+  explicit ParallelCriterion(torch::nn::CrossEntropyLoss loss, Options options = {});
+  explicit ParallelCriterion(torch::nn::NLLLoss loss, Options options = {});
+  explicit ParallelCriterion(torch::nn::MSELoss loss, Options options = {});
+  explicit ParallelCriterion(torch::nn::L1Loss loss, Options options = {});
+  explicit ParallelCriterion(torch::nn::SmoothL1Loss loss, Options options = {});
+  explicit ParallelCriterion(torch::nn::HuberLoss loss, Options options = {});
+  explicit ParallelCriterion(torch::nn::BCELoss loss, Options options = {});
+  explicit ParallelCriterion(torch::nn::BCEWithLogitsLoss loss, Options options = {});
+  explicit ParallelCriterion(torch::nn::KLDivLoss loss, Options options = {});
+  explicit ParallelCriterion(LossFn loss, Options options = {});
+  explicit ParallelCriterion(SumAndCountFn loss, Options options = {});
+
+  /// Any other torch::nn module: no exact rule; a compile-time error that says what to do.
+  template <typename Impl>
+  explicit ParallelCriterion(const torch::nn::ModuleHolder<Impl>& /*loss*/, Options /*options*/ = {}) {
+    static_assert(
+        detail::kAlwaysFalse<Impl>,
+        "ParallelCriterion has an exact rule for CrossEntropyLoss, NLLLoss, MSELoss, L1Loss, SmoothL1Loss, "
+        "HuberLoss, BCELoss, BCEWithLogitsLoss and KLDivLoss; wrap other losses in a lambda returning a mean over "
+        "the chunk's rows (LossReduction::kMean weights it by the chunk's share) or a torch_dp::SumAndCount");
+  }
+
+  at::Tensor operator()(const ScatteredOutputs<at::Tensor>& outputs, const at::Tensor& target) const {
+    return forward(outputs, target);
+  }
+  at::Tensor forward(const ScatteredOutputs<at::Tensor>& outputs, const at::Tensor& target) const;
+
+  const Options& options() const { return options_; }
+
+ private:
+  ParallelCriterion(
+      std::string name, detail::ExactRule rule, std::function<std::string()> reduction, bool gathers_rows_without_class,
+      Options options);
+
+  std::string name_;
+  detail::ExactRule exact_;                 // a torch::nn loss ...
+  std::function<std::string()> reduction_;  // ... and its current reduction ("mean", "sum", "none", "batchmean")
+  bool drops_class_dim_ = false;            // CrossEntropy/NLL: "none" has no class dimension
+  LossFn loss_;                             // or a callable returning a tensor
+  SumAndCountFn sum_and_count_;             // or one returning SumAndCount
+  Options options_;
+  std::shared_ptr<WorkerPool> own_pool_;
+};
+
+}  // namespace torch_dp

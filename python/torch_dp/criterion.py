@@ -1,0 +1,469 @@
+"""Outputs left on the devices that computed them, and the loss computed there: ScatteredOutputs (what
+DataParallel.forward_scattered returns) and ParallelCriterion, which runs a loss on every replica's chunk on the
+same worker pool as the forward and reduces the per-replica parts to the loss of the whole batch."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Union
+
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+
+from torch_dp import _C
+from torch_dp.devices import DeviceLike, _as_output_device, _checked_dim
+from torch_dp.parallel_apply import _checked_issuing, _default_pool, _parallel_apply
+from torch_dp.scatter_gather import _gather
+
+__all__ = ["ParallelCriterion", "ScatteredOutputs", "SumAndCount"]
+
+
+class SumAndCount(NamedTuple):
+    """What a loss callable returns for one chunk to have its mean reduced exactly: the loss summed over the
+    chunk, and what the whole batch's loss divides by, for this chunk (a row count, a sum of class weights, the
+    number of tokens not ignored). ParallelCriterion returns ``sum(total) / sum(count)`` over the replicas
+    (``sum(total)`` with ``reduction="sum"``)."""
+
+    total: torch.Tensor
+    count: Union[torch.Tensor, int, float]
+
+
+def _rows(output: Any, dim: int) -> Optional[int]:
+    """The size along dim of output's first tensor (in pytree order); None without one that has dim."""
+    for leaf in pytree.tree_leaves(output):
+        if isinstance(leaf, torch.Tensor):
+            return leaf.size(dim) if leaf.dim() > 0 and -leaf.dim() <= dim < leaf.dim() else None
+    return None
+
+
+class ScatteredOutputs(Sequence):
+    """The outputs of a DataParallel forward left where the replicas computed them, with what a later step
+    needs: ``outputs[i]`` (any structure the module returns) was computed on ``devices[i]`` from a chunk of the
+    batch, and ``chunk_sizes[i]`` is its first tensor's size along ``dim`` (None where that tensor has no such
+    dimension). ``pool``, ``issuing`` and ``reproducible`` say how a ParallelCriterion runs its tasks: on the
+    DataParallel's worker pool, as its forward did (default: the shared pool, ``"auto"``). Indexing, ``len``
+    and iteration go over ``outputs``; ``gather()`` gives what the DataParallel's forward would have returned
+    (concatenated on ``output_device``).
+
+    Built by :meth:`torch_dp.DataParallel.forward_scattered`; may also be built by hand from outputs of
+    :func:`torch_dp.parallel_apply`, for :class:`ParallelCriterion`."""
+
+    def __init__(
+        self,
+        outputs: Sequence[Any],
+        devices: Sequence[DeviceLike],
+        dim: int = 0,
+        output_device: Optional[DeviceLike] = None,
+        *,
+        pool: Optional[Any] = None,
+        issuing: str = "auto",
+        reproducible: bool = False,
+    ) -> None:
+        self.outputs = list(outputs)
+        self.devices = tuple(torch.device(d) if not isinstance(d, torch.device) else d for d in devices)
+        if len(self.outputs) != len(self.devices):
+            raise ValueError(
+                f"ScatteredOutputs needs one device per output, but got {len(self.outputs)} outputs and "
+                f"{len(self.devices)} devices"
+            )
+        if not self.outputs:
+            raise ValueError("ScatteredOutputs needs the output of at least one replica, but got none")
+        self.dim = _checked_dim(dim)
+        self.output_device = self.devices[0] if output_device is None else _as_output_device(output_device)
+        self.chunk_sizes = tuple(_rows(out, self.dim) for out in self.outputs)
+        self._pool = pool
+        self._issuing = _checked_issuing(issuing)
+        self._reproducible = reproducible
+
+    def __len__(self) -> int:
+        return len(self.outputs)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.outputs[index]
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.outputs)
+
+    def __repr__(self) -> str:
+        devices = ", ".join(str(d) for d in self.devices)
+        return (
+            f"ScatteredOutputs({len(self.outputs)} replicas on [{devices}], chunk_sizes={list(self.chunk_sizes)}, "
+            f"dim={self.dim}, output_device={self.output_device})"
+        )
+
+    def gather(self, output_device: Optional[DeviceLike] = None) -> Any:
+        """The outputs concatenated along ``dim`` on ``output_device`` (default: the DataParallel's), keeping
+        their structure, exactly as the DataParallel's forward gathers them (differentiable)."""
+        target = self.output_device if output_device is None else _as_output_device(output_device)
+        return _gather(self.outputs, target, self.dim)
+
+    def _run(self, tasks: list[Callable[[], Any]], devices: list[torch.device]) -> list[Any]:
+        """tasks[i]() on devices[i], on the forward's worker pool (same thread-local state and streams)."""
+        pool = self._pool if self._pool is not None else _default_pool()
+        issuing = _loss_issuing(self._issuing, pool, devices)
+        extra = {"reproducible": True} if self._reproducible else {}  # as the forward ran
+        return _parallel_apply(tasks, [()] * len(tasks), [{}] * len(tasks), devices, pool, issuing=issuing, **extra)
+
+
+def _loss_issuing(issuing: str, pool: Any, devices: list[torch.device]) -> str:
+    """How the loss's tasks run: as the forward's `issuing` says; "auto" resolves to threads across devices, and
+    to whatever the pool settled on for the forward where replicas share one device (threads while it is still
+    measuring, so that the loss's tasks do not count as forward timings)."""
+    if issuing != "auto":
+        return issuing
+    if len(set(devices)) > 1:
+        return "threads"
+    settled = pool.settled_auto_issuing
+    return "threads" if settled == _C.Issuing.auto else settled.name
+
+
+# ---- the losses with an exact rule --------------------------------------------------------------------------
+
+# Note [Reducing a loss over chunks]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# The mean of a loss over a batch is a sum over its elements divided by a denominator, and both are sums over the
+# rows of the batch, so each replica computes its chunk's sum (the loss with reduction="sum") and its chunk's
+# denominator, and the result is sum(sums) / sum(denominators) on the output device. Averaging the replicas'
+# means, or dividing their sum by the replica count (PyTorch-Encoding's DataParallelCriterion), weighs every
+# replica equally and is wrong for uneven chunks, and for class weights or ignore_index even with equal chunks.
+# The denominators, read from PyTorch's implementation:
+#  - MSE, L1, SmoothL1, Huber, BCE, BCEWithLogits, KLDiv "mean": the number of elements (weights and pos_weight
+#    rescale elements but do not enter the denominator);
+#  - KLDiv "batchmean": input.size(0), summed over the chunks when the batch is split along dim 0, once otherwise;
+#  - NLL and CrossEntropy with class indices: the sum of weight[target] over the targets not equal to
+#    ignore_index (their count without weight); CrossEntropy's label smoothing term is divided by the same sum
+#    (cross_entropy_loss_label_smoothing in aten/src/ATen/native/LossNLL.cpp), so the sum-reduced loss of a chunk
+#    and this denominator give the mean with label smoothing too;
+#  - CrossEntropy with class probabilities (target shaped like input): input.numel() / C, with or without weight.
+# reduction="sum" is sum(sums); reduction="none" gathers the per-element losses like DataParallel's gather.
+
+
+def _class_count(target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int) -> Any:
+    """The denominator of NLL's and CrossEntropy's mean over class-index targets."""
+    keep = target != ignore_index
+    if weight is None:
+        return keep.sum()
+    return torch.where(keep, weight[target.masked_fill(~keep, 0)], weight.new_zeros(())).sum()
+
+
+def _to(tensor: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+    return None if tensor is None else tensor.to(device)
+
+
+def _elements(input: torch.Tensor, target: torch.Tensor) -> int:
+    return torch.broadcast_shapes(input.shape, target.shape).numel()
+
+
+def _check_not_per_row(name: str, what: str, tensor: Optional[torch.Tensor], input: torch.Tensor, dim: int) -> None:
+    """A BCE weight that differs along the split dimension would have to be split with the batch."""
+    if tensor is None or tensor.dim() == 0:
+        return
+    position = dim % input.dim() - (input.dim() - tensor.dim())
+    if position >= 0 and tensor.size(position) != 1:
+        raise ValueError(
+            f"ParallelCriterion: {name}'s {what} has size {tensor.size(position)} along the dimension the batch is "
+            f"split on (dim {dim} of the input), so it cannot be given to every replica whole; pass per-row weights "
+            "as a target to a callable instead (they are split with the batch)"
+        )
+
+
+def _mse(m: Any, input: Any, target: Any, reduction: str, dim: int, first: bool) -> Any:
+    return F.mse_loss(input, target, reduction=reduction), _elements(input, target)
+
+
+def _l1(m: Any, input: Any, target: Any, reduction: str, dim: int, first: bool) -> Any:
+    return F.l1_loss(input, target, reduction=reduction), _elements(input, target)
+
+
+def _smooth_l1(m: Any, input: Any, target: Any, reduction: str, dim: int, first: bool) -> Any:
+    return F.smooth_l1_loss(input, target, reduction=reduction, beta=m.beta), _elements(input, target)
+
+
+def _huber(m: Any, input: Any, target: Any, reduction: str, dim: int, first: bool) -> Any:
+    return F.huber_loss(input, target, reduction=reduction, delta=m.delta), _elements(input, target)
+
+
+def _bce(m: Any, input: Any, target: Any, reduction: str, dim: int, first: bool) -> Any:
+    _check_not_per_row("BCELoss", "weight", m.weight, input, dim)
+    loss = F.binary_cross_entropy(input, target, weight=_to(m.weight, input.device), reduction=reduction)
+    return loss, input.numel()
+
+
+def _bce_logits(m: Any, input: Any, target: Any, reduction: str, dim: int, first: bool) -> Any:
+    _check_not_per_row("BCEWithLogitsLoss", "weight", m.weight, input, dim)
+    _check_not_per_row("BCEWithLogitsLoss", "pos_weight", m.pos_weight, input, dim)
+    loss = F.binary_cross_entropy_with_logits(
+        input,
+        target,
+        weight=_to(m.weight, input.device),
+        pos_weight=_to(m.pos_weight, input.device),
+        reduction=reduction,
+    )
+    return loss, input.numel()
+
+
+def _kl_div(m: Any, input: Any, target: Any, reduction: str, dim: int, first: bool) -> Any:
+    loss = F.kl_div(input, target, reduction=reduction, log_target=m.log_target)
+    if m.reduction != "batchmean":
+        return loss, _elements(input, target)
+    if input.dim() == 0:
+        return loss, 1 if first else 0
+    # batchmean divides by input.size(0): the sum of the chunks' when the batch is split along dim 0.
+    return loss, input.size(0) if dim % input.dim() == 0 or first else 0
+
+
+def _nll(m: Any, input: Any, target: Any, reduction: str, dim: int, first: bool) -> Any:
+    weight = _to(m.weight, input.device)
+    loss = F.nll_loss(input, target, weight=weight, ignore_index=m.ignore_index, reduction=reduction)
+    return loss, _class_count(target, weight, m.ignore_index)
+
+
+def _cross_entropy(m: Any, input: Any, target: Any, reduction: str, dim: int, first: bool) -> Any:
+    weight = _to(m.weight, input.device)
+    loss = F.cross_entropy(
+        input,
+        target,
+        weight=weight,
+        ignore_index=m.ignore_index,
+        reduction=reduction,
+        label_smoothing=m.label_smoothing,
+    )
+    if input.shape == target.shape:  # class probabilities: divided by the number of samples
+        classes = input.size(1) if input.dim() > 1 else input.size(0)
+        return loss, input.numel() // classes if classes else 0
+    return loss, _class_count(target, weight, m.ignore_index)
+
+
+_EXACT: dict[type, Callable[..., Any]] = {
+    torch.nn.MSELoss: _mse,
+    torch.nn.L1Loss: _l1,
+    torch.nn.SmoothL1Loss: _smooth_l1,
+    torch.nn.HuberLoss: _huber,
+    torch.nn.BCELoss: _bce,
+    torch.nn.BCEWithLogitsLoss: _bce_logits,
+    torch.nn.KLDivLoss: _kl_div,
+    torch.nn.NLLLoss: _nll,
+    torch.nn.CrossEntropyLoss: _cross_entropy,
+}
+
+
+def _exact_rule(loss: Any) -> Optional[Callable[..., Any]]:
+    """The rule of a supported torch.nn loss (or a subclass that keeps its forward); None for other callables;
+    an error for other torch.nn losses, whose reduction has no exact rule here."""
+    for kind, rule in _EXACT.items():
+        if isinstance(loss, kind) and type(loss).forward is kind.forward:
+            return rule
+    if isinstance(loss, torch.nn.modules.loss._Loss):
+        supported = ", ".join(kind.__name__ for kind in _EXACT)
+        raise TypeError(
+            f"ParallelCriterion has no exact rule for {type(loss).__name__} (it has one for {supported}); wrap it "
+            "in a callable that returns torch_dp.SumAndCount(sum over the chunk, the chunk's denominator), or one "
+            "returning a mean over the chunk's rows, which ParallelCriterion(fn, reduction='mean') weights by each "
+            "chunk's share of the batch"
+        )
+    return None
+
+
+def _checked_reduction(reduction: Any, allowed: tuple[str, ...], whose: str) -> str:
+    if reduction not in allowed:
+        raise ValueError(
+            f"ParallelCriterion supports reduction {', '.join(map(repr, allowed))} for {whose}, but got {reduction!r}"
+        )
+    return reduction
+
+
+class ParallelCriterion(torch.nn.Module):
+    r"""Computes a loss on the replicas' outputs where they are, and reduces it to the loss of the whole batch.
+
+    ``criterion(scattered, *targets, **kwargs)`` takes the :class:`ScatteredOutputs` of
+    :meth:`torch_dp.DataParallel.forward_scattered`, splits every tensor among ``targets`` and ``kwargs`` along
+    ``dim`` (default: the outputs' ``dim``) into the outputs' ``chunk_sizes`` on the replicas' devices, runs the
+    loss on each replica's device on the DataParallel's worker threads (with the caller's grad mode, autocast
+    state and streams, as the forward), and reduces the per-replica results on the output device. Device 0 then
+    never holds the whole output or its gradient.
+
+    For ``loss`` a ``torch.nn`` loss among ``CrossEntropyLoss`` and ``NLLLoss`` (``weight``, ``ignore_index``,
+    ``label_smoothing``, class-probability targets), ``MSELoss``, ``L1Loss``, ``SmoothL1Loss``, ``HuberLoss``,
+    ``BCELoss``, ``BCEWithLogitsLoss`` (``weight``, ``pos_weight``) and ``KLDivLoss`` (``log_target``), its own
+    ``reduction`` applies and the result is the loss of the whole batch, to float rounding, whatever the chunk
+    sizes (Note [Reducing a loss over chunks]): ``"mean"`` (and ``"batchmean"``) as sum of the chunks' sums over
+    sum of their denominators, ``"sum"`` as the sum, ``"none"`` gathered like the forward's output. Other
+    ``torch.nn`` losses are an error at construction.
+
+    Any other callable ``loss(output, *targets, **kwargs)`` runs on each chunk, and ``reduction`` (default
+    ``"mean"``) says how its results combine:
+
+    - a :class:`SumAndCount` ``(total, count)``: ``sum(total) / sum(count)`` for ``"mean"``, ``sum(total)`` for
+      ``"sum"``; exact for any loss that is a sum divided by a count (tokens not ignored, say);
+    - a tensor: for ``"mean"`` the chunks' values weighted by their share of the batch,
+      ``sum(loss_i * chunk_sizes[i] / sum(chunk_sizes))``, which is the whole batch's loss when the callable
+      returns a mean over its chunk's rows (with the same number of elements per row); ``"sum"`` adds them (a
+      loss summed over rows); ``"none"`` gathers them along ``dim``.
+
+    A replica whose chunk is empty does not run the loss (unless all are), and contributes nothing.
+
+    ``prepare(output, *targets)``, if given, runs on each replica before the loss and returns ``(input,
+    *targets)`` for it, e.g. ``lambda out, y: (out.logits.flatten(0, 1), y.flatten())`` for a language model.
+    """
+
+    def __init__(
+        self,
+        loss: Callable[..., Any],
+        dim: Optional[int] = None,
+        *,
+        reduction: Optional[str] = None,
+        prepare: Optional[Callable[..., Any]] = None,
+    ) -> None:
+        super().__init__()
+        if not callable(loss):
+            raise TypeError(f"ParallelCriterion needs a loss module or callable, but got {type(loss).__name__}")
+        self._rule = _exact_rule(loss)
+        if self._rule is not None:
+            if reduction is not None:
+                raise ValueError(
+                    f"ParallelCriterion takes the reduction of {type(loss).__name__} from the module "
+                    f"(reduction={loss.reduction!r}); set it there instead of passing reduction={reduction!r}"
+                )
+            self._check_module_reduction(loss)
+        else:
+            reduction = _checked_reduction(
+                "mean" if reduction is None else reduction, ("mean", "sum", "none"), "a callable"
+            )
+        if dim is not None:
+            _checked_dim(dim)
+        if prepare is not None and not callable(prepare):
+            raise TypeError(f"prepare must be callable, but got {type(prepare).__name__}")
+        self.loss = loss
+        self.dim = dim
+        self.reduction = reduction
+        self.prepare = prepare
+
+    def _check_module_reduction(self, loss: Any) -> str:
+        allowed = (
+            ("mean", "sum", "none", "batchmean") if isinstance(loss, torch.nn.KLDivLoss) else ("mean", "sum", "none")
+        )
+        return _checked_reduction(loss.reduction, allowed, type(loss).__name__)
+
+    def forward(self, outputs: ScatteredOutputs, *targets: Any, **kwargs: Any) -> Any:
+        if not isinstance(outputs, ScatteredOutputs):
+            raise TypeError(
+                "ParallelCriterion takes the ScatteredOutputs of DataParallel.forward_scattered(...), but got "
+                f"{type(outputs).__name__}; for a gathered output call the loss itself"
+            )
+        dim = outputs.dim if self.dim is None else self.dim
+        sizes = outputs.chunk_sizes
+        if any(n is None for n in sizes):
+            raise ValueError(
+                f"ParallelCriterion splits the targets by the outputs' sizes along dim {outputs.dim}, but a "
+                f"replica's first output tensor has no dim {outputs.dim} (chunk_sizes={list(sizes)})"
+            )
+        split = _split_targets((targets, kwargs), outputs.devices, list(sizes), dim)
+        runs = [i for i, n in enumerate(sizes) if n > 0] or [0]
+        exact = self._rule is not None
+        reduction = self._check_module_reduction(self.loss) if exact else self.reduction
+        losses = self._losses_for([outputs.devices[i] for i in runs]) if not exact else None
+
+        def task(slot: int, i: int) -> Any:
+            out, (args, kw) = outputs.outputs[i], split[i]
+            if self.prepare is not None:
+                out, *args = self.prepare(out, *args)
+            if exact:
+                if len(args) != 1 or kw:
+                    raise TypeError(
+                        f"{type(self.loss).__name__} takes one target and no keyword arguments, but got "
+                        f"{len(args)} targets and keywords {sorted(kw)}"
+                    )
+                kind = "none" if reduction == "none" else "sum"
+                return self._rule(self.loss, out, args[0], kind, outputs.dim, slot == 0)
+            return losses[slot](out, *args, **kw)
+
+        tasks = [functools.partial(task, slot, i) for slot, i in enumerate(runs)]
+        results = outputs._run(tasks, [outputs.devices[i] for i in runs])
+        target = outputs.output_device
+        if reduction == "none":
+            parts = [r[0] for r in results] if exact else results
+            return _gather(parts, target, _none_dim(self.loss, parts[0], dim) if exact else dim, where="loss")
+        if exact:
+            results = [SumAndCount(*r) for r in results]
+        return _reduce(results, reduction, [sizes[i] for i in runs], target)
+
+    def _losses_for(self, devices: list[torch.device]) -> list[Callable[..., Any]]:
+        """The callable once per replica: a module holding tensors is replicated onto devices it is not on."""
+        loss = self.loss
+        if isinstance(loss, torch.nn.Module):
+            places = {t.device for t in loss.parameters()} | {t.device for t in loss.buffers()}
+            if places and places != set(devices):
+                from torch_dp.replicate import replicate
+
+                return replicate(loss, devices, detach=not torch.is_grad_enabled())
+        return [loss] * len(devices)
+
+    def extra_repr(self) -> str:
+        parts = [] if self.dim is None else [f"dim={self.dim}"]
+        if self.reduction is not None:
+            parts.append(f"reduction={self.reduction!r}")
+        return ", ".join(parts)
+
+
+def _none_dim(loss: Any, part: torch.Tensor, dim: int) -> int:
+    """Where the per-element losses of a reduction="none" chunk have their rows: CrossEntropy and NLL drop the
+    class dimension (1) of an input that has one."""
+    if isinstance(loss, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)) and dim > 0 and part.dim() < dim + 1:
+        return dim - 1
+    return dim
+
+
+def _split_targets(
+    tree: Any, devices: Sequence[torch.device], sizes: list[int], dim: int
+) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """(targets, kwargs) once per replica, every tensor split along dim into `sizes` on `devices`."""
+    leaves, spec = pytree.tree_flatten_with_path(tree)
+    total = sum(sizes)
+    columns: list[list[Any]] = []
+    for path, leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            columns.append([leaf] * len(devices))
+            continue
+        if leaf.dim() == 0 or not -leaf.dim() <= dim < leaf.dim() or leaf.size(dim) != total:
+            size = (
+                f"{leaf.size(dim)} along dim {dim}"
+                if leaf.dim() > 0 and -leaf.dim() <= dim < leaf.dim()
+                else f"shape {tuple(leaf.shape)}"
+            )
+            name = ("targets", "kwargs")[path[0].idx] + pytree.keystr(path[1:])
+            raise ValueError(
+                f"ParallelCriterion splits every tensor among the targets along dim {dim} into the outputs' chunk "
+                f"sizes {sizes} ({total} rows), but {name} has {size}; bind tensors that are not per row into the "
+                "loss (functools.partial)"
+            )
+        columns.append(_C.scatter(leaf, list(devices), sizes, dim))
+    return [pytree.tree_unflatten([column[r] for column in columns], spec) for r in range(len(devices))]
+
+
+def _reduce(results: list[Any], reduction: str, sizes: list[int], target: torch.device) -> torch.Tensor:
+    """The replicas' results on `target`, reduced (Note [Reducing a loss over chunks])."""
+
+    def add(values: list[Any]) -> Any:
+        moved = [v.to(target) if isinstance(v, torch.Tensor) else v for v in values]
+        return functools.reduce(lambda a, b: a + b, moved)
+
+    if all(isinstance(r, SumAndCount) for r in results):
+        total = add([r.total for r in results])
+        if reduction == "sum":
+            return total
+        count = add([r.count for r in results])
+        if not isinstance(count, torch.Tensor):
+            count = torch.tensor(count, dtype=total.dtype, device=target)
+        return total / count.to(total.dtype)
+    if any(isinstance(r, SumAndCount) for r in results) or not all(isinstance(r, torch.Tensor) for r in results):
+        kinds = sorted({type(r).__name__ for r in results})
+        raise TypeError(
+            f"ParallelCriterion: the loss must return a tensor or a torch_dp.SumAndCount on every replica, but the "
+            f"replicas returned {', '.join(kinds)}"
+        )
+    if reduction == "sum":
+        return add(results)
+    whole = sum(sizes)
+    return add([r * (n / whole) for r, n in zip(results, sizes)])
