@@ -4,6 +4,9 @@ sys.path)."""
 import os
 import threading
 
+import torch
+from torch import nn
+
 
 def cpus(n):
     """A device list of n CPU replicas: how torch_dp runs several replicas without a GPU."""
@@ -24,3 +27,35 @@ def run_in_threads(target, count, timeout=60):
     for t in threads:
         t.join(timeout=timeout)
     assert not any(t.is_alive() for t in threads), f"a thread did not finish within {timeout} s"
+
+
+def run_with_timeout(call, seconds=60):
+    """call() on a thread; fails the test instead of hanging it when the call does not return (replicas left
+    waiting for each other)."""
+    outcome = {}
+
+    def target():
+        try:
+            outcome["value"] = call()
+        except BaseException as error:  # noqa: B902 - handed to the test
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"no return within {seconds} s: replicas left waiting"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+class MLP(nn.Module):
+    """A small MLP; the errors about a meta buffer name its layers ('fc1.scale')."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(5, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))

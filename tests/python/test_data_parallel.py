@@ -21,23 +21,13 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 import torch_dp
-from helpers import cpus, os_threads, run_in_threads
+from helpers import MLP, cpus, os_threads, run_in_threads
 from reference import copying
 
 Pair = collections.namedtuple("Pair", ["first", "second"])
 
 
 # ---- models --------------------------------------------------------------------------------------------------
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(5, 8)
-        self.fc2 = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
 
 
 class ConvNet(nn.Module):

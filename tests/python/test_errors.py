@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import torch_dp
-from helpers import cpus
+from helpers import MLP, cpus
 
 
 class BatchNormNet(nn.Module):
@@ -29,18 +29,6 @@ class BatchNormNet(nn.Module):
 
     def forward(self, x, *rest, **kwargs):
         return self.out(torch.relu(self.bn(self.fc(x))))
-
-
-class MLP(nn.Module):
-    """test_data_parallel.py's MLP; the errors about a meta buffer name its layers ('fc1.scale')."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(5, 8)
-        self.fc2 = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
 
 
 def meta_buffer_net():

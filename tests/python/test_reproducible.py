@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from helpers import cpus
+from helpers import cpus, run_with_timeout
 from torch import nn
 
 import torch_dp
@@ -173,29 +173,10 @@ def test_option_survives_pickling_and_is_checked():
 # ---- SyncBatchNorm: the replicas run on threads and take turns per device ----------------------------------
 
 
-def call_with_timeout(call, seconds=60):
-    """call() on a thread; fails the test instead of hanging it when the replicas are left waiting."""
-    outcome = {}
-
-    def target():
-        try:
-            outcome["value"] = call()
-        except BaseException as error:  # noqa: B902 - handed to the test
-            outcome["error"] = error
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"no return within {seconds} s: replicas left waiting"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
-
-
 @pytest.mark.parametrize("issuing", ["threads", "auto"])
 def test_sync_batchnorm_two_runs_are_bitwise_equal(issuing):
-    first = call_with_timeout(lambda: run_dp(True, sync=True, issuing=issuing, reproducible=True))
-    second = call_with_timeout(lambda: run_dp(False, sync=True, issuing=issuing, reproducible=True))
+    first = run_with_timeout(lambda: run_dp(True, sync=True, issuing=issuing, reproducible=True))
+    second = run_with_timeout(lambda: run_dp(False, sync=True, issuing=issuing, reproducible=True))
     assert bitwise_equal(first[0], second[0])
     assert bitwise_equal(first[1], second[1])
 
@@ -208,7 +189,7 @@ def test_sync_batchnorm_still_normalizes_over_the_whole_batch():
     # Dropout off, the rest as in training: batch statistics of all replicas' rows together.
     net.eval()
     net.bn.train()
-    out = call_with_timeout(lambda: dp(x, torch.zeros(len(x), dtype=torch.double)))
+    out = run_with_timeout(lambda: dp(x, torch.zeros(len(x), dtype=torch.double)))
     want = net.fc2(nn.functional.batch_norm(h, None, None, net.bn.weight, net.bn.bias, training=True))
     torch.testing.assert_close(out, want)
 
@@ -244,7 +225,7 @@ def test_sync_batchnorm_a_failing_replica_releases_the_others(failing, before):
     x = torch.randn(2 * REPLICAS, 2)
     x[:, 0] = torch.arange(REPLICAS).repeat_interleave(2).float()
     with pytest.raises(KeyError, match=f"Caught KeyError in replica {failing} on device cpu"):
-        call_with_timeout(lambda: dp(x))
+        run_with_timeout(lambda: dp(x))
 
 
 def test_sync_group_turns_follow_index_order_per_device():

@@ -6,7 +6,6 @@ SGD steps (Note [Synchronized batch norm])."""
 
 import copy
 import io
-import threading
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_dp
-from helpers import cpus
+from helpers import cpus, run_with_timeout
 from reference import copying
 
 
@@ -429,25 +428,6 @@ def faulty_batch(n):
     x = torch.randn(2 * n, 2)
     x[:, 0] = torch.arange(n).repeat_interleave(2).float()  # replica i's rows start with i
     return x
-
-
-def run_with_timeout(call, seconds=30):
-    """call() on a thread; fails the test instead of hanging it when the call does not return."""
-    outcome = {}
-
-    def target():
-        try:
-            outcome["value"] = call()
-        except BaseException as error:  # noqa: B902 - handed to the test
-            outcome["error"] = error
-
-    thread = threading.Thread(target=target)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"no return within {seconds} s: replicas left waiting"
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["value"]
 
 
 @pytest.mark.parametrize("failing", [0, 2])
