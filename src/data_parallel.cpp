@@ -89,18 +89,6 @@ void throw_wrong_module_type(const torch::nn::Module& module, const char* reques
 
 namespace {
 
-bool same_tensors(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
-  if (a.size() != b.size()) {
-    return false;
-  }
-  for (size_t k = 0; k < a.size(); ++k) {
-    if (a[k].unsafeGetTensorImpl() != b[k].unsafeGetTensorImpl()) {
-      return false;
-    }
-  }
-  return true;
-}
-
 // The module's clone for a replica on `device`, or an error that says what the module lacks (Note [Plain modules]
 // in module_caller.h).
 ModuleCaller clone_for_replica(const ModuleCaller& module, c10::Device device) {
@@ -320,8 +308,7 @@ std::vector<detail::ModuleCaller*> DataParallelImpl::replicas(size_t count) {
   auto root = module_.ptr();
   auto params = root->parameters();
   auto buffers = root->buffers();
-  if (!detail::same_tensors(params, set.replicator.params()) ||
-      !detail::same_tensors(buffers, set.replicator.buffers()) || set.devices != replica_devices_) {
+  if (!set.replicator.has_sources(params, buffers) || set.devices != replica_devices_) {
     set.slots.clear();
     set.devices = replica_devices_;
     set.replicator.set_sources(std::move(params), std::move(buffers));

@@ -31,6 +31,20 @@
 
 namespace torch_dp {
 
+namespace {
+
+bool same_objects(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
+  return std::equal(a.begin(), a.end(), b.begin(), b.end(), [](const at::Tensor& x, const at::Tensor& y) {
+    return x.unsafeGetTensorImpl() == y.unsafeGetTensorImpl();
+  });
+}
+
+}  // namespace
+
+bool Replicator::has_sources(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& buffers) const {
+  return same_objects(params, params_) && same_objects(buffers, buffers_);
+}
+
 void Replicator::set_sources(std::vector<at::Tensor> params, std::vector<at::Tensor> buffers) {
   for (size_t k = 0; k < params.size(); ++k) {
     TORCH_DP_CHECK(params[k].defined(), "replicate: parameter ", k, " is undefined");
@@ -167,10 +181,7 @@ std::vector<std::vector<at::Tensor>> Replicator::replicate(
   changed_.assign(num_slots, false);
   for (size_t j = 0; j < num_slots; ++j) {
     auto& last = slots_[j].last;
-    bool same = last.size() == result[j].size();
-    for (size_t k = 0; same && k < last.size(); ++k) {
-      same = last[k].unsafeGetTensorImpl() == result[j][k].unsafeGetTensorImpl();
-    }
+    const bool same = same_objects(last, result[j]);
     changed_[j] = !same;
     if (!same) {
       last = result[j];

@@ -64,6 +64,9 @@ class Replicator {
   /// before it (so a caller that installs them into replica modules can skip unchanged slots).
   const std::vector<bool>& changed() const { return changed_; }
 
+  /// Whether `params` and `buffers` are the tensor objects set_sources() got, in the same order.
+  bool has_sources(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& buffers) const;
+
   const std::vector<at::Tensor>& params() const { return params_; }
   const std::vector<at::Tensor>& buffers() const { return buffers_; }
 
