@@ -13,12 +13,19 @@ backward and an SGD step, in float32, for:
   criterion  torch_dp.DataParallel.forward_scattered + torch_dp.ParallelCriterion(CrossEntropyLoss)
   torch      torch.nn.DataParallel + CrossEntropyLoss on the gathered logits (CUDA only: it refuses the CPU)
 
-Memory: on CPU, where every replica shares one memory, each variant trains a few steps in a fresh subprocess and
-reports its peak RSS (ru_maxrss) and the rise of that peak over the RSS before the first step (glibc's mmap
-threshold fixed at 64 KiB, so that freed tensors leave the RSS); on CUDA,
-torch.cuda.max_memory_allocated per device over a few steps after reset_peak_memory_stats (in this process,
-variant by variant). The gathered logits and their gradient are batch x seq x vocab x 4 bytes each (the figure
-`logits_mib`): the criterion variant should stay below the gather variant by about twice that.
+Memory: on CPU, where every replica shares one memory, each variant trains a few steps in a fresh subprocess,
+which reports two figures. Peak RSS: VmHWM after those steps and its rise over the RSS before the first step,
+with glibc's mmap threshold fixed at 64 KiB for every variant (MALLOC_ENV), so that freed tensors leave the RSS
+whichever thread's arena they came from. Peak live tensor bytes: one more step under torch.profiler with
+profile_memory, every CPU tensor allocation and free on every thread, the peak above what was live when the step
+started; with it, where the peak was reached and the ops whose tensors of 1 MiB or more made in the step were live
+then. On CUDA: torch.cuda.max_memory_allocated per device over a few steps after reset_peak_memory_stats (in this
+process, variant by variant). The logits are batch x seq x vocab x 4 bytes (L, `logits_mib`). Where the replicas
+share one memory (CPU, [0, 0]) the gather variant peaks in the backward at 3L (the log-probabilities saved by
+cross_entropy, the gradient nll_loss passes back, the gradient of the gathered logits), the criterion variant in
+the loss's forward at 2L (the replicas' logits and their log-probabilities, whose gradients the backward then
+makes replica by replica): one L saved, however many replicas. Across GPUs, device 0 of the gather variant holds
+the whole logits, log-probabilities and gradients, the criterion variant its own chunk's.
 Time: the variants' steps interleaved in one process, medians after warm-up, as ratios to `gather`.
 Device lists: ["cpu"] * 2 and ["cpu"] * 4 on CPU; [0, 0] and [0, 0, 0, 0] on CUDA, and every GPU when several.
 """
@@ -26,9 +33,9 @@ Device lists: ["cpu"] * 2 and ["cpu"] * 4 on CPU; [0, 0] and [0, 0, 0, 0] on CUD
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
-import resource
 import subprocess
 import sys
 from typing import Any, Callable, Optional
@@ -40,6 +47,7 @@ sys.path.insert(0, HERE)
 from bench_dp import Clock, Settings, add_common_arguments, metadata, time_interleaved, torch_dp  # noqa: E402
 
 VARIANTS = ("gather", "criterion", "torch")
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # for the CPU subprocesses, see cpu_memory
 
 
 class LM(torch.nn.Module):
@@ -102,25 +110,113 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def peak_rss_mib() -> float:
+    """This process's peak RSS, VmHWM. Not getrusage's ru_maxrss: Linux carries the high-water mark of the memory
+    a process had before execve into it, and a subprocess started with vfork (as Python's subprocess does) had
+    its parent's, so ru_maxrss is at least the parent's peak RSS."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def live_tensor_peak(step: Callable[[], Any]) -> dict[str, Any]:
+    """The peak of live tensor bytes during one step, independent of malloc: every CPU tensor allocation and free,
+    on every thread, as torch.profiler(profile_memory=True) records them over two steps; the figure is the second
+    step's peak above what was live when it started (the model and the gradients of the step before). Also where
+    the peak was reached (the last allocation of 1 MiB or more before it, and whether in the backward) and which
+    ops allocated the tensors of 1 MiB or more that the step made and that were live then."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for name in ("warm", "measured"):
+            with record_function(f"bench_criterion.{name}"):
+                step()
+    allocations: list[tuple[int, int, int, Any]] = []  # (time, address, bytes, node); bytes < 0 for a free
+    start = None
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            fields = node.extra_fields
+            allocations.append((node.start_time_ns, fields.ptr, fields.alloc_size, node))
+        elif node.name == "bench_criterion.measured":
+            start = node.start_time_ns
+        stack.extend(node.children)
+    allocations.sort(key=lambda a: a[0])
+    live: dict[int, tuple[int, int, Any]] = {}  # address -> (bytes, time, node)
+    total = 0
+    base = peak = None
+    held: dict[int, tuple[int, int, Any]] = {}
+    last_big = where = None
+    for time, address, size, node in allocations:
+        if base is None and start is not None and time >= start:
+            base = peak = total
+            held = dict(live)
+        if size > 0:
+            live[address] = (size, time, node)
+            last_big = node if size >= 2**20 else last_big
+        else:
+            live.pop(address, None)
+        total += size
+        if base is not None and total > peak:
+            peak, held, where = total, dict(live), last_big
+    if base is None or peak is None:
+        return {"live_error": "no allocation recorded"}
+    by_op: dict[str, int] = {}
+    for size, time, node in held.values():
+        if size >= 2**20 and time >= start:
+            name = node.parent.name if node.parent is not None else "?"
+            by_op[name] = by_op.get(name, 0) + size
+    return {
+        "live_peak_mib": (peak - base) / 2**20,
+        "live_peak_at": _where(where),
+        "live_at_peak_mib": {op: size / 2**20 for op, size in sorted(by_op.items(), key=lambda kv: -kv[1])},
+    }
+
+
+def _where(node: Any) -> str:
+    """The op that allocated, and "backward" when it ran in the autograd engine."""
+    if node is None:
+        return "?"
+    names = []
+    parent = node.parent
+    while parent is not None:
+        names.append(parent.name)
+        parent = parent.parent
+    phase = "backward" if any(n.startswith("autograd::engine::evaluate_function") for n in names) else "forward"
+    return f"{phase}, {names[0] if names else '?'}"
+
+
 def worker(args: argparse.Namespace) -> int:
-    """--worker VARIANT --ids ...: a few steps on CPU, then the peak RSS as JSON on stdout."""
+    """--worker VARIANT --ids ...: a few steps on CPU, the peak RSS over them, then the peak of live tensor bytes
+    over one more step under the profiler (after the RSS was read: the profiler's own records take memory), as
+    JSON on stdout."""
     ids = parse_ids(args.ids)
     step = make_step(args.worker, ids, args, torch.device("cpu"))
     before = rss_mib()
     for _ in range(args.steps):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(json.dumps({"peak_rss_mib": peak, "rss_before_mib": before, "rise_mib": peak - before}))
+    peak = peak_rss_mib()
+    result = {"peak_rss_mib": peak, "rss_before_mib": before, "rise_mib": peak - before}
+    try:
+        result.update(live_tensor_peak(step))
+    except Exception as error:  # noqa: BLE001 - an experimental profiler API: keep the RSS figure without it
+        result["live_error"] = f"{type(error).__name__}: {error}"
+    print(json.dumps(result))
     return 0
 
 
 def cpu_memory(variant: str, ids: list[Any], args: argparse.Namespace) -> dict[str, Any]:
     command = [sys.executable, os.path.abspath(__file__), "--worker", variant, "--ids", ids_text(ids)]
     command += [f"--{k}={getattr(args, k)}" for k in ("batch", "seq", "hidden", "layers", "vocab", "steps")]
-    # A fixed mmap threshold: glibc then maps every tensor above 64 KiB on its own and unmaps it when freed, so the
-    # peak RSS follows the peak of live memory (with its default, adaptive threshold, freed blocks stay in the
-    # heap and the peak depends on fragmentation and on how many threads allocated).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    # A fixed mmap threshold, the same for every variant: glibc then maps every tensor above 64 KiB on its own and
+    # unmaps it when freed, so the peak RSS follows the peak of live memory (with its default, adaptive threshold,
+    # freed blocks stay in the heap or in a worker thread's arena, and the peak depends on fragmentation and on
+    # how many threads allocated). The live-tensor figure does not depend on it.
+    env = {**os.environ, **MALLOC_ENV}
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=env)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"rc {done.returncode}"}
@@ -129,6 +225,8 @@ def cpu_memory(variant: str, ids: list[Any], args: argparse.Namespace) -> dict[s
 
 def cuda_memory(variant: str, ids: list[Any], args: argparse.Namespace) -> dict[str, Any]:
     devices = sorted({torch.device("cuda", i) for i in ids}, key=lambda d: d.index)
+    gc.collect()  # a DataParallel of the variant before holds reference cycles: free its tensors first
+    torch.cuda.empty_cache()
     try:
         step = make_step(variant, ids, args, devices[0])
         step()  # the first step allocates the optimizer's and replicas' state
@@ -143,6 +241,7 @@ def cuda_memory(variant: str, ids: list[Any], args: argparse.Namespace) -> dict[
         result = {"error": f"{type(error).__name__}: {str(error).splitlines()[0]}"}
     finally:
         step = None  # noqa: F841 - free the model before the next variant
+        gc.collect()
         torch.cuda.empty_cache()
     return result
 
@@ -178,8 +277,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     logits_mib = args.batch * args.seq * args.vocab * 4 / 2**20
     print(
         f"LM: batch {args.batch} x seq {args.seq}, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; "
-        f"logits {logits_mib:.0f} MiB (float32); torch {torch.__version__}; {torch.get_num_threads()} threads"
+        f"logits L = {logits_mib:.0f} MiB, logits + gradient 2L = {2 * logits_mib:.0f} MiB (float32); "
+        f"torch {torch.__version__}; {torch.get_num_threads()} threads"
     )
+    if device.type == "cpu":
+        malloc = " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items())
+        print(
+            f"memory: a subprocess per variant, {args.steps} steps; peak RSS (VmHWM) with {malloc}, and the peak "
+            "of live tensor bytes in one more step (torch.profiler, malloc-independent)"
+        )
     settings = Settings(args.quick, device)
     clock = Clock(device)
     rows = []
@@ -190,6 +296,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         }
         times = time_interleaved(clock, steps, settings)
         steps.clear()
+        gc.collect()
         base = times.get("gather", {}).get("ms")
         row = {"ids": ids, "memory": memory, "times": times}
         print(f"\ndevice_ids={ids}")
@@ -202,15 +309,31 @@ def main(argv: Optional[list[str]] = None) -> int:
                 mem_text = f"error: {mem['error']}"
             elif device.type == "cpu":
                 mem_text = f"peak RSS {mem['peak_rss_mib']:.0f} MiB (rise {mem['rise_mib']:.0f} MiB)"
+                if "live_peak_mib" in mem:
+                    held = ", ".join(f"{size:.0f} {op}" for op, size in mem["live_at_peak_mib"].items())
+                    mem_text += (
+                        f"; live tensors: peak {mem['live_peak_mib']:.0f} MiB, reached in the "
+                        f"{mem['live_peak_at']}, holding {held}"
+                    )
+                else:
+                    mem_text += f"; live tensors: {mem.get('live_error', '-')}"
             else:
                 mem_text = ", ".join(f"{k[:-9]} peak {val:.0f} MiB" for k, val in mem.items())
             time_text = f"{ms:.1f} ms" if ms else t.get("error", "-")
             print(f"  {v:9s} step {time_text:>10s} ({ratio}); {mem_text}")
-        if device.type == "cpu" and "error" not in memory["gather"] and "error" not in memory["criterion"]:
-            saved = memory["gather"]["peak_rss_mib"] - memory["criterion"]["peak_rss_mib"]
-            print(
-                f"  criterion saves {saved:.0f} MiB of peak RSS (gathered logits + gradient: {2 * logits_mib:.0f} MiB)"
-            )
+        gathered, scattered = memory["gather"], memory["criterion"]
+        if "error" not in gathered and "error" not in scattered:
+            if device.type == "cpu":
+                saved = {"rss": gathered["peak_rss_mib"] - scattered["peak_rss_mib"]}
+                if "live_peak_mib" in gathered and "live_peak_mib" in scattered:
+                    saved["live"] = gathered["live_peak_mib"] - scattered["live_peak_mib"]
+                text = f"{saved['rss']:.0f} MiB of peak RSS" + (
+                    f", {saved['live']:.0f} MiB of peak live tensor bytes" if "live" in saved else ""
+                )
+            else:
+                saved = {k[:-9]: gathered[k] - scattered[k] for k in gathered if k in scattered}
+                text = ", ".join(f"{k}: {val:.0f} MiB of peak allocated" for k, val in saved.items())
+            print(f"  criterion saves {text} (L = {logits_mib:.0f} MiB, 2L = {2 * logits_mib:.0f} MiB)")
             row["saved_mib"] = saved
         rows.append(row)
     if args.json:
