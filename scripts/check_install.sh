@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks the installed C++ package: installs the build made by scripts/build.sh (build/, or $BUILD_DIR) into a
-# fresh prefix, configures examples/cpp as a standalone project against it (find_package(TorchDP)), builds both
-# examples and runs them for a few epochs. Each example exits non-zero if its loss did not go down.
+# fresh prefix, configures examples/cpp as a standalone project against it (find_package(TorchDP)), builds the
+# examples and runs them for a few epochs (each exits non-zero if its loss did not go down), then serves the models
+# export_model.py wrote with serve_exported (non-zero if they differ from the unwrapped model).
 # Extra arguments go to the examples (e.g. --replicas 2 --cpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +28,7 @@ cmake -S examples/cpp -B "$work/examples" -G Ninja -DCMAKE_BUILD_TYPE=Release \
   "${launcher[@]}" >/dev/null
 cmake --build "$work/examples"
 # The examples must use the installed library, not the one in the build tree.
-for example in train_mlp train_convnet; do
+for example in train_mlp train_convnet serve_exported; do
   lib=$(ldd "$work/examples/$example" | awk '/libtorch_dp/ {print $3}')
   if [[ "$lib" != "$prefix"/* ]]; then
     echo "check_install: $example loads libtorch_dp from '$lib', not from $prefix" >&2
@@ -36,4 +37,9 @@ for example in train_mlp train_convnet; do
 done
 "$work/examples/train_mlp" --epochs 5 "$@"
 "$work/examples/train_convnet" --epochs 5 "$@"
+# Models exported from Python (examples/python/export_model.py), served over two CPU replicas and compared with the
+# unwrapped model: the AOTInductor package and the TorchScript file.
+source scripts/ensure_exported.sh
+"$work/examples/serve_exported" "$TORCH_DP_EXPORTED_DIR/model.pt2" cpu cpu
+"$work/examples/serve_exported" "$TORCH_DP_EXPORTED_DIR/model.pt" cpu cpu
 echo "check_install: the installed package builds and runs the examples"

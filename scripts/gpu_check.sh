@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check: one command for a GPU machine. Builds torch_dp there against that machine's torch, runs the
-# C++ tests (CUDA ones included), the Python tests including the parity suite against torch.nn.DataParallel,
+# The GPU check: one command for a GPU machine. Builds torch_dp there against that machine's torch, exports the
+# models the PackageDataParallel tests load (CPU and CUDA), runs the C++ tests (CUDA ones included), the Python tests including the parity suite against torch.nn.DataParallel,
 # compute-sanitizer over the CUDA C++ tests, the benchmarks, DDP over NCCL with torch_dp inside
 # (examples/python/ddp.py), the SyncBatchNorm benchmark and profiles of a small and a large forward, in that
 # order (most wanted first). Logs and JSON go to OUTDIR/logs (the first argument, else $OUT, else
@@ -73,6 +73,11 @@ tests_bin=build-gpu/tests/cpp/torch_dp_tests
 export PYTHONPATH="$root/python${PYTHONPATH:+:$PYTHONPATH}"
 
 if [ $built -eq 0 ]; then
+  # The models the PackageDataParallel tests load ([package] in ctest, test_package_data_parallel.py), written by
+  # examples/python/export_model.py for the CPU and for CUDA; without them those tests fail, saying so.
+  export TORCH_DP_EXPORTED_DIR="$root/build-gpu/exported" TORCH_DP_EXPORTED_CUDA_DIR="$root/build-gpu/exported-cuda"
+  step export_models 180 bash -c '"$0" examples/python/export_model.py "$TORCH_DP_EXPORTED_DIR" &&
+    "$0" examples/python/export_model.py "$TORCH_DP_EXPORTED_CUDA_DIR" --device cuda' "$PYTHON"
   step ctest 120 ctest --test-dir build-gpu --output-on-failure
   # pytest-xdist, where installed, spreads the tests over a few processes (a crash then fails one test, not the run).
   xdist=()

@@ -5,7 +5,8 @@
 #      (-DTORCH_DP_SANITIZE=ON), and a run of all of them.
 #   2. build-tsan/: the library and the worker pool's tests with ThreadSanitizer (-DTORCH_DP_TSAN=ON), and a
 #      run of them: test_parallel_apply.cpp (the pool itself: nested runs, two threads on one pool, exceptions,
-#      thread-local state) and test_data_parallel*.cpp (the C++ module, whose replicas run on the pool).
+#      thread-local state), test_data_parallel*.cpp and test_script_data_parallel.cpp (the C++ modules, whose
+#      replicas run on the pool).
 #
 # Both builds are separate from build/ and use -O1 -g1 (fast enough to build, line numbers in reports). libtorch
 # itself is not instrumented: the sanitizers check torch_dp's code and the test code, and see libtorch only
@@ -50,6 +51,8 @@ if [[ $which == all || $which == asan ]]; then
   # UBSAN_OPTIONS: a stack for every report; the build already makes every UB check fatal
   # (-fno-sanitize-recover=undefined in CMakeLists.txt), so a report fails the run.
   export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+  # The package the PackageDataParallel tests load ([package]; examples/python/export_model.py, cached).
+  source scripts/ensure_exported.sh
   build-asan/tests/cpp/torch_dp_tests --order rand --rng-seed 20261128
   unset ASAN_OPTIONS UBSAN_OPTIONS
   echo "sanitize: ASan+UBSan passed in $((SECONDS - start)) s (build and run)"

@@ -212,6 +212,48 @@ DataParallel cached_data_parallel(const ModuleCaller& caller, const DataParallel
   return entry.parallel;
 }
 
+ParallelDevices resolve_devices(const DataParallelOptions& options) {
+  ParallelDevices result;
+  result.devices = options.devices();
+  if (result.devices.empty()) {
+    // Every accelerator device, as torch.nn.DataParallel does; none: forward calls the module directly.
+    if (auto accelerator = at::getAccelerator(false)) {
+      c10::impl::VirtualGuardImpl impl(*accelerator);
+      for (c10::DeviceIndex i = 0; i < impl.deviceCount(); ++i) {
+        result.devices.emplace_back(*accelerator, i);
+      }
+    }
+  }
+  for (const auto& device : result.devices) {
+    TORCH_DP_CHECK(
+        device.is_cpu() || device.has_index(), "DataParallel: device ", device.str(),
+        " has no index; give every accelerator device an index, e.g. cuda:0");
+  }
+  result.replica_devices = result.devices;
+  if (options.chunk_sizes()) {
+    const auto& sizes = *options.chunk_sizes();
+    TORCH_DP_CHECK(
+        sizes.size() == result.devices.size(), "DataParallel: expected one chunk size per ", "device (",
+        result.devices.size(), " devices), but got ", sizes.size(), " chunk sizes");
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      TORCH_DP_CHECK(
+          sizes[i] >= 0, "DataParallel: chunk sizes must be non-negative, but chunk ", i, " has size ", sizes[i]);
+    }
+    // Note [Empty chunks] (python/torch_dp/data_parallel.py): a device whose size is 0 runs no replica, except the
+    // first, whose replica is the module itself and keeps its buffer updates.
+    TORCH_DP_CHECK(
+        sizes.empty() || sizes[0] > 0, "DataParallel: the first chunk size must not be 0, but got ", sizes,
+        ": the first device's replica is the module itself, which keeps its buffer updates ",
+        "(BatchNorm's running statistics); give it at least one row (a 0 is allowed for the other ",
+        "devices, which then run no replica)");
+    result.replica_devices.clear();
+    for (auto i : devices_that_run(sizes, result.devices.size())) {
+      result.replica_devices.push_back(result.devices[i]);
+    }
+  }
+  return result;
+}
+
 ModuleCaller ModuleCaller::clone(const std::optional<c10::Device>& device) const {
   if (sequential_) {
     return ModuleCaller(std::dynamic_pointer_cast<torch::nn::SequentialImpl>(sequential_->clone(device)));
@@ -233,43 +275,9 @@ void DataParallelImpl::reset() {
   } else {
     register_module("module", module_.ptr());
   }
-  devices_ = options.devices();
-  if (devices_.empty()) {
-    // Every accelerator device, as torch.nn.DataParallel does; none: forward calls the module directly.
-    if (auto accelerator = at::getAccelerator(false)) {
-      c10::impl::VirtualGuardImpl impl(*accelerator);
-      for (c10::DeviceIndex i = 0; i < impl.deviceCount(); ++i) {
-        devices_.emplace_back(*accelerator, i);
-      }
-    }
-  }
-  for (const auto& device : devices_) {
-    TORCH_DP_CHECK(
-        device.is_cpu() || device.has_index(), "DataParallel: device ", device.str(),
-        " has no index; give every accelerator device an index, e.g. cuda:0");
-  }
-  replica_devices_ = devices_;
-  if (options.chunk_sizes()) {
-    const auto& sizes = *options.chunk_sizes();
-    TORCH_DP_CHECK(
-        sizes.size() == devices_.size(), "DataParallel: expected one chunk size per ", "device (", devices_.size(),
-        " devices), but got ", sizes.size(), " chunk sizes");
-    for (size_t i = 0; i < sizes.size(); ++i) {
-      TORCH_DP_CHECK(
-          sizes[i] >= 0, "DataParallel: chunk sizes must be non-negative, but chunk ", i, " has size ", sizes[i]);
-    }
-    // Note [Empty chunks] (python/torch_dp/data_parallel.py): a device whose size is 0 runs no replica, except the
-    // first, whose replica is the module itself and keeps its buffer updates.
-    TORCH_DP_CHECK(
-        sizes.empty() || sizes[0] > 0, "DataParallel: the first chunk size must not be 0, but got ", sizes,
-        ": the first device's replica is the module itself, which keeps its buffer updates ",
-        "(BatchNorm's running statistics); give it at least one row (a 0 is allowed for the other ",
-        "devices, which then run no replica)");
-    replica_devices_.clear();
-    for (auto i : detail::devices_that_run(sizes, devices_.size())) {
-      replica_devices_.push_back(devices_[i]);
-    }
-  }
+  auto resolved = detail::resolve_devices(options);
+  devices_ = std::move(resolved.devices);
+  replica_devices_ = std::move(resolved.replica_devices);
   if (!module_.unimplemented_clone().empty() && replica_devices_.size() > 1) {
     std::string devices;
     for (const auto& device : replica_devices_) {

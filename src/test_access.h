@@ -4,6 +4,11 @@
 #include <torch_dp/data_parallel.h>
 #include <torch_dp/replicate.h>
 
+namespace torch_dp {
+class ScriptDataParallel;  // script_data_parallel.h, whose jit headers the other users of this file need not read
+class ScriptReplicas;
+}  // namespace torch_dp
+
 namespace torch_dp::detail {
 
 struct TestAccess {
@@ -13,6 +18,9 @@ struct TestAccess {
   /// The same for a Replicator: only the first slot on the sources' device shares them; every later slot gets
   /// copies of everything, as if it were on another device (coalesced copies, broadcast gradients).
   static void copy_everything(Replicator& replicator);
+  /// The same for TorchScript replicas (script_data_parallel.cpp).
+  static void copy_everything(ScriptDataParallel& parallel);
+  static void copy_everything(ScriptReplicas& replicas);
 };
 
 }  // namespace torch_dp::detail

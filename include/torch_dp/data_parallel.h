@@ -245,6 +245,14 @@ at::Tensor data_parallel(
     std::optional<c10::Device> output_device = std::nullopt, int64_t dim = 0);
 
 namespace detail {
+/// The devices a DataParallel's options name (every accelerator device when they name none), checked, and those
+/// of them that run a replica (less those whose chunk size is 0).
+struct ParallelDevices {
+  std::vector<c10::Device> devices;
+  std::vector<c10::Device> replica_devices;
+};
+ParallelDevices resolve_devices(const DataParallelOptions& options);
+
 /// The cached DataParallel for a module (weakly keyed by the module), made or updated for these options.
 DataParallel cached_data_parallel(const ModuleCaller& module, const DataParallelOptions& options);
 

@@ -1,5 +1,7 @@
 #pragma once
-// torch_dp: data parallelism for PyTorch and LibTorch.
+// torch_dp: data parallelism for PyTorch and LibTorch. Models loaded from files have headers of their own, which
+// pull in torch's TorchScript or AOTInductor headers: <torch_dp/script_data_parallel.h> (TorchScript modules) and
+// <torch_dp/package_data_parallel.h> (AOTInductor packages).
 
 #include <torch_dp/comm.h>
 #include <torch_dp/criterion.h>

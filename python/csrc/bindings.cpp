@@ -3,9 +3,11 @@
 
 #include <torch_dp/comm.h>
 #include <torch_dp/gather.h>
+#include <torch_dp/package_data_parallel.h>
 #include <torch_dp/parallel_apply.h>
 #include <torch_dp/replicate.h>
 #include <torch_dp/scatter.h>
+#include <torch_dp/script_data_parallel.h>
 
 #include "dict_watch.h"
 #include "test_access.h"
@@ -15,6 +17,8 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <optional>
+#include <string>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -115,6 +119,46 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("num_params", [](const torch_dp::Replicator& self) { return self.params().size(); })
       .def_property_readonly("num_buffers", [](const torch_dp::Replicator& self) { return self.buffers().size(); });
 
+  // A torch.jit.ScriptModule's C++ module (module._c) converts to and from torch::jit::Module through torch's own
+  // registration of torch._C.ScriptModule.
+  py::class_<torch_dp::ScriptReplicas>(m, "ScriptReplicas")
+      .def(
+          py::init([](bool trust_version_counters, bool copy_everything) {
+            auto replicas = std::make_unique<torch_dp::ScriptReplicas>(trust_version_counters);
+            if (copy_everything) {
+              torch_dp::detail::TestAccess::copy_everything(*replicas);  // torch_dp's own tests
+            }
+            return replicas;
+          }),
+          py::arg("trust_version_counters") = false, py::arg("copy_everything") = false)
+      .def(
+          "sync",
+          [](torch_dp::ScriptReplicas& self, const torch::jit::Module& module,
+             const std::vector<c10::Device>& devices) {
+            HANDLE_TH_ERRORS
+            self.sync(module, devices);
+            END_HANDLE_TH_ERRORS_PYBIND
+          },
+          py::arg("module"), py::arg("devices"))
+      .def(
+          "check_device",
+          [](const torch_dp::ScriptReplicas& self, c10::Device expected) {
+            HANDLE_TH_ERRORS
+            self.check_device(expected);
+            END_HANDLE_TH_ERRORS_PYBIND
+          },
+          py::arg("expected"))
+      .def(
+          "get",
+          [](torch_dp::ScriptReplicas& self, size_t count, bool differentiable) {
+            HANDLE_TH_ERRORS
+            return self.get(count, differentiable);
+            END_HANDLE_TH_ERRORS_PYBIND
+          },
+          py::arg("count"), py::arg("differentiable"))
+      .def("uses_module", &torch_dp::ScriptReplicas::uses_module, py::arg("slot"))
+      .def_property_readonly("generation", &torch_dp::ScriptReplicas::generation);
+
   py::enum_<torch_dp::Issuing>(m, "Issuing")
       .value("auto", torch_dp::Issuing::kAuto)
       .value("threads", torch_dp::Issuing::kThreads)
@@ -141,6 +185,56 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "replica_location",
       [](size_t replica, c10::Device device) { return torch_dp::replica_location(replica, device); },
       py::arg("replica"), py::arg("device"));
+
+  m.def(
+      "read_package_metadata",
+      [](const std::string& path) {
+        HANDLE_TH_ERRORS
+        return torch_dp::detail::read_package_metadata(path);
+        END_HANDLE_TH_ERRORS_PYBIND
+      },
+      py::arg("path"));
+  m.def(
+      "check_package_devices",
+      [](const std::string& path, const std::unordered_map<std::string, std::string>& metadata,
+         const std::vector<c10::Device>& devices) {
+        HANDLE_TH_ERRORS
+        torch_dp::detail::check_package_devices(path, metadata, devices);
+        END_HANDLE_TH_ERRORS_PYBIND
+      },
+      py::arg("path"), py::arg("metadata"), py::arg("devices"));
+
+  // forward releases the GIL (call_guard) while the loaders run; a c10::Error it throws reaches Python through
+  // torch's exception translator, with the GIL held again, as the same RuntimeError/ValueError.
+  py::class_<torch_dp::PackageDataParallel>(m, "PackageDataParallel")
+      .def(
+          py::init([](const std::string& path, const std::vector<c10::Device>& devices,
+                      std::optional<c10::Device> output_device, int64_t dim,
+                      std::optional<std::vector<int64_t>> chunk_sizes, torch_dp::Issuing issuing) {
+            HANDLE_TH_ERRORS
+            torch_dp::DataParallelOptions options(devices);
+            options.output_device(output_device).dim(dim).chunk_sizes(std::move(chunk_sizes)).issuing(issuing);
+            py::gil_scoped_release no_gil;
+            return std::make_unique<torch_dp::PackageDataParallel>(path, std::move(options));
+            END_HANDLE_TH_ERRORS_PYBIND
+          }),
+          py::arg("path"), py::arg("devices"), py::arg("output_device") = py::none(), py::arg("dim") = 0,
+          py::arg("chunk_sizes") = py::none(), py::arg("issuing") = torch_dp::Issuing::kAuto)
+      .def(
+          "forward", py::overload_cast<const std::vector<at::Tensor>&>(&torch_dp::PackageDataParallel::forward),
+          py::arg("inputs"), py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("path", &torch_dp::PackageDataParallel::path)
+      .def_property_readonly("metadata", &torch_dp::PackageDataParallel::metadata)
+      .def_property_readonly("call_spec", &torch_dp::PackageDataParallel::call_spec)
+      .def_property_readonly(
+          "package_device_type",
+          [](const torch_dp::PackageDataParallel& self) {
+            return c10::DeviceTypeName(self.package_device_type(), true);
+          })
+      .def_property_readonly("devices", &torch_dp::PackageDataParallel::devices)
+      .def_property_readonly("output_device", &torch_dp::PackageDataParallel::output_device)
+      .def_property_readonly("pool", &torch_dp::PackageDataParallel::pool, py::return_value_policy::reference_internal)
+      .def_property_readonly("num_loads", &torch_dp::PackageDataParallel::num_loads);
 
   using torch_dp::python::DictWatch;
   py::class_<DictWatch>(m, "DictWatch")

@@ -33,6 +33,7 @@ if torch.__version__ != _BUILT_AGAINST:
 from torch_dp import _C  # noqa: E402, F401 - loads the compiled part at import, after the version check
 from torch_dp.criterion import ParallelCriterion, ScatteredOutputs, SumAndCount  # noqa: E402
 from torch_dp.data_parallel import DataParallel, data_parallel, is_patched, patch, unpatch  # noqa: E402
+from torch_dp.package_data_parallel import PackageDataParallel  # noqa: E402
 from torch_dp.parallel_apply import parallel_apply  # noqa: E402
 from torch_dp.replicate import replicate  # noqa: E402
 from torch_dp.scatter_gather import gather, scatter, scatter_kwargs  # noqa: E402
@@ -40,6 +41,7 @@ from torch_dp.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm  # noq
 
 __all__ = [
     "DataParallel",
+    "PackageDataParallel",
     "ParallelCriterion",
     "ScatteredOutputs",
     "SumAndCount",

@@ -59,6 +59,10 @@ class DataParallel(torch.nn.DataParallel):
     ``dp.module`` between forwards (weights, also through ``.data``, fused optimizers or BatchNorm's running
     statistics, submodules, attributes, train/eval, hooks, dtype) is seen by the next forward.
 
+    TorchScript modules (``torch.jit.script``, ``torch.jit.trace``, ``torch.jit.load``), and scripted submodules
+    of an eager model, are replicated by the C++ engine (Note [TorchScript replicas] in script_data_parallel.cpp)
+    under the same contract; their replicas run their compiled code without the GIL.
+
     ``device_ids`` entries may be ints, strings or ``torch.device`` objects, including ``"cpu"``: with
     ``device_ids=["cpu"] * 4`` four replicas run on CPU threads. Repeated ids run several replicas on one
     device. Without an accelerator and without ``"cpu"`` entries the module is called directly, as upstream.

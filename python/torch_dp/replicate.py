@@ -135,7 +135,14 @@ class _Replicas:
     tensor objects than last time."""
 
     def __init__(self, trust_version_counters: bool = False) -> None:
+        self._trust_version_counters = trust_version_counters
         self._replicator = _C.Replicator(trust_version_counters)
+        self._script: Optional[_ScriptReplicas] = None  # for a ScriptModule
+        self._copy_everything = False  # torch_dp's own tests: ScriptModules' later replicas copy every tensor
+        # ScriptModules inside an eager module tree, each replicated by its own _ScriptReplicas, and where each
+        # slot's replica goes: (slot, the parent replica's _modules dict, key, index into _script_leaves).
+        self._script_leaves: list[tuple[torch.jit.ScriptModule, _ScriptReplicas]] = []
+        self._script_targets: list[tuple[int, dict, str, int]] = []
         # Weak: torch_dp.data_parallel keeps a _Replicas per module in a WeakKeyDictionary, whose values must
         # not keep their key alive (that leaked every module ever passed to data_parallel).
         self._module: Optional[weakref.ref] = None
@@ -153,6 +160,14 @@ class _Replicas:
 
     def sync(self, module: torch.nn.Module, devices: list[torch.device]) -> None:
         """Rebuilds the replicas if the module, the devices or anything in the module tree changed."""
+        if isinstance(module, torch.jit.ScriptModule):
+            if self._script is None:
+                self._script = _ScriptReplicas(self._trust_version_counters, self._copy_everything)
+            self._script.sync(module, devices)
+            self._module, self._devices, self._watch = weakref.ref(module), list(devices), None
+            self.has_sync_batchnorm = self.has_compiled = False
+            return
+        self._script = None
         if (
             self._module is None
             or module is not self._module()
@@ -161,12 +176,18 @@ class _Replicas:
             or not self._watch.unchanged()
         ):
             self._build(module, devices)
+        for leaf, replicas in self._script_leaves:
+            replicas.sync(leaf, devices)
 
     def check_device(self, expected: torch.device) -> None:
-        self._replicator.check_device(expected)
+        (self._script or self._replicator).check_device(expected)
+        for _, replicas in self._script_leaves:
+            replicas.check_device(expected)
 
     def get(self, count: int, differentiable: bool) -> list[torch.nn.Module]:
         """The root replica of each of the first ``count`` slots, with up-to-date tensors."""
+        if self._script is not None:
+            return self._script.get(count, differentiable)
         slots = self._replicator.replicate(self._devices, count, differentiable)
         changed = False
         for j, tensors in enumerate(slots):
@@ -179,15 +200,26 @@ class _Replicas:
                 # RNNs cache their weights in a list; rebuild it from the tensors just installed.
                 if hasattr(replica, "_flat_weights_names") and hasattr(replica, "_init_flat_weights"):
                     replica._init_flat_weights()
+        script_replicas = [replicas.get(count, differentiable) for _, replicas in self._script_leaves]
+        for j, children, key, leaf in self._script_targets:
+            if j < count and children[key] is not script_replicas[leaf][j]:
+                children[key] = script_replicas[leaf][j]
+                changed = True
         if changed or self._watch is None:
             self._watch_all()
         return [slot[0] for slot in self._slots[:count]]
 
     def _build(self, module: torch.nn.Module, devices: list[torch.device]) -> None:
-        modules = list(module.modules())
+        modules = _eager_tree(module)
         position = {id(m): i for i, m in enumerate(modules)}
-        params = list(module.parameters())
-        buffers = list(module.buffers())
+        eager = [m for m in modules if not isinstance(m, torch.jit.ScriptModule)]
+        params = list({id(p): p for m in eager for p in m._parameters.values() if p is not None}.values())
+        buffers = list({id(b): b for m in eager for b in m._buffers.values() if b is not None}.values())
+        leaves = [m for m in modules if isinstance(m, torch.jit.ScriptModule)]
+        self._script_leaves = [
+            (leaf, _ScriptReplicas(self._trust_version_counters, self._copy_everything)) for leaf in leaves
+        ]
+        self._script_targets = []
         source = {id(p): i for i, p in enumerate(params)}
         source.update({id(b): len(params) + i for i, b in enumerate(buffers)})
         self._replicator.set_sources(params, buffers)
@@ -202,16 +234,23 @@ class _Replicas:
         self._slots, self._targets = [], []
         callers: dict[int, Callable] = {}  # per torch.compile wrapper in the tree: its replicas' compiled call
         for _ in devices:
-            copies = [_replica_of(m) for m in modules]
-            for replica in copies:
+            # A ScriptModule stands for itself until get() installs its replica.
+            copies = [m if isinstance(m, torch.jit.ScriptModule) else _replica_of(m) for m in modules]
+            for replica in (c for c in copies if not isinstance(c, torch.jit.ScriptModule)):
                 replica.__dict__["zero_grad"] = _ReplicaZeroGrad()
                 if isinstance(replica, torch.nn.RNNBase):
                     replica.__dict__["flatten_parameters"] = _ReplicaFlattenParameters()
             targets = []
             for m, replica in zip(modules, copies):
+                if isinstance(m, torch.jit.ScriptModule):
+                    continue  # its replicas come from its own _ScriptReplicas, installed by get()
                 replica.__dict__["_modules"] = {
                     name: None if child is None else copies[position[id(child)]] for name, child in m._modules.items()
                 }
+                for name, child in m._modules.items():
+                    if isinstance(child, torch.jit.ScriptModule):
+                        leaf = next(i for i, (s, _) in enumerate(self._script_leaves) if s is child)
+                        self._script_targets.append((len(self._slots), replica.__dict__["_modules"], name, leaf))
                 replica_params = dict(m._parameters)
                 replica_buffers = dict(m._buffers)
                 replica.__dict__["_parameters"] = replica_params
@@ -237,7 +276,7 @@ class _Replicas:
             self._slots.append(copies)
             self._targets.append(targets)
         self._module, self._devices, self._watch = weakref.ref(module), list(devices), None
-        self._source_dicts = [d for m in modules for d in (m.__dict__, m._parameters, m._buffers, m._modules)]
+        self._source_dicts = [d for m in eager for d in (m.__dict__, m._parameters, m._buffers, m._modules)]
         self.has_sync_batchnorm = any(isinstance(m, SyncBatchNorm) for m in modules)
         self.has_compiled = bool(callers)
         # Watch at once: a DataParallel on one device never calls get(), and without a watch every sync()
@@ -246,9 +285,66 @@ class _Replicas:
 
     def _watch_all(self) -> None:
         dicts = list(self._source_dicts)
-        for m in [r for slot in self._slots for r in slot]:
+        for m in [r for slot in self._slots for r in slot if not isinstance(r, torch.jit.ScriptModule)]:
             dicts += [m.__dict__, m._parameters, m._buffers, m._modules]
         self._watch = _C.DictWatch(dicts)
+
+
+def _eager_tree(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """module.modules() (pre-order, each module once), less what is inside a ScriptModule: a ScriptModule keeps its
+    state in C++ objects, and a _ScriptReplicas replicates it whole."""
+    tree: list[torch.nn.Module] = []
+    seen: set[int] = set()
+
+    def visit(m: torch.nn.Module) -> None:
+        if id(m) in seen:
+            return
+        seen.add(id(m))
+        tree.append(m)
+        if not isinstance(m, torch.jit.ScriptModule):
+            for child in m._modules.values():
+                if child is not None:
+                    visit(child)
+
+    visit(module)
+    return tree
+
+
+class _ScriptReplicas:
+    """Persistent replicas of a ScriptModule, whose state lives in C++ objects rather than in Python dicts: the C++
+    engine makes and refreshes them (Note [TorchScript replicas] in script_data_parallel.cpp), and each replica gets
+    a Python wrapper, made once per build, whose forward runs the compiled code without the GIL."""
+
+    def __init__(self, trust_version_counters: bool, copy_everything: bool = False) -> None:
+        # copy_everything: torch_dp's own tests (later replicas copy every tensor, as on other devices).
+        self._replicas = _C.ScriptReplicas(trust_version_counters, copy_everything)
+        self._module: Optional[weakref.ref] = None
+        self._generation = -1
+        self._wrappers: list[torch.nn.Module] = []
+
+    def sync(self, module: torch.jit.ScriptModule, devices: list[torch.device]) -> None:
+        self._replicas.sync(module._c, devices)
+        self._module = weakref.ref(module)
+
+    def check_device(self, expected: torch.device) -> None:
+        self._replicas.check_device(expected)
+
+    def get(self, count: int, differentiable: bool) -> list[torch.nn.Module]:
+        replicas = self._replicas.get(count, differentiable)
+        if self._replicas.generation != self._generation or len(self._wrappers) < count:
+            module = self._module() if self._module is not None else None
+            self._wrappers = [
+                module if self._replicas.uses_module(j) and module is not None else _wrap_script_module(replica)
+                for j, replica in enumerate(replicas)
+            ]
+            self._generation = self._replicas.generation
+        return self._wrappers[:count]
+
+
+def _wrap_script_module(module: Any) -> torch.nn.Module:
+    from torch.jit._recursive import wrap_cpp_module
+
+    return wrap_cpp_module(module)
 
 
 def replicate(network: torch.nn.Module, devices: Sequence[DeviceLike], detach: bool = False) -> list[torch.nn.Module]:

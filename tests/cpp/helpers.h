@@ -18,7 +18,9 @@
 #include <cstddef>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <functional>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -55,6 +57,29 @@ inline bool close64(const at::Tensor& a, const at::Tensor& b, double tol = 1e-12
 }
 
 const c10::Device kCpu(c10::kCPU);
+
+/// The folder examples/python/export_model.py wrote (model.pt, model.pt2, input.pt, expected.pt), from the
+/// environment variable `variable` (scripts/test.sh sets TORCH_DP_EXPORTED_DIR; scripts/gpu_check.sh
+/// TORCH_DP_EXPORTED_CUDA_DIR for `device` cuda). Fails the test, not a skip, when it is not set.
+inline std::string exported_dir(const char* variable, const char* device) {
+  const char* dir = std::getenv(variable);
+  if (dir == nullptr || *dir == '\0') {
+    FAIL(
+        std::string(variable) + " is not set: these tests need the models export_model.py writes, compiled for " +
+        device + ". Run `python examples/python/export_model.py <dir>" +
+        (std::string(device) == "cpu" ? "" : " --device cuda") + "` and set " + variable +
+        "=<dir> (scripts/test.sh does both).");
+  }
+  return dir;
+}
+
+/// A tensor written by Python's torch.save.
+inline at::Tensor load_tensor(const std::string& path) {
+  std::ifstream file(path, std::ios::binary);
+  REQUIRE(file.good());
+  std::vector<char> bytes((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  return torch::pickle_load(bytes).toTensor();
+}
 
 inline std::vector<c10::Device> cpus(size_t n) {
   return std::vector<c10::Device>(n, kCpu);

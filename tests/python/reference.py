@@ -70,7 +70,9 @@ class CopyingDevices(list):
 
 def copying(dp: torch_dp.DataParallel) -> torch_dp.DataParallel:
     """Makes `dp`'s replicas after the first copy every tensor, as replicas on other devices do (CopyingDevices)."""
-    dp._get_engine().replicas._replicator = torch_dp._C.Replicator(
+    replicas = dp._get_engine().replicas
+    replicas._replicator = torch_dp._C.Replicator(
         trust_version_counters=dp.trust_version_counters, copy_everything=True
     )
+    replicas._copy_everything = True  # ScriptModules' replicas (made on the next forward)
     return dp

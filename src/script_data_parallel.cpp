@@ -1,0 +1,269 @@
+#include <torch_dp/script_data_parallel.h>
+
+#include "message.h"
+#include "test_access.h"
+
+#include <torch_dp/detail/gather_outputs.h>
+#include <torch_dp/detail/split_arguments.h>
+
+#include <ATen/ATen.h>
+#include <ATen/core/class_type.h>
+#include <c10/core/GradMode.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <map>
+#include <optional>
+#include <utility>
+
+// Note [TorchScript replicas]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// A TorchScript module keeps its state in C++ objects (c10::ivalue::Object, one per submodule, with one slot per
+// attribute), which the module's compiled methods read with prim::GetAttr on every call. A replica is therefore
+// a copy of those objects, made once per slot with Module::deepcopy (same types, hence the same compiled methods),
+// whose slots are kept current:
+//  - Parameters and buffers are bound to the Replicator (Note [Persistent replicas] in replicate.cpp), which
+//    fills the copy's tensors in place before every call: the module's memory on its own device, refreshed
+//    coalesced copies elsewhere, the first slot on the module's device being the module itself (PyTorch's replica
+//    0, whose buffer updates are kept), and the broadcast node that routes gradients to the module's parameters.
+//  - Every other attribute (each submodule's `training` flag, ints, floats, strings, tensors that are not
+//    buffers) is copied from the module's object into the copy's on every call: a slot assignment each, so that
+//    train()/eval() and any attribute the user set are seen, as the drop-in's contract requires. A tensor attribute
+//    on another device than the replica's is copied there.
+//  - A replaced parameter or buffer (other tensor objects, another count) or a replaced submodule (other objects)
+//    makes the copies anew.
+// Replicas of one module share its compiled methods (and their graph executors, which are safe to run from several
+// threads), so running them at once on the worker pool needs nothing more.
+
+namespace torch_dp {
+
+namespace {
+
+std::vector<at::Tensor> tensors_of(const torch::jit::Module& module, bool buffers) {
+  std::vector<at::Tensor> result;
+  if (buffers) {
+    for (const auto& tensor : module.buffers()) {
+      result.push_back(tensor);
+    }
+  } else {
+    for (const auto& tensor : module.parameters()) {
+      result.push_back(tensor);
+    }
+  }
+  return result;
+}
+
+std::vector<c10::ivalue::Object*> objects_of(const torch::jit::Module& module) {
+  std::vector<c10::ivalue::Object*> result;
+  for (const auto& submodule : module.modules()) {
+    result.push_back(submodule._ivalue().get());
+  }
+  return result;
+}
+
+bool is_module_type(const c10::TypePtr& type) {
+  const auto class_type = type->cast<c10::ClassType>();
+  return class_type && class_type->is_module();
+}
+
+// Copies every attribute that is not a parameter, a buffer or a submodule from `from` into `to` (Note
+// [TorchScript replicas]).
+void copy_attributes(const c10::ivalue::Object& from, c10::ivalue::Object& to, c10::Device device) {
+  const auto& type = from.type();
+  for (size_t i = 0; i < type->numAttributes(); ++i) {
+    if (type->is_parameter(i) || type->is_buffer(i) || is_module_type(type->getAttribute(i))) {
+      continue;
+    }
+    const auto& value = from.getSlot(i);
+    if (value.isTensor() && value.toTensor().defined() && value.toTensor().device() != device) {
+      to.setSlot(i, value.toTensor().to(device));
+    } else {
+      to.setSlot(i, value);
+    }
+  }
+}
+
+}  // namespace
+
+bool ScriptReplicas::needs_build(const torch::jit::Module& module, at::ArrayRef<c10::Device> devices) const {
+  return slots_.empty() || devices_.size() != devices.size() ||
+         !std::equal(devices_.begin(), devices_.end(), devices.begin()) || objects_of(module) != objects_ ||
+         !replicator_.has_sources(tensors_of(module, false), tensors_of(module, true));
+}
+
+void ScriptReplicas::sync(const torch::jit::Module& module, at::ArrayRef<c10::Device> devices) {
+  if (!needs_build(module, devices)) {
+    return;
+  }
+  slots_.clear();
+  replicator_.set_sources(tensors_of(module, false), tensors_of(module, true));
+  replicator_.set_devices(devices);
+  devices_.assign(devices.begin(), devices.end());
+  objects_ = objects_of(module);
+  for (size_t j = 0; j < devices_.size(); ++j) {
+    Slot slot;
+    if (replicator_.uses_sources(j)) {
+      slot.module = module;
+    } else {
+      // deepcopy() without a device: with one, a tensor already there is kept, not copied, and the copy would
+      // share it with the module. The Replicator points every tensor at the right memory anyway.
+      at::NoGradGuard no_grad;
+      slot.module = module.deepcopy();
+      auto tensors = tensors_of(slot.module, false);
+      auto buffers = tensors_of(slot.module, true);
+      tensors.insert(tensors.end(), buffers.begin(), buffers.end());
+      replicator_.bind(j, std::move(tensors));
+      const auto copies = objects_of(slot.module);
+      TORCH_INTERNAL_ASSERT(
+          copies.size() == objects_.size(), "a deep copy of a TorchScript module has other submodules");
+      for (size_t m = 0; m < copies.size(); ++m) {
+        slot.objects.emplace_back(objects_[m], copies[m]);
+      }
+    }
+    slots_.push_back(std::move(slot));
+  }
+  ++generation_;
+}
+
+std::vector<torch::jit::Module> ScriptReplicas::get(size_t count, bool differentiable) {
+  TORCH_DP_CHECK(
+      count <= slots_.size(), "replicate: asked for ", count, " replicas but only ", slots_.size(),
+      " devices were given");
+  // Fills the copies' parameters and buffers in place; their values are read by the copies' methods.
+  replicator_.replicate(devices_, count, differentiable);
+  std::vector<torch::jit::Module> result;
+  result.reserve(count);
+  for (size_t j = 0; j < count; ++j) {
+    for (const auto& [original, copy] : slots_[j].objects) {
+      copy_attributes(*original, *copy, devices_[j]);
+    }
+    result.push_back(slots_[j].module);
+  }
+  return result;
+}
+
+struct ScriptDataParallel::State {
+  State(torch::jit::Module module_, DataParallelOptions options_)
+      : module(std::move(module_)), options(std::move(options_)), replicas(options.trust_version_counters()) {}
+
+  torch::jit::Module module;
+  DataParallelOptions options;
+  std::vector<c10::Device> devices;
+  std::vector<c10::Device> replica_devices;
+  std::mutex mutex;  // one forward at a time: the replicas are shared state
+  ScriptReplicas replicas;
+  WorkerPool pool;
+};
+
+ScriptDataParallel::ScriptDataParallel(torch::jit::Module module, DataParallelOptions options) {
+  TORCH_DP_CHECK(
+      module.find_method("forward").has_value(), "ScriptDataParallel: the module ",
+      module.type()->name() ? module.type()->name()->qualifiedName() : std::string("given"),
+      " has no forward method; expected a TorchScript module with a forward (torch.jit.script or torch::jit::load)");
+  state_ = std::make_shared<State>(std::move(module), std::move(options));
+  auto resolved = detail::resolve_devices(state_->options);
+  state_->devices = std::move(resolved.devices);
+  state_->replica_devices = std::move(resolved.replica_devices);
+}
+
+namespace {
+
+// Kwargs in name order: the order their tensors are split in must not depend on a hash map's.
+std::map<std::string, c10::IValue> ordered(const torch::jit::Kwargs& kwargs) {
+  return {kwargs.begin(), kwargs.end()};
+}
+
+}  // namespace
+
+c10::IValue ScriptDataParallel::forward(const std::vector<c10::IValue>& inputs, const torch::jit::Kwargs& kwargs) {
+  auto& state = *state_;
+  if (state.devices.empty()) {
+    return state.module.forward(inputs, kwargs);
+  }
+  std::unique_lock<std::mutex> lock(state.mutex);
+  const auto named = ordered(kwargs);
+  detail::SplitPlan plan;
+  plan.devices = state.devices;
+  plan.sizes = state.options.chunk_sizes();
+  plan.dim = state.options.dim();
+  std::vector<at::Tensor> tensors;
+  for (const auto& input : inputs) {
+    detail::collect_tensors(input, tensors);
+  }
+  for (const auto& [name, value] : named) {
+    detail::collect_tensors(value, tensors);
+  }
+  // Without tensor arguments, every device that runs a replica runs one on the same arguments.
+  detail::plan_split(plan, tensors);
+  std::vector<std::vector<c10::IValue>> split_inputs;
+  for (const auto& input : inputs) {
+    split_inputs.push_back(detail::split_ivalue(input, plan));
+  }
+  std::vector<std::pair<std::string, std::vector<c10::IValue>>> split_kwargs;
+  for (const auto& [name, value] : named) {
+    split_kwargs.emplace_back(name, detail::split_ivalue(value, plan));
+  }
+  const auto count = static_cast<size_t>(plan.count);
+  state.replicas.sync(state.module, state.replica_devices);
+  state.replicas.check_device(state.devices[0]);
+  auto replicas = state.replicas.get(count, /*differentiable=*/true);
+  std::vector<c10::IValue> outputs(count);
+  std::vector<c10::Device> used(state.replica_devices.begin(), state.replica_devices.begin() + count);
+  run_replicas(
+      state.pool, used,
+      [&](size_t i) {
+        std::vector<c10::IValue> arguments;
+        arguments.reserve(split_inputs.size());
+        for (const auto& per_replica : split_inputs) {
+          arguments.push_back(per_replica[i]);
+        }
+        torch::jit::Kwargs keywords;
+        for (const auto& [name, per_replica] : split_kwargs) {
+          keywords.emplace(name, per_replica[i]);
+        }
+        outputs[i] = replicas[i].forward(std::move(arguments), keywords);
+      },
+      state.options.issuing(), state.options.reproducible());
+  lock.unlock();
+  return detail::gather_ivalues(outputs, output_device(), state.options.dim());
+}
+
+torch::jit::Module& ScriptDataParallel::module() const {
+  return state_->module;
+}
+
+std::vector<at::Tensor> ScriptDataParallel::parameters() const {
+  return tensors_of(state_->module, false);
+}
+
+const DataParallelOptions& ScriptDataParallel::options() const {
+  return state_->options;
+}
+
+const std::vector<c10::Device>& ScriptDataParallel::devices() const {
+  return state_->devices;
+}
+
+c10::Device ScriptDataParallel::output_device() const {
+  if (state_->options.output_device()) {
+    return *state_->options.output_device();
+  }
+  TORCH_DP_CHECK(!state_->devices.empty(), "ScriptDataParallel: no devices");
+  return state_->devices[0];
+}
+
+WorkerPool& ScriptDataParallel::pool() {
+  return state_->pool;
+}
+
+void detail::TestAccess::copy_everything(ScriptReplicas& replicas) {
+  copy_everything(replicas.replicator_);
+  replicas.slots_.clear();
+}
+
+void detail::TestAccess::copy_everything(ScriptDataParallel& parallel) {
+  std::lock_guard<std::mutex> lock(parallel.state_->mutex);
+  copy_everything(parallel.state_->replicas);
+}
+
+}  // namespace torch_dp
