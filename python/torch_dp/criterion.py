@@ -14,6 +14,7 @@ import torch.utils._pytree as pytree
 
 from torch_dp import _C
 from torch_dp.devices import DeviceLike, _as_output_device, _checked_dim
+from torch_dp.lean_cross_entropy import lean_cross_entropy
 from torch_dp.parallel_apply import _checked_issuing, _default_pool, _parallel_apply
 from torch_dp.scatter_gather import _gather
 
@@ -236,6 +237,16 @@ def _cross_entropy(m: Any, input: Any, target: Any, reduction: str, dim: int, fi
     return loss, _class_count(target, weight, m.ignore_index)
 
 
+def _lean_cross_entropy(m: Any, input: Any, target: Any, reduction: str, dim: int, first: bool) -> Any:
+    """_cross_entropy without keeping log-probabilities (Note [A cross-entropy that keeps only the logits]), where
+    that is torch's definition exactly; torch's cross_entropy elsewhere."""
+    if reduction == "sum":
+        lean = lean_cross_entropy(input, target, _to(m.weight, input.device), m.ignore_index, m.label_smoothing)
+        if lean is not None:
+            return lean
+    return _cross_entropy(m, input, target, reduction, dim, first)
+
+
 _EXACT: dict[type, Callable[..., Any]] = {
     torch.nn.MSELoss: _mse,
     torch.nn.L1Loss: _l1,
@@ -302,6 +313,13 @@ class ParallelCriterion(torch.nn.Module):
       returns a mean over its chunk's rows (with the same number of elements per row); ``"sum"`` adds them (a
       loss summed over rows); ``"none"`` gathers them along ``dim``.
 
+    For ``CrossEntropyLoss`` with class-index targets and reduction ``"mean"`` or ``"sum"``, each replica computes
+    its part of the loss keeping only its logits and one float per row for the backward, which recomputes the
+    softmax in blocks of rows, where ``torch.nn.functional.cross_entropy`` would keep log-probabilities as large
+    as the logits: the same loss and gradients to float rounding (``weight``, ``ignore_index``,
+    ``label_smoothing``), the largest tensor of a language model's step fewer. ``lean=False`` uses torch's
+    ``cross_entropy`` instead; probability targets, autocast and ``reduction="none"`` always do.
+
     A replica whose chunk is empty does not run the loss (unless all are), and contributes nothing.
 
     ``prepare(output, *targets)``, if given, runs on each replica before the loss and returns ``(input,
@@ -315,11 +333,14 @@ class ParallelCriterion(torch.nn.Module):
         *,
         reduction: Optional[str] = None,
         prepare: Optional[Callable[..., Any]] = None,
+        lean: bool = True,
     ) -> None:
         super().__init__()
         if not callable(loss):
             raise TypeError(f"ParallelCriterion needs a loss module or callable, but got {type(loss).__name__}")
         self._rule = _exact_rule(loss)
+        if lean and self._rule is _cross_entropy:
+            self._rule = _lean_cross_entropy
         if self._rule is not None:
             if reduction is not None:
                 raise ValueError(
