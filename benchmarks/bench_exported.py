@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Inference over an AOTInductor package (.pt2), side by side, on the CPU (or CUDA with --device cuda):
+"""Inference over an AOTInductor package (.pt2) and a TorchScript module, side by side, on the CPU (or CUDA
+with --device cuda):
 
     python benchmarks/bench_exported.py [--device cpu|cuda] [--quick] [--json PATH] [--replicas 2,4]
 
@@ -18,6 +19,10 @@ times:
                runs in every replica, each taking the GIL
   eager        the eager module on the whole batch, no_grad
 
+A second table runs the same two models as TorchScript modules (torch.jit.script): plain is the scripted module
+on the whole batch, torch_dp is torch_dp.DataParallel over it (replicas run the compiled code without the GIL),
+py threads the same loop over k scripted copies, eager DP as above.
+
 The variants are timed interleaved (round-robin) so that drift on a noisy machine hits all of them alike; each
 figure is the median over rounds of a block's mean time per call, after warm-up. Every variant's output is
 checked against plain's first.
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import copy
 import datetime
 import json
 import os
@@ -154,6 +160,65 @@ def bench_model(
     return rows
 
 
+def bench_script(
+    name: str, model: nn.Module, batch: int, features: int, replicas: list[int], device: torch.device, quick: bool
+) -> list[dict[str, Any]]:
+    """The same model as a TorchScript module (torch.jit.script): unwrapped on the whole batch, under
+    torch_dp.DataParallel, and in the hand-written loop (k scripted copies on k Python threads)."""
+    x = torch.randn(batch, features, device=device)
+    script = torch.jit.script(copy.deepcopy(model)).eval()
+    with torch.no_grad():
+        expected = script(x)
+    rows = []
+    for k in replicas:
+        ids = [device] * k
+        script_dp = torch_dp.DataParallel(script, ids)
+        eager_dp = torch_dp.DataParallel(model, ids)
+        copies = [torch.jit.script(copy.deepcopy(model)).eval() for _ in range(k)]
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=k)
+
+        def py_threads(copies=copies, pool=pool, k=k):
+            with torch.no_grad():
+                futures = [pool.submit(copies[i], chunk) for i, chunk in enumerate(torch.chunk(x, k))]
+                return torch.cat([f.result() for f in futures])
+
+        def no_grad(fn: Callable[[], Any]) -> Callable[[], Any]:
+            def call() -> Any:
+                with torch.no_grad():
+                    return fn()
+
+            return call
+
+        fns = {
+            "plain": no_grad(lambda: script(x)),
+            "torch_dp": no_grad(lambda dp=script_dp: dp(x)),
+            "py threads": py_threads,
+            "eager DP": no_grad(lambda dp=eager_dp: dp(x)),
+        }
+        for variant, fn in fns.items():
+            torch.testing.assert_close(fn(), expected, rtol=1e-4, atol=1e-4, msg=lambda m, v=variant: f"{v}: {m}")
+        warmup, rounds, block = (3, 7, 5) if quick else (10, 21, 20)
+        times = time_interleaved(fns, warmup, rounds, block)
+        pool.shutdown()
+        rows.append({"model": name, "batch": batch, "device": device.type, "replicas": k, "ms": times})
+    return rows
+
+
+def print_script_table(rows: list[dict[str, Any]]) -> None:
+    print(
+        "| model, batch | replicas | plain | torch_dp | py threads | eager DP | plain / torch_dp "
+        "| py threads / torch_dp |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        t = row["ms"]
+        print(
+            f"| {row['model']}, {row['batch']} | {row['device']} x{row['replicas']} | {t['plain']:.3f} "
+            f"| {t['torch_dp']:.3f} | {t['py threads']:.3f} | {t['eager DP']:.3f} "
+            f"| {t['plain'] / t['torch_dp']:.2f} | {t['py threads'] / t['torch_dp']:.2f} |"
+        )
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     print(
         "| model, batch | replicas | plain | torch_dp (auto uses) | threads | py threads | eager DP | eager "
@@ -195,6 +260,10 @@ def main() -> int:
     path = compiled(wide, 1024, os.path.join(cache, "wide.pt2"), device)
     rows += bench_model("3 x Linear(1024,1024)", wide, path, 512, 1024, replicas, device, args.quick)
     print_table(rows)
+    script_rows = bench_script("Linear(8,16)-ReLU-Linear(16,4)", small, 64, 8, replicas, device, args.quick)
+    script_rows += bench_script("3 x Linear(1024,1024)", wide, 512, 1024, replicas, device, args.quick)
+    print("\nTorchScript (torch.jit.script), ms per call:")
+    print_script_table(script_rows)
     if args.json:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
@@ -209,7 +278,7 @@ def main() -> int:
             "command": " ".join(sys.argv),
         }
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            json.dump({"meta": meta, "rows": rows, "script_rows": script_rows}, f, indent=1)
     return 0
 
 
