@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what building and testing torch_dp needs, where it is missing: a C++ toolchain, CMake, Ninja,
-# ccache and Catch2 (Debian/Ubuntu packages), and torch, pytest and hypothesis (pip). Sourced by the
+# ccache, Catch2 and valgrind (Debian/Ubuntu packages), and torch, pytest and hypothesis (pip). Sourced by the
 # scripts that build; safe to run again.
 set -euo pipefail
 
@@ -9,6 +9,8 @@ command -v cmake >/dev/null 2>&1 || missing_packages+=(cmake)
 command -v ninja >/dev/null 2>&1 || missing_packages+=(ninja-build)
 command -v g++ >/dev/null 2>&1 || missing_packages+=(g++)
 command -v ccache >/dev/null 2>&1 || missing_packages+=(ccache)
+# valgrind: the callgrind instruction count per forward, the stable bound tests/python/test_overhead.py checks.
+command -v valgrind >/dev/null 2>&1 || missing_packages+=(valgrind)
 if [ ! -e /usr/include/catch2/catch.hpp ] && [ ! -e /usr/include/catch2/catch_test_macros.hpp ]; then
   missing_packages+=(catch2)
 fi

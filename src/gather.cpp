@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
+#include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -135,13 +136,16 @@ at::Tensor gather(at::TensorList tensors, c10::Device destination, int64_t dim) 
   if (inputs.size() == 1 && first.device() == destination) {
     return first;
   }
-  // TensorList, not std::vector: autograd only tracks tensors it sees as Tensor or TensorList arguments.
-  return GatherFunction::apply(at::TensorList(inputs), destination, dim)[0];
+  return detail::gather_function(inputs, destination, dim);
 }
 
 namespace detail {
 
 at::Tensor gather_function(const std::vector<at::Tensor>& inputs, c10::Device destination, int64_t dim) {
+  if (!c10::GradMode::is_enabled()) {
+    return concatenate_on(inputs, destination, dim);  // Note [No graph without grad mode] in scatter.cpp
+  }
+  // TensorList, not std::vector: autograd only tracks tensors it sees as Tensor or TensorList arguments.
   return GatherFunction::apply(at::TensorList(inputs), destination, dim)[0];
 }
 

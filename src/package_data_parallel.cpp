@@ -193,14 +193,7 @@ std::vector<at::Tensor> PackageDataParallel::forward(const std::vector<at::Tenso
   std::vector<c10::Device> used(state.replica_devices.begin(), state.replica_devices.begin() + count);
   run_replicas(
       state.pool, used,
-      [&](size_t i) {
-        std::vector<at::Tensor> replica_inputs;
-        replica_inputs.reserve(chunks.size());
-        for (const auto& input_chunks : chunks) {
-          replica_inputs.push_back(input_chunks[i]);
-        }
-        results[i] = state.loaders[state.running[i]]->run(replica_inputs);
-      },
+      [&](size_t i) { results[i] = state.loaders[state.running[i]]->run(detail::replica_column(chunks, i)); },
       state.options.issuing());
   guard.unlock();
   const auto destination = output_device();

@@ -7,6 +7,7 @@
 #include <c10/core/StreamGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <c10/util/Exception.h>
+#include <c10/util/ScopeExit.h>
 #include <c10/util/Type.h>
 
 #include <algorithm>
@@ -406,10 +407,19 @@ void run_replicas(
   const size_t n = devices.size();
   // Threads do not inherit thread-local state: capture the caller's (grad mode, inference mode, autocast
   // state and dtype, dispatch keys, ...) and its current stream per device, and install them in each worker.
-  // The guard is also taken where a replica runs on the calling thread (replica 0, or a single replica): it
-  // restores the caller's state afterwards, so a forward that changes it (torch.set_grad_enabled(False)) does
-  // not leak into the caller, just as with PyTorch's throw-away threads.
+  // Replicas that run on the calling thread (replica 0, all of them when serial) start from the caller's state
+  // too, and the caller gets its state back afterwards, so a forward that changes it
+  // (torch.set_grad_enabled(False)) neither leaks into the caller nor into the next replica, just as with
+  // PyTorch's throw-away threads. There the state is set only where a replica ran before (the first finds it as
+  // captured) and restored once at the end: setting it costs more than a small replica's forward.
   const at::ThreadLocalState tls;
+  const auto caller = std::this_thread::get_id();
+  bool caller_ran = false;  // a replica ran on the calling thread; only that thread reads or writes it
+  const auto restore_caller = c10::make_scope_exit([&] {
+    if (caller_ran) {
+      at::ThreadLocalState::setThreadLocalState(tls);
+    }
+  });
   std::vector<std::optional<c10::Stream>> streams(n);
   for (size_t i = 0; i < n; ++i) {
     if (!devices[i].is_cpu()) {
@@ -419,7 +429,14 @@ void run_replicas(
     }
   }
   const std::function<void(size_t)> run_replica = [&](size_t i) {
-    const at::ThreadLocalStateGuard tls_guard(tls);
+    std::optional<at::ThreadLocalStateGuard> tls_guard;
+    if (std::this_thread::get_id() != caller) {
+      tls_guard.emplace(tls);
+    } else if (caller_ran) {
+      at::ThreadLocalState::setThreadLocalState(tls);  // undo what the replica before it changed
+    } else {
+      caller_ran = true;
+    }
     c10::OptionalStreamGuard stream_guard;
     if (streams[i]) {
       stream_guard.reset_stream(*streams[i]);

@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
+#include <c10/core/GradMode.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -21,6 +22,24 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// The chunks of input, each on its device: ScatterFunction's forward.
+variable_list split_to_devices(
+    const at::Tensor& input, const std::vector<c10::Device>& devices, const std::vector<int64_t>& sizes, int64_t dim) {
+  auto chunks = input.split_with_sizes(sizes, dim);
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    if (devices[i] != input.device()) {
+      // Allocate under the target's guard so the copy is ordered on that device's current stream.
+      c10::OptionalDeviceGuard guard;
+      if (!devices[i].is_cpu()) {
+        guard.reset_device(devices[i]);
+      }
+      chunks[i] = chunks[i].to(
+          chunks[i].options().device(devices[i]), /*non_blocking=*/true, /*copy=*/false, c10::MemoryFormat::Preserve);
+    }
+  }
+  return chunks;
+}
+
 struct ScatterFunction : public torch::autograd::Function<ScatterFunction> {
   static variable_list forward(
       AutogradContext* ctx, const at::Tensor& input, const std::vector<c10::Device>& devices,
@@ -28,19 +47,7 @@ struct ScatterFunction : public torch::autograd::Function<ScatterFunction> {
     ctx->saved_data["input_device_type"] = static_cast<int64_t>(input.device().type());
     ctx->saved_data["input_device_index"] = static_cast<int64_t>(input.device().index());
     ctx->saved_data["dim"] = dim;
-    auto chunks = input.split_with_sizes(sizes, dim);
-    for (size_t i = 0; i < chunks.size(); ++i) {
-      if (devices[i] != input.device()) {
-        // Allocate under the target's guard so the copy is ordered on that device's current stream.
-        c10::OptionalDeviceGuard guard;
-        if (!devices[i].is_cpu()) {
-          guard.reset_device(devices[i]);
-        }
-        chunks[i] = chunks[i].to(
-            chunks[i].options().device(devices[i]), /*non_blocking=*/true, /*copy=*/false, c10::MemoryFormat::Preserve);
-      }
-    }
-    return chunks;
+    return split_to_devices(input, devices, sizes, dim);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -101,13 +108,22 @@ std::vector<at::Tensor> scatter(
         device.is_cpu() || device.has_index(), "scatter: device ", device.str(),
         " has no index; give every accelerator device an index");
   }
-  return ScatterFunction::apply(input, used, split, dim);
+  return detail::scatter_function(input, used, split, dim);
 }
 
 namespace detail {
 
 std::vector<at::Tensor> scatter_function(
     const at::Tensor& input, const std::vector<c10::Device>& devices, const std::vector<int64_t>& sizes, int64_t dim) {
+  if (!c10::GradMode::is_enabled()) {
+    // Note [No graph without grad mode]
+    // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    // Without grad mode an autograd Function records nothing: it runs its forward with grad mode off and returns
+    // what the forward made (new tensors and views alike) as they are. The forward alone gives the same tensors,
+    // without the node, its saved data and the wrapping of outputs, which cost more than the split itself for a
+    // small batch (BENCHMARKS.md, per-forward overhead). The same holds for gather_function.
+    return split_to_devices(input, devices, sizes, dim);
+  }
   return ScatterFunction::apply(input, devices, sizes, dim);
 }
 

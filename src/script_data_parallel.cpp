@@ -212,11 +212,7 @@ c10::IValue ScriptDataParallel::forward(const std::vector<c10::IValue>& inputs, 
   run_replicas(
       state.pool, used,
       [&](size_t i) {
-        std::vector<c10::IValue> arguments;
-        arguments.reserve(split_inputs.size());
-        for (const auto& per_replica : split_inputs) {
-          arguments.push_back(per_replica[i]);
-        }
+        auto arguments = detail::replica_column(split_inputs, i);
         torch::jit::Kwargs keywords;
         for (const auto& [name, per_replica] : split_kwargs) {
           keywords.emplace(name, per_replica[i]);

@@ -27,7 +27,15 @@ from torch_dp.devices import (
 )
 from torch_dp.parallel_apply import _checked_issuing, _default_pool, _device_of, _parallel_apply
 from torch_dp.replicate import _Replicas, replicate
-from torch_dp.scatter_gather import _checked_kwargs, _devices_that_run, _gather, _scatter_kwargs, gather
+from torch_dp.scatter_gather import (
+    _all_tensors,
+    _checked_kwargs,
+    _devices_that_run,
+    _gather,
+    _scatter_kwargs,
+    _scatter_tensors,
+    gather,
+)
 
 __all__ = ["DataParallel", "data_parallel", "patch", "unpatch", "is_patched"]
 
@@ -145,6 +153,15 @@ class DataParallel(torch.nn.DataParallel):
         with _record_function("DataParallel.forward"):
             if not self.device_ids:
                 return self.module(*inputs, **kwargs)
+            if (
+                not kwargs
+                and self.chunk_sizes is None
+                and (isinstance(inputs[0], torch.Tensor) if len(inputs) == 1 else inputs and _all_tensors(inputs))
+                and _own_steps(self)
+            ):
+                module = self._modules.get("module")
+                if module is not None:
+                    return self._forward_tensors(module, inputs)
             outputs = self._replica_outputs(inputs, kwargs)
             if len(self.device_ids) == 1:
                 return outputs[0]
@@ -173,6 +190,46 @@ class DataParallel(torch.nn.DataParallel):
                 issuing=self.issuing,
                 reproducible=getattr(self, "reproducible", False),
             )
+
+    # Note [Tensor-only forwards]
+    # ~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    # Most forwards pass tensors as positional arguments only, to a DataParallel whose four steps are its own (not
+    # overridden by a subclass or on the instance). For those, forward runs the same steps in the same order with
+    # less Python around them: no pytree walk (_scatter_tensors), the module from _modules without
+    # nn.Module.__getattr__'s failed attribute lookup, one check of the module tree per forward (no user code runs
+    # between scatter and replicate that could change the tree), and gather called directly. What every
+    # forward checks stays: the module tree (DictWatch) and the replicas' tensors refreshed from the module's
+    # (the Replicator), the device of the module's tensors, the chunk counts. With one device the module is called
+    # on the scattered input, as torch.nn.DataParallel does. Per-forward figures: BENCHMARKS.md, per-forward
+    # overhead.
+    def _forward_tensors(self, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
+        engine = self._engine
+        if engine is None:
+            engine = self._get_engine()
+        replicas = engine.replicas
+        devices = self._replica_devices
+        with replicas.lock:
+            replicas.sync(module, devices)
+            replicas.check_device(self.src_device_obj)
+            split = _scatter_tensors(inputs, self._devices, self.dim)
+            count = len(split)
+            if len(devices) == 1:
+                return module(*split[0])
+            outputs = _parallel_apply(
+                replicas.get(count, differentiable=torch.is_grad_enabled()),
+                split,
+                ({},) * count,
+                devices[:count] if count < len(devices) else devices,
+                engine.pool,
+                synchronize=replicas.has_sync_batchnorm,
+                issuing=self.issuing,
+                compiled=replicas.has_compiled,
+                reproducible=self.reproducible,
+            )
+        output_device = self.output_device
+        if isinstance(output_device, int) and output_device == -1:
+            return gather(outputs, output_device, dim=self.dim)
+        return _gather(outputs, self._output_device_obj, self.dim)
 
     def _replica_outputs(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
         """Scatter, replicate and parallel_apply: the outputs of the replicas that ran, in order."""
@@ -265,6 +322,27 @@ class DataParallel(torch.nn.DataParallel):
             runs = _devices_that_run(self.chunk_sizes)
             self._replica_devices = [self._devices[i] for i in runs]
             self._replica_ids = [self.device_ids[i] for i in runs]
+
+
+# The four steps as DataParallel defines them (Note [Tensor-only forwards]).
+_STEPS = {name: DataParallel.__dict__[name] for name in ("scatter", "replicate", "parallel_apply", "gather")}
+_SCATTER, _REPLICATE, _PARALLEL_APPLY, _GATHER = _STEPS.values()
+
+
+def _own_steps(dp: DataParallel) -> bool:
+    """Whether dp runs DataParallel's own four steps: none overridden by its class or on the instance."""
+    cls = type(dp)
+    if (
+        cls.scatter is not _SCATTER
+        or cls.replicate is not _REPLICATE
+        or cls.parallel_apply is not _PARALLEL_APPLY
+        or cls.gather is not _GATHER
+    ):
+        return False
+    attributes = dp.__dict__
+    return not (
+        "scatter" in attributes or "replicate" in attributes or "parallel_apply" in attributes or "gather" in attributes
+    )
 
 
 def _names_cpu(device_ids: Optional[Sequence[DeviceLike]]) -> bool:

@@ -42,6 +42,7 @@ def _device_of(inputs: Any) -> torch.device:
 
 
 ISSUING_MODES = ("auto", "threads", "serial")
+_ISSUING = {mode: getattr(_C.Issuing, mode) for mode in ISSUING_MODES}
 
 
 def _checked_issuing(issuing: str) -> str:
@@ -84,31 +85,41 @@ def _parallel_apply(
     elif issuing == "auto" and compiled and len(set(devices)) == 1:
         issuing = "serial"  # dynamo is not thread-safe (Note [Compiled replicas] in replicate.py)
 
+    failed: list[int] = []  # the replicas that raised, in the order they finished
+
     def run_replica(i: int) -> None:
-        failed = False
+        if group is None:
+            try:
+                args = inputs[i]
+                if not isinstance(args, (list, tuple)):
+                    args = (args,)  # a lone tensor is one argument, not a sequence to unpack
+                kwargs = kwargs_tup[i]
+                results[i] = modules[i](*args) if type(kwargs) is dict and not kwargs else modules[i](*args, **kwargs)
+            except BaseException:
+                results[i] = ExceptionWrapper(where=_C.replica_location(i, devices[i]))
+                failed.append(i)
+            return
+        failure = False
         try:
             args = inputs[i]
             if not isinstance(args, (list, tuple)):
-                args = (args,)  # a lone tensor is one argument, not a sequence to unpack
-            if group is None:
+                args = (args,)
+            with replica_context(group, i):
+                group.wait_turn(i)
                 results[i] = modules[i](*args, **kwargs_tup[i])
-            else:
-                with replica_context(group, i):
-                    group.wait_turn(i)
-                    results[i] = modules[i](*args, **kwargs_tup[i])
         except BaseException:
-            failed = True
+            failure = True
             results[i] = ExceptionWrapper(where=_C.replica_location(i, devices[i]))
+            failed.append(i)
         finally:
-            if group is not None:
-                group.finish(i, failed)
+            group.finish(i, failure)
 
     if _rebuild_autograd_engine_first:
         _rebuild_autograd_engine()  # Note [After fork]
     # With a SyncGroup the replicas must run at once, and the group orders them where `reproducible` asks.
-    _C.run_replicas(pool, devices, run_replica, getattr(_C.Issuing, issuing), reproducible and group is None)
-    failures = [r for r in results if isinstance(r, ExceptionWrapper)]
-    if failures:
+    _C.run_replicas(pool, devices, run_replica, _ISSUING[issuing], reproducible and group is None)
+    if failed:
+        failures = [results[i] for i in sorted(failed)]
         # A replica that waited for a failed one reports that; raise the failure itself.
         causes = [f for f in failures if f.exc_type is not PeerReplicaFailed]
         (causes or failures)[0].reraise()

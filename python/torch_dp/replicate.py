@@ -149,6 +149,7 @@ class _Replicas:
         self._devices: Optional[list[torch.device]] = None
         self._watch: Optional[Any] = None
         self._slots: list[list[torch.nn.Module]] = []
+        self._roots: list[torch.nn.Module] = []  # each slot's root replica
         self._targets: list[list[tuple[dict, str, int]]] = []  # per slot: (dict, key, source index)
         self._source_dicts: list[dict] = []  # the module tree's dicts, for DictWatch (not the modules)
         self.has_sync_batchnorm = False
@@ -200,14 +201,15 @@ class _Replicas:
                 # RNNs cache their weights in a list; rebuild it from the tensors just installed.
                 if hasattr(replica, "_flat_weights_names") and hasattr(replica, "_init_flat_weights"):
                     replica._init_flat_weights()
-        script_replicas = [replicas.get(count, differentiable) for _, replicas in self._script_leaves]
-        for j, children, key, leaf in self._script_targets:
-            if j < count and children[key] is not script_replicas[leaf][j]:
-                children[key] = script_replicas[leaf][j]
-                changed = True
+        if self._script_leaves:
+            script_replicas = [replicas.get(count, differentiable) for _, replicas in self._script_leaves]
+            for j, children, key, leaf in self._script_targets:
+                if j < count and children[key] is not script_replicas[leaf][j]:
+                    children[key] = script_replicas[leaf][j]
+                    changed = True
         if changed or self._watch is None:
             self._watch_all()
-        return [slot[0] for slot in self._slots[:count]]
+        return self._roots[:count]
 
     def _build(self, module: torch.nn.Module, devices: list[torch.device]) -> None:
         modules = _eager_tree(module)
@@ -275,6 +277,7 @@ class _Replicas:
                     replica.__dict__["forward"] = functools.partial(callers[id(m)], replica._modules["_orig_mod"])
             self._slots.append(copies)
             self._targets.append(targets)
+        self._roots = [slot[0] for slot in self._slots]  # what get() returns (a fresh list of them)
         self._module, self._devices, self._watch = weakref.ref(module), list(devices), None
         self._source_dicts = [d for m in eager for d in (m.__dict__, m._parameters, m._buffers, m._modules)]
         self.has_sync_batchnorm = any(isinstance(m, SyncBatchNorm) for m in modules)

@@ -181,14 +181,33 @@ def _split_tree(
 _ARGS_KWARGS = ("args", "kwargs")
 
 
+def _scatter_tensors(inputs: tuple, devices: list[torch.device], dim: int) -> tuple[tuple, ...]:
+    """Positional arguments that are all tensors, without keyword arguments, split into one argument tuple per
+    replica: what _scatter_kwargs gives for them, without the pytree walk."""
+    if len(inputs) == 1:
+        return tuple(zip(_C.scatter(inputs[0], devices, None, dim)))
+    chunked = [_C.scatter(x, devices, None, dim) for x in inputs]
+    count = len(chunked[0])
+    for chunks in chunked:
+        if len(chunks) != count:
+            chunked = _cut_to_batch((inputs, {}), list(inputs), chunked, devices, dim, _ARGS_KWARGS)
+            break
+    return tuple(zip(*chunked))
+
+
+def _all_tensors(inputs: tuple) -> bool:
+    for x in inputs:
+        if not isinstance(x, torch.Tensor):
+            return False
+    return True
+
+
 def _scatter_kwargs(
     inputs: tuple, kwargs: dict, devices: list[torch.device], dim: int, sizes: Optional[Sequence[int]] = None
 ) -> tuple[tuple, tuple]:
-    if sizes is None and not kwargs and inputs and all(isinstance(x, torch.Tensor) for x in inputs):
-        chunked = [_C.scatter(x, devices, None, dim) for x in inputs]
-        if any(len(chunks) != len(chunked[0]) for chunks in chunked):
-            chunked = _cut_to_batch((inputs, kwargs), list(inputs), chunked, devices, dim, _ARGS_KWARGS)
-        return tuple(zip(*chunked)), tuple({} for _ in range(len(chunked[0])))
+    if sizes is None and not kwargs and inputs and _all_tensors(inputs):
+        split_inputs = _scatter_tensors(inputs, devices, dim)
+        return split_inputs, tuple({} for _ in split_inputs)
     split = _split_tree((inputs, kwargs), devices, dim, _ARGS_KWARGS, sizes)
     if split is None:
         # No tensors: every replica gets the same objects (one replica for a call without arguments).

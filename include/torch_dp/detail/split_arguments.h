@@ -39,6 +39,17 @@ std::vector<at::Tensor> split_tensor(const at::Tensor& tensor, SplitPlan& plan);
 /// An IValue argument per replica: its tensors' chunks, in the same tuples, lists and dicts.
 std::vector<c10::IValue> split_ivalue(const c10::IValue& value, SplitPlan& plan);
 
+/// Replica i's arguments from per-argument splits: element i of each (per_argument[k][i] for every k).
+template <typename T>
+std::vector<T> replica_column(const std::vector<std::vector<T>>& per_argument, size_t i) {
+  std::vector<T> column;
+  column.reserve(per_argument.size());
+  for (const auto& per_replica : per_argument) {
+    column.push_back(per_replica[i]);
+  }
+  return column;
+}
+
 /// Marks a forward argument that every replica receives as it is.
 struct Unsplit {};
 
