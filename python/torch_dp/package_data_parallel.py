@@ -81,8 +81,8 @@ class PackageDataParallel:
             getattr(_C.Issuing, self.issuing),
         )
         in_spec, out_spec = self._impl.call_spec
-        self._in_spec = pytree.treespec_loads(in_spec)
-        self._out_spec = pytree.treespec_loads(out_spec)
+        self._in_spec = _loaded_spec(in_spec, path, "inputs")
+        self._out_spec = _loaded_spec(out_spec, path, "outputs")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.forward(*args, **kwargs)
@@ -139,3 +139,17 @@ def _requested_devices(device_ids: Optional[Sequence[DeviceLike]], index_type: s
         except (RuntimeError, TypeError, ValueError):
             continue
     return requested
+
+
+def _loaded_spec(spec: str, path: Any, what: str) -> Any:
+    """The package's tree spec for its inputs or outputs. A type pytree registered without a serialized name (e.g.
+    Hugging Face's ModelOutput classes) cannot be read back: say what to do instead of pytree's bare error."""
+    try:
+        return pytree.treespec_loads(spec)
+    except NotImplementedError as error:
+        raise TypeError(
+            f"PackageDataParallel: the {what} of {str(path)!r} are in a structure that cannot be rebuilt in Python "
+            f"({error}); export the model so that it takes and returns tensors in tuples, lists and dicts (for "
+            "Hugging Face models: return_dict=False), or call the package from C++ (torch_dp::PackageDataParallel "
+            "takes and returns flat tensors)"
+        ) from error

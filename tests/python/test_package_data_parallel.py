@@ -295,6 +295,23 @@ def test_gpu_indices_for_a_cpu_package(package, two_fake_gpus):
         torch_dp.PackageDataParallel(package, [0, 1])
 
 
+def test_an_output_structure_python_cannot_rebuild(package, monkeypatch):
+    """A package whose output spec names a type pytree cannot deserialize (Hugging Face's ModelOutput classes are
+    registered without a serialized name): a TypeError that says what to do, when the object is made."""
+    from torch_dp import package_data_parallel
+
+    def call_spec_with_model_output(self):
+        in_spec, out_spec = original(self)
+        return in_spec, out_spec.replace("null", '"transformers.modeling_outputs.SequenceClassifierOutput"', 1)
+
+    original = type(torch_dp.PackageDataParallel(package, cpus(1))._impl).call_spec.fget
+    monkeypatch.setattr(
+        package_data_parallel._C.PackageDataParallel, "call_spec", property(call_spec_with_model_output)
+    )
+    with pytest.raises(TypeError, match=r"outputs of .* cannot be rebuilt in Python .*return_dict=False"):
+        torch_dp.PackageDataParallel(package, cpus(2))
+
+
 def test_bad_arguments(package):
     with pytest.raises(ValueError, match="chunk_sizes must give one size per device"):
         torch_dp.PackageDataParallel(package, cpus(2), chunk_sizes=[1, 2, 3])
