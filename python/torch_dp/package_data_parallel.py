@@ -142,11 +142,12 @@ def _requested_devices(device_ids: Optional[Sequence[DeviceLike]], index_type: s
 
 
 def _loaded_spec(spec: str, path: Any, what: str) -> Any:
-    """The package's tree spec for its inputs or outputs. A type pytree registered without a serialized name (e.g.
-    Hugging Face's ModelOutput classes) cannot be read back: say what to do instead of pytree's bare error."""
+    """The package's tree spec for its inputs or outputs. A type that is not registered with pytree in this process
+    (e.g. a Hugging Face ModelOutput class when transformers is not imported), or whose context pytree cannot read
+    back, cannot be rebuilt: say what to do instead of pytree's bare error."""
     try:
         return pytree.treespec_loads(spec)
-    except NotImplementedError as error:
+    except (NotImplementedError, TypeError) as error:
         raise TypeError(
             f"PackageDataParallel: the {what} of {str(path)!r} are in a structure that cannot be rebuilt in Python "
             f"({error}); export the model so that it takes and returns tensors in tuples, lists and dicts (for "

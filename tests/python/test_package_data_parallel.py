@@ -295,19 +295,33 @@ def test_gpu_indices_for_a_cpu_package(package, two_fake_gpus):
         torch_dp.PackageDataParallel(package, [0, 1])
 
 
-def test_an_output_structure_python_cannot_rebuild(package, monkeypatch):
-    """A package whose output spec names a type pytree cannot deserialize (Hugging Face's ModelOutput classes are
-    registered without a serialized name): a TypeError that says what to do, when the object is made."""
+class _RegisteredWithoutLoadableContext:
+    """A pytree node type registered under a serialized name whose context JSON cannot read back."""
+
+
+torch.utils._pytree.register_pytree_node(
+    _RegisteredWithoutLoadableContext,
+    lambda node: ([], None),
+    lambda children, context: _RegisteredWithoutLoadableContext(),
+    serialized_type_name="test_package_data_parallel.RegisteredWithoutLoadableContext",
+)
+
+
+@pytest.mark.parametrize(
+    "type_name",
+    ["my_models.OutputTypeNotRegisteredHere", "test_package_data_parallel.RegisteredWithoutLoadableContext"],
+)
+def test_an_output_structure_python_cannot_rebuild(package, monkeypatch, type_name):
+    """A package whose output spec names a type this process cannot rebuild (not registered with pytree here, or
+    registered with a context pytree cannot load): a TypeError that says what to do, when the object is made."""
     from torch_dp import package_data_parallel
 
-    def call_spec_with_model_output(self):
+    def call_spec_naming_the_type(self):
         in_spec, out_spec = original(self)
-        return in_spec, out_spec.replace("null", '"transformers.modeling_outputs.SequenceClassifierOutput"', 1)
+        return in_spec, out_spec.replace("null", f'"{type_name}"', 1)
 
     original = type(torch_dp.PackageDataParallel(package, cpus(1))._impl).call_spec.fget
-    monkeypatch.setattr(
-        package_data_parallel._C.PackageDataParallel, "call_spec", property(call_spec_with_model_output)
-    )
+    monkeypatch.setattr(package_data_parallel._C.PackageDataParallel, "call_spec", property(call_spec_naming_the_type))
     with pytest.raises(TypeError, match=r"outputs of .* cannot be rebuilt in Python .*return_dict=False"):
         torch_dp.PackageDataParallel(package, cpus(2))
 
