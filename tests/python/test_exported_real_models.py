@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import cpus
+from tiny_transformers import bert_config, gpt2_config, t5_config
 from torch import nn
 
 import torch_dp
@@ -29,20 +30,7 @@ VOCAB = 100
 
 def _bert_config(**overrides):
     # transformers 5 no longer makes torchscript=True imply tuple outputs: return_dict=False says so.
-    options = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        torchscript=True,
-        return_dict=False,
-    )
-    options.update(overrides)
-    return transformers.BertConfig(**options)
+    return bert_config(**{"vocab_size": VOCAB, "torchscript": True, "return_dict": False, **overrides})
 
 
 def _batch(n=6, length=10):
@@ -158,30 +146,8 @@ def test_eager_head_over_traced_encoder_training():
 def test_traced_gpt2_and_t5_dict_outputs():
     """return_dict=True models traced with strict=False return dicts; DataParallel gathers them key by key."""
     ids, mask = _batch()
-    gpt2 = transformers.GPT2LMHeadModel(
-        transformers.GPT2Config(
-            vocab_size=VOCAB,
-            n_embd=32,
-            n_layer=2,
-            n_head=2,
-            n_positions=32,
-            use_cache=False,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-    ).eval()
-    t5 = transformers.T5ForConditionalGeneration(
-        transformers.T5Config(
-            vocab_size=VOCAB,
-            d_model=32,
-            d_kv=16,
-            d_ff=64,
-            num_layers=2,
-            num_heads=2,
-            use_cache=False,
-            decoder_start_token_id=0,
-        )
-    ).eval()
+    gpt2 = transformers.GPT2LMHeadModel(gpt2_config(vocab_size=VOCAB, use_cache=False)).eval()
+    t5 = transformers.T5ForConditionalGeneration(t5_config(vocab_size=VOCAB, d_kv=16, use_cache=False)).eval()
     cases = [
         (gpt2, {"input_ids": ids, "attention_mask": mask}, ["logits"]),
         (

@@ -16,6 +16,7 @@ import torch
 import torch_dp
 from helpers import cpus
 from reference import ChunkedReference
+from tiny_transformers import bart_config, bert_config, gpt2_config, t5_config
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (scripts/ensure_deps.sh)")
 
@@ -34,73 +35,19 @@ def _quiet():
 
 
 def gpt2():
-    config = transformers.GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=32,
-        n_embd=32,
-        n_layer=2,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return transformers.GPT2LMHeadModel(config)
+    return transformers.GPT2LMHeadModel(gpt2_config(vocab_size=VOCAB))
 
 
 def t5():
-    config = transformers.T5Config(
-        vocab_size=VOCAB,
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=2,
-        dropout_rate=0.0,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    return transformers.T5ForConditionalGeneration(config)
+    return transformers.T5ForConditionalGeneration(t5_config(vocab_size=VOCAB))
 
 
 def bart():
-    config = transformers.BartConfig(
-        vocab_size=VOCAB,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=2,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=32,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=2,
-        decoder_start_token_id=2,
-        forced_eos_token_id=None,
-    )
-    return transformers.BartForConditionalGeneration(config)
+    return transformers.BartForConditionalGeneration(bart_config(vocab_size=VOCAB))
 
 
 def bert():
-    config = transformers.BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=3,
-    )
-    return transformers.BertForSequenceClassification(config)
+    return transformers.BertForSequenceClassification(bert_config(vocab_size=VOCAB, num_labels=3))
 
 
 def tokens(rows=BATCH, length=SEQ):
