@@ -212,7 +212,7 @@ DataParallel cached_data_parallel(const ModuleCaller& caller, const DataParallel
   return entry.parallel;
 }
 
-ParallelDevices resolve_devices(const DataParallelOptions& options) {
+ParallelDevices resolve_devices(const DataParallelOptions& options, bool first_may_be_empty) {
   ParallelDevices result;
   result.devices = options.devices();
   if (result.devices.empty()) {
@@ -242,7 +242,8 @@ ParallelDevices resolve_devices(const DataParallelOptions& options) {
     // Note [Empty chunks] (python/torch_dp/data_parallel.py): a device whose size is 0 runs no replica, except the
     // first, whose replica is the module itself and keeps its buffer updates.
     TORCH_DP_CHECK(
-        sizes.empty() || sizes[0] > 0, "DataParallel: the first chunk size must not be 0, but got ", sizes,
+        first_may_be_empty || sizes.empty() || sizes[0] > 0,
+        "DataParallel: the first chunk size must not be 0, but got ", sizes,
         ": the first device's replica is the module itself, which keeps its buffer updates ",
         "(BatchNorm's running statistics); give it at least one row (a 0 is allowed for the other ",
         "devices, which then run no replica)");

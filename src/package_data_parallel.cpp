@@ -143,7 +143,8 @@ PackageDataParallel::PackageDataParallel(const std::string& path, DataParallelOp
   if (options.devices().empty() && state.device_type == c10::kCPU) {
     options.devices({c10::Device(c10::kCPU)});  // a CPU package runs on the CPU, accelerator or not
   }
-  auto resolved = detail::resolve_devices(options);
+  // Every device's loader is its own (no replica is the model itself), so the first may run nothing too.
+  auto resolved = detail::resolve_devices(options, /*first_may_be_empty=*/true);
   TORCH_CHECK_VALUE(
       !resolved.devices.empty(),
       detail::message(

@@ -246,12 +246,13 @@ at::Tensor data_parallel(
 
 namespace detail {
 /// The devices a DataParallel's options name (every accelerator device when they name none), checked, and those
-/// of them that run a replica (less those whose chunk size is 0).
+/// of them that run a replica (less those whose chunk size is 0). `first_may_be_empty`: the first device may have
+/// a chunk size of 0 (not for a module's replicas, whose first is the module itself: Note [Empty chunks]).
 struct ParallelDevices {
   std::vector<c10::Device> devices;
   std::vector<c10::Device> replica_devices;
 };
-ParallelDevices resolve_devices(const DataParallelOptions& options);
+ParallelDevices resolve_devices(const DataParallelOptions& options, bool first_may_be_empty = false);
 
 /// The cached DataParallel for a module (weakly keyed by the module), made or updated for these options.
 DataParallel cached_data_parallel(const ModuleCaller& module, const DataParallelOptions& options);

@@ -43,7 +43,8 @@ class PackageDataParallel {
  public:
   /// Loads the package at `path` (its model "model") on every device of `options`. Empty devices: the CPU for a CPU
   /// package, every accelerator device otherwise. `options.trust_version_counters` and `options.reproducible` have
-  /// no effect (a package has no weights to refresh and no random ops to order).
+  /// no effect (a package has no weights to refresh and no random ops to order). `options.chunk_sizes` may give the
+  /// first device 0 rows too (every device's loader is its own; DataParallel's first replica is the module itself).
   explicit PackageDataParallel(const std::string& path, DataParallelOptions options = {});
 
   /// The package's flat inputs (as AOTIModelPackageLoader::run takes them), each split along dim; the package's

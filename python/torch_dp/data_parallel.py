@@ -372,7 +372,11 @@ def _check_movable(module: torch.nn.Module, device: torch.device) -> None:
                 )
 
 
-def _checked_chunk_sizes(chunk_sizes: Optional[Sequence[int]], num_devices: int) -> Optional[tuple[int, ...]]:
+def _checked_chunk_sizes(
+    chunk_sizes: Optional[Sequence[int]], num_devices: int, first_may_be_empty: bool = False
+) -> Optional[tuple[int, ...]]:
+    """chunk_sizes checked against the device count. `first_may_be_empty` where no replica is the module itself
+    (PackageDataParallel's loaders); see Note [Empty chunks]."""
     if chunk_sizes is None:
         return None
     if isinstance(chunk_sizes, (str, bytes, torch.Tensor)) or not isinstance(chunk_sizes, Sequence):
@@ -387,7 +391,7 @@ def _checked_chunk_sizes(chunk_sizes: Optional[Sequence[int]], num_devices: int)
         )
     if any(n < 0 for n in sizes) or sum(sizes) == 0:
         raise ValueError(f"chunk_sizes must be non-negative and not all 0, but got {list(sizes)}")
-    if sizes[0] == 0:
+    if sizes[0] == 0 and not first_may_be_empty:
         # Note [Empty chunks]
         # ~~~~~~~~~~~~~~~~~~~
         # A device whose chunk would be empty runs no replica (a model may not take 0 rows: BERT's reshapes fail),

@@ -33,7 +33,8 @@ class PackageDataParallel:
     ``device_ids`` takes what :class:`torch_dp.DataParallel` takes (ints, strings, :class:`torch.device`, CPU
     lists such as ``["cpu"] * 4``); ``None`` means the CPU for a CPU package and every GPU for a CUDA one. The
     devices must be of the type the package was compiled for. ``chunk_sizes`` and ``issuing`` are
-    :class:`torch_dp.DataParallel`'s.
+    :class:`torch_dp.DataParallel`'s, except that the first device's size may be 0 too (no loader is the model
+    itself), e.g. to keep the output device free for the gather.
 
     The package is loaded once per device, here, and the loaders are kept for the object's lifetime.
 
@@ -70,7 +71,7 @@ class PackageDataParallel:
         self.dim = dim
         self.device_ids = [_public_id(d) for d in devices]
         self.output_device = output_device
-        self.chunk_sizes = _checked_chunk_sizes(chunk_sizes, len(devices))
+        self.chunk_sizes = _checked_chunk_sizes(chunk_sizes, len(devices), first_may_be_empty=True)
         self.issuing = _checked_issuing(issuing)
         self._impl = _C.PackageDataParallel(
             path,

@@ -147,8 +147,10 @@ def test_the_batch_written_by_export_model(exported, package):
     _assert_close(pdp(x), torch.load(os.path.join(directory, "expected.pt")))
 
 
-def test_chunk_sizes_with_a_zero(package, loaded):
-    pdp = torch_dp.PackageDataParallel(package, cpus(3), chunk_sizes=[4, 0, 6])
+@pytest.mark.parametrize("sizes", [[4, 0, 6], [0, 4, 6], [0, 0, 10]])
+def test_chunk_sizes_with_a_zero(package, loaded, sizes):
+    """A device given 0 rows runs nothing; unlike DataParallel's, the first may too (no loader is the model itself)."""
+    pdp = torch_dp.PackageDataParallel(package, cpus(3), chunk_sizes=sizes)
     x = torch.randn(10, 8)
     _assert_close(pdp(x), loaded(x))
     with pytest.raises(RuntimeError):
