@@ -225,6 +225,7 @@ class DataParallel(torch.nn.DataParallel):
                 issuing=self.issuing,
                 compiled=replicas.has_compiled,
                 reproducible=self.reproducible,
+                compiled_sync_batchnorm=replicas.compiled_sync_batchnorm,
             )
         output_device = self.output_device
         if isinstance(output_device, int) and output_device == -1:
@@ -279,6 +280,7 @@ class DataParallel(torch.nn.DataParallel):
             issuing=self.issuing,
             compiled=engine.replicas.has_compiled,
             reproducible=self.reproducible,
+            compiled_sync_batchnorm=engine.replicas.compiled_sync_batchnorm,
         )
 
     def gather(self, outputs: Any, output_device: DeviceLike) -> Any:

@@ -61,6 +61,7 @@ def _parallel_apply(
     issuing: str = "threads",
     compiled: bool = False,
     reproducible: bool = False,
+    compiled_sync_batchnorm: Sequence[str] = (),
 ) -> list[Any]:
     """Runs replica i on inputs[i] and kwargs_tup[i] on the pool, issued as `issuing` says (Note [Issuing
     replicas] in parallel_apply.cpp). With `synchronize` (replicas holding SyncBatchNorm layers), those layers
@@ -68,10 +69,26 @@ def _parallel_apply(
     time, since replicas waiting for each other must all be running. `compiled` (replicas of a torch.compile
     wrapper) makes "auto" serial on one device (Note [Compiled replicas] in replicate.py). With `reproducible`,
     replicas sharing a device draw random numbers in index order (Note [Reproducible replicas] in
-    parallel_apply.cpp)."""
+    parallel_apply.cpp). `compiled_sync_batchnorm` names the torch.compile wrappers that hold SyncBatchNorm layers:
+    refused when the replicas would synchronize (Note [Compiled SyncBatchNorm])."""
     results: list[Any] = [None] * len(modules)
     group = None
     if synchronize and len(modules) > 1 and not in_replica():
+        if compiled_sync_batchnorm:
+            # Note [Compiled SyncBatchNorm]
+            # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+            # Compiled replicas take turns on a call with new inputs (_CompiledReplicaCall's lock: dynamo is not
+            # thread-safe), while SyncBatchNorm's replicas wait for each other inside the forward. With the
+            # layers inside the compiled module, replica 0 would wait for replica 1 while holding the lock that
+            # replica 1 waits for: a hang. Refused before any replica runs; compiled parts without SyncBatchNorm
+            # take the lock only around themselves, and run.
+            raise RuntimeError(
+                "DataParallel: torch_dp.SyncBatchNorm layers inside a torch.compile'd module "
+                f"({', '.join(compiled_sync_batchnorm)}) cannot run on several replicas: compiled replicas take "
+                "turns compiling (dynamo is not thread-safe) while SyncBatchNorm's replicas wait for each other "
+                "inside the forward, so they would wait forever. Compile only the parts without SyncBatchNorm "
+                "(e.g. model.head = torch.compile(model.head)), use BatchNorm, or run on one device"
+            )
         # Under `reproducible` the replicas run on threads all the same, and those sharing a device take turns
         # (Note [Reproducible synchronized batch norm]).
         group = SyncGroup(len(modules), turns=devices if reproducible else None)

@@ -154,6 +154,8 @@ class _Replicas:
         self._source_dicts: list[dict] = []  # the module tree's dicts, for DictWatch (not the modules)
         self.has_sync_batchnorm = False
         self.has_compiled = False  # torch.compile wrappers in the tree (Note [Compiled replicas])
+        # Where torch.compile wrappers hold SyncBatchNorm layers (Note [Compiled SyncBatchNorm] in parallel_apply.py)
+        self.compiled_sync_batchnorm: list[str] = []
         # One forward at a time: the replicas are shared state. threading.Lock releases the GIL while it
         # waits, so a waiting thread cannot starve the replicas' workers of the GIL.
         self.lock = threading.Lock()
@@ -167,6 +169,7 @@ class _Replicas:
             self._script.sync(module, devices)
             self._module, self._devices, self._watch = weakref.ref(module), list(devices), None
             self.has_sync_batchnorm = self.has_compiled = False
+            self.compiled_sync_batchnorm = []
             return
         self._script = None
         if (
@@ -282,6 +285,11 @@ class _Replicas:
         self._source_dicts = [d for m in eager for d in (m.__dict__, m._parameters, m._buffers, m._modules)]
         self.has_sync_batchnorm = any(isinstance(m, SyncBatchNorm) for m in modules)
         self.has_compiled = bool(callers)
+        self.compiled_sync_batchnorm = [
+            name or "the module itself"
+            for name, m in module.named_modules()
+            if _is_compile_wrapper(m) and any(isinstance(s, SyncBatchNorm) for s in m.modules())
+        ]
         # Watch at once: a DataParallel on one device never calls get(), and without a watch every sync()
         # rebuilt the replicas (on every forward). get() takes the watch again after it installs new tensors.
         self._watch_all()

@@ -462,6 +462,34 @@ def test_replicas_calling_different_layers_get_an_error():
     )
 
 
+@pytest.mark.parametrize("compiled", ["whole", "layer"])
+def test_inside_a_compiled_module_is_refused_before_any_replica_runs(compiled):
+    """Compiled replicas take turns compiling, SyncBatchNorm's wait for each other inside the forward: together they
+    would hang (Note [Compiled SyncBatchNorm]). A clear error naming the compiled module, the module unchanged;
+    compiling only parts without SyncBatchNorm runs, with the unconverted model's results on the whole batch."""
+    torch.manual_seed(0)
+    reference = convnet()
+    model = torch_dp.convert_sync_batchnorm(copy.deepcopy(reference))
+    if compiled == "whole":
+        wrapped, name = torch.compile(model, backend="eager"), "the module itself"
+    else:
+        model[1] = torch.compile(model[1], backend="eager")
+        wrapped, name = model, "1"
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(6, 3, 6, 6, dtype=torch.float64)
+    dp = torch_dp.DataParallel(wrapped, cpus(2))
+    with pytest.raises(RuntimeError, match=rf"SyncBatchNorm layers inside a torch.compile'd module \({name}\)"):
+        run_with_timeout(lambda: dp(x))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+    model = torch_dp.convert_sync_batchnorm(copy.deepcopy(reference))
+    model[4] = torch.compile(model[4], backend="eager")  # a Linear: no SyncBatchNorm inside
+    dp = torch_dp.DataParallel(model, cpus(2))
+    torch.testing.assert_close(run_with_timeout(lambda: dp(x)), reference(x))
+    torch.testing.assert_close(model[1].running_mean, reference[1].running_mean)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize(
     "device_ids",
