@@ -313,7 +313,7 @@ std::vector<Row> bench_model(
     // Issuing::kAuto times both ways over its first calls (Note [Issuing replicas]); time it once settled.
     const auto automatic_method =
         std::find_if(methods.begin(), methods.end(), [](const Method& m) { return m.name == "torch_dp"; });
-    for (int i = 0; i < 16 && automatic->pool().settled_auto_issuing() == torch_dp::Issuing::kAuto; ++i) {
+    for (int i = 0; i < 60 && automatic->pool().settled_auto_issuing() == torch_dp::Issuing::kAuto; ++i) {
       automatic_method->step();
     }
     synchronize(devices);

@@ -253,7 +253,7 @@ NN_DP_CPU_NOTE = (
 
 
 VARIANTS = ("plain", "ideal", "nn.DP", "torch_dp", "dp threads", "dp serial", "streams")
-AUTO_TRIAL_CALLS = 16  # more than the 2 warm-up and 2 x 5 timed calls issuing="auto" needs to settle
+AUTO_TRIAL_CALLS = 60  # more than the 2 warm-up calls and 4 blocks of 12 that issuing="auto" may need to settle
 
 
 def settled_issuing(dp: torch_dp.DataParallel) -> str:

@@ -152,7 +152,8 @@ def bench_model(
         }
         for variant, fn in fns.items():
             torch.testing.assert_close(fn(), expected, rtol=1e-4, atol=1e-4, msg=lambda m, v=variant: f"{v}: {m}")
-        warmup, rounds, block = (3, 7, 5) if quick else (10, 21, 20)
+        # Warm-up long enough for issuing="auto" to settle (2 warm-up calls and up to 4 blocks of 12).
+        warmup, rounds, block = (51, 7, 5) if quick else (60, 21, 20)
         times = time_interleaved(fns, warmup, rounds, block)
         pool.shutdown()
         settled = pdp._impl.pool.settled_auto_issuing.name
@@ -197,7 +198,8 @@ def bench_script(
         }
         for variant, fn in fns.items():
             torch.testing.assert_close(fn(), expected, rtol=1e-4, atol=1e-4, msg=lambda m, v=variant: f"{v}: {m}")
-        warmup, rounds, block = (3, 7, 5) if quick else (10, 21, 20)
+        # Warm-up long enough for issuing="auto" to settle (2 warm-up calls and up to 4 blocks of 12).
+        warmup, rounds, block = (51, 7, 5) if quick else (60, 21, 20)
         times = time_interleaved(fns, warmup, rounds, block)
         pool.shutdown()
         rows.append({"model": name, "batch": batch, "device": device.type, "replicas": k, "ms": times})

@@ -45,16 +45,23 @@
 //    of microseconds of CPU each), such as ResNet-50 on [0, 0, 0, 0].
 // BENCHMARKS.md has both ways' times for these and other models.
 // Neither is right for every model, and which one is depends on the model, the batch and the machine, so
-// Issuing::kAuto measures: the pool's first calls on replicas sharing one device alternate the two ways and
-// time each call on the host (the only place they differ; device work is the same kernels on the same
-// stream), and after kTrialCalls of each it keeps the one with the lower median for good. Results are the same
-// either way, only the speed differs. Replicas on distinct devices always use threads. kThreads and kSerial
-// force a way; synchronized batch norm needs kThreads, its replicas waiting for each other in one forward.
-// The first kWarmupCalls calls (lazy initialisation, allocator growth) run on threads and are not timed, so a
-// pool's workers exist from its first call whichever way it settles. A DataParallel has its own pool; the pool
-// shared by the functional forms settles once for every module they run. The measurement is short and times
-// the forward only, so it can keep the slower way where the rest of a training step changes the picture
-// (BENCHMARKS.md lists where it did).
+// Issuing::kAuto measures, on the host clock, after kWarmupCalls calls on threads that are not timed (lazy
+// initialisation, allocator growth; a pool's workers then exist whichever way it settles):
+//  - what it times is the period from one call's start to the next call's start, not the call alone: in
+//    training that is the whole step (forward, backward, optimizer step, the next batch), and the way the
+//    forward was issued also changes the rest (threads that leave the device's queue fuller or emptier, a
+//    backward that waits for it). Timing the forward alone kept the slower way in 3 of 16 same-GPU rows;
+//  - the ways run in blocks of kBlockCalls consecutive calls, threads, serial, serial, threads: a training step
+//    that calls the forward twice (two views of a batch, a GAN's two passes) would otherwise give one way every
+//    short period and the other every long one. A block's time is the sum of its calls' periods less the longest
+//    (a pause for evaluation or a checkpoint in the middle of the trial);
+//  - after the first two blocks a difference of more than kClearMargin settles at once; otherwise all four
+//    blocks run (in that order, so that a drift over the trial favours neither way) and the lower total wins.
+// The way is then kept for good. A block in which a call failed is measured again. Results are the same either
+// way, only the speed differs. Replicas on distinct devices always use threads. kThreads and kSerial force a way;
+// synchronized batch norm needs kThreads, its replicas waiting for each other in one forward. A DataParallel has
+// its own pool; the pool shared by the functional forms settles once for every module they run, and calls from
+// several threads at once blur its periods.
 //
 // Note [Reproducible replicas]
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -167,57 +174,73 @@ struct WorkerPool::State {
 
   // Issuing::kAuto's measurement (Note [Issuing replicas]).
   static constexpr size_t kWarmupCalls = 2;
-  static constexpr size_t kTrialCalls = 5;  // timed calls per way
+  static constexpr size_t kBlockCalls = 12;     // consecutive calls issued one way and timed together
+  static constexpr size_t kBlocks = 4;          // threads, serial, serial, threads
+  static constexpr double kClearMargin = 0.25;  // after the first two blocks, a difference that settles at once
   struct Trial {
-    size_t calls = 0;                // started, warm-up included
-    std::vector<double> seconds[2];  // [0]: threads, [1]: serial
+    using Clock = std::chrono::steady_clock;
+    size_t warmup_calls = 0;
+    size_t block = 0;        // the block under way, or the next one
+    size_t block_calls = 0;  // calls begun in it; 0: not started
+    bool block_failed = false;
+    Clock::time_point last_start;  // of the block's latest call
+    double block_seconds = 0;      // the block's periods so far ...
+    double longest = 0;            // ... and the longest of them, left out of its total
+    double seconds[2] = {0, 0};    // per way ([0]: threads, [1]: serial), the totals of its finished blocks
     Issuing settled = Issuing::kAuto;
   } trial;
+
+  static Issuing way_of_block(size_t block) {
+    return block % 4 == 0 || block % 4 == 3 ? Issuing::kThreads : Issuing::kSerial;
+  }
 };
 
-namespace {
-
-double median_of(std::vector<double> values) {
-  std::sort(values.begin(), values.end());
-  const size_t mid = values.size() / 2;
-  return values.size() % 2 ? values[mid] : 0.5 * (values[mid - 1] + values[mid]);
-}
-
-}  // namespace
-
-Issuing WorkerPool::next_auto_issuing() {
+Issuing WorkerPool::begin_auto_call(std::chrono::steady_clock::time_point now) {
   renew_after_fork();  // the parent's lock may be held by a thread the child does not have
-  std::lock_guard<std::mutex> lock(state_->mutex);
-  const auto& trial = state_->trial;
-  if (trial.settled != Issuing::kAuto) {
-    return trial.settled;
-  }
-  if (trial.calls < State::kWarmupCalls) {
-    return Issuing::kThreads;
-  }
-  // Alternate, starting with whichever way has fewer timed calls (calls may fail and go unrecorded).
-  return trial.seconds[1].size() < trial.seconds[0].size() ? Issuing::kSerial : Issuing::kThreads;
-}
-
-void WorkerPool::record_auto_issuing(Issuing used, double seconds) {
-  TORCH_DP_CHECK(
-      used == Issuing::kThreads || used == Issuing::kSerial, "record_auto_issuing: expected threads or serial, got ",
-      issuing_name(used));
-  renew_after_fork();
   std::lock_guard<std::mutex> lock(state_->mutex);
   auto& trial = state_->trial;
   if (trial.settled != Issuing::kAuto) {
-    return;
+    return trial.settled;
   }
-  if (trial.calls++ < State::kWarmupCalls) {
-    return;
+  if (trial.warmup_calls < State::kWarmupCalls) {
+    ++trial.warmup_calls;
+    return Issuing::kThreads;
   }
-  auto& times = trial.seconds[used == Issuing::kSerial ? 1 : 0];
-  if (times.size() < State::kTrialCalls) {
-    times.push_back(seconds);
+  if (trial.block_calls > 0) {
+    // The period of the block's latest call ends where this call starts.
+    const double period = std::chrono::duration<double>(now - trial.last_start).count();
+    trial.block_seconds += period;
+    trial.longest = std::max(trial.longest, period);
   }
-  if (trial.seconds[0].size() == State::kTrialCalls && trial.seconds[1].size() == State::kTrialCalls) {
-    trial.settled = median_of(trial.seconds[1]) < median_of(trial.seconds[0]) ? Issuing::kSerial : Issuing::kThreads;
+  if (trial.block_calls == State::kBlockCalls) {
+    if (!trial.block_failed) {
+      const bool serial = State::way_of_block(trial.block) == Issuing::kSerial;
+      trial.seconds[serial] += trial.block_seconds - trial.longest;
+      ++trial.block;
+      const double threads_s = trial.seconds[0], serial_s = trial.seconds[1];
+      const bool clear =
+          trial.block == 2 && std::max(threads_s, serial_s) > (1 + State::kClearMargin) * std::min(threads_s, serial_s);
+      if (clear || trial.block == State::kBlocks) {
+        trial.settled = serial_s < threads_s ? Issuing::kSerial : Issuing::kThreads;
+        return trial.settled;
+      }
+    }
+    trial.block_calls = 0;  // the next block; a failed one is run again, the same way
+  }
+  if (trial.block_calls == 0) {
+    trial.block_failed = false;
+    trial.block_seconds = trial.longest = 0;
+  }
+  ++trial.block_calls;
+  trial.last_start = now;
+  return State::way_of_block(trial.block);
+}
+
+void WorkerPool::auto_call_failed() {
+  renew_after_fork();
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  if (state_->trial.block_calls > 0) {
+    state_->trial.block_failed = true;
   }
 }
 
@@ -450,13 +473,11 @@ void run_replicas(
     issuing = resolve_issuing(issuing, devices);
     const bool measuring = issuing == Issuing::kAuto && n > 1;  // the pool settles kAuto (Note [Issuing replicas])
     if (measuring) {
-      issuing = pool.next_auto_issuing();
+      issuing = pool.begin_auto_call();
     }
-    const auto start = std::chrono::steady_clock::now();
     errors = pool.run(n, run_replica, issuing == Issuing::kSerial);
-    const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
-    if (measuring && std::none_of(errors.begin(), errors.end(), [](const std::exception_ptr& e) { return bool(e); })) {
-      pool.record_auto_issuing(issuing, took.count());
+    if (measuring && std::any_of(errors.begin(), errors.end(), [](const std::exception_ptr& e) { return bool(e); })) {
+      pool.auto_call_failed();
     }
   }
   for (size_t i = 0; i < n; ++i) {

@@ -4,6 +4,7 @@
 #include <c10/core/Device.h>
 #include <c10/util/ArrayRef.h>
 
+#include <chrono>
 #include <cstddef>
 #include <exception>
 #include <functional>
@@ -17,7 +18,7 @@ namespace torch_dp {
 /// How run_replicas runs the replicas of one call (Note [Issuing replicas] in parallel_apply.cpp).
 enum class Issuing {
   /// Replicas on several devices: kThreads. Replicas sharing one device: whichever of kThreads and kSerial
-  /// ran faster on this pool's first calls, both being timed there.
+  /// gave the shorter time from one call to the next (a whole training step) over this pool's first calls.
   kAuto,
   /// Replica 0 on the calling thread and replica i on persistent worker thread i - 1, all at once.
   kThreads,
@@ -44,12 +45,13 @@ class WorkerPool {
   /// Number of worker threads started so far.
   size_t num_threads() const;
 
-  /// Issuing::kAuto on replicas sharing one device, as this pool settles it (Note [Issuing replicas]): the mode
-  /// its next call uses (both alternately while measuring, then the faster one) ...
-  Issuing next_auto_issuing();
-  /// ... the host time such a call took ...
-  void record_auto_issuing(Issuing used, double seconds);
-  /// ... and the mode settled on, kAuto while still measuring.
+  /// Issuing::kAuto on replicas sharing one device, as this pool settles it (Note [Issuing replicas]): the way a
+  /// call starting at `now` uses (both, in blocks of calls, while measuring; then the faster one for good). The
+  /// time between calls is what is measured, so `now` is the clock at the call's start (tests pass their own) ...
+  Issuing begin_auto_call(std::chrono::steady_clock::time_point now = std::chrono::steady_clock::now());
+  /// ... a call begun so failed (its block is measured again) ...
+  void auto_call_failed();
+  /// ... and the way settled on, kAuto while still measuring.
   Issuing settled_auto_issuing() const;
 
  private:

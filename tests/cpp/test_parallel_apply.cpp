@@ -10,7 +10,10 @@
 #include <c10/core/InferenceMode.h>
 
 #include <atomic>
+#include <chrono>
+#include <functional>
 #include <mutex>
+#include <ostream>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -186,39 +189,102 @@ TEST_CASE("Issuing::kAuto uses threads across devices and measures on one device
   CHECK(std::string(torch_dp::issuing_name(Issuing::kSerial)) == "serial");
 }
 
-TEST_CASE("WorkerPool settles Issuing::kAuto on the faster way after timing both", "[parallel_apply][issuing]") {
+namespace torch_dp {
+// Catch2 prints the ways of a failed comparison by name.
+std::ostream& operator<<(std::ostream& os, Issuing issuing) {
+  return os << issuing_name(issuing);
+}
+}  // namespace torch_dp
+
+namespace {
+
+// Drives a pool's Issuing::kAuto trial on a simulated clock: call i starts when call i - 1's period, as
+// `period(way, i)` gives it, has passed. Returns the ways the calls used, up to the first settled one.
+std::vector<torch_dp::Issuing> run_trial(
+    torch_dp::WorkerPool& pool, const std::function<double(torch_dp::Issuing, size_t)>& period,
+    const std::function<bool(size_t)>& fails = [](size_t) { return false; }) {
+  auto now = std::chrono::steady_clock::time_point{};
+  std::vector<torch_dp::Issuing> ways;
+  while (pool.settled_auto_issuing() == torch_dp::Issuing::kAuto) {
+    REQUIRE(ways.size() < 200);
+    const auto way = pool.begin_auto_call(now);
+    ways.push_back(way);
+    if (fails(ways.size() - 1)) {
+      pool.auto_call_failed();
+    }
+    now += std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+        std::chrono::duration<double>(period(way, ways.size() - 1)));
+  }
+  return ways;
+}
+
+std::vector<torch_dp::Issuing> blocks_of(
+    std::initializer_list<std::pair<torch_dp::Issuing, size_t>> runs, torch_dp::Issuing last) {
+  std::vector<torch_dp::Issuing> ways;
+  for (const auto& [way, count] : runs) {
+    ways.insert(ways.end(), count, way);
+  }
+  ways.push_back(last);
+  return ways;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "WorkerPool settles Issuing::kAuto on the way whose calls come round sooner, in blocks of calls",
+    "[parallel_apply][issuing]") {
   using torch_dp::Issuing;
-  const bool serial_faster = GENERATE(true, false);
-  CAPTURE(serial_faster);
+  constexpr auto T = Issuing::kThreads;
+  constexpr auto S = Issuing::kSerial;
   torch_dp::WorkerPool pool;
   CHECK(pool.settled_auto_issuing() == Issuing::kAuto);
-  // Warm-up calls run on threads and are not counted.
-  for (int i = 0; i < 2; ++i) {
-    REQUIRE(pool.next_auto_issuing() == Issuing::kThreads);
-    pool.record_auto_issuing(Issuing::kThreads, 100.0);  // far slower than anything below: must be ignored
+
+  SECTION("a clear difference settles after a block of each way; the warm-up calls are not timed") {
+    const bool serial_faster = GENERATE(true, false);
+    CAPTURE(serial_faster);
+    const auto faster = serial_faster ? S : T;
+    // Warm-up periods (calls 0 and 1) far longer than anything after them: they must not count.
+    const auto ways = run_trial(pool, [&](Issuing way, size_t i) {
+      return i < 2 ? 100.0 : way == faster ? 1e-3 : 2e-3;
+    });
+    CHECK(ways == blocks_of({{T, 2}, {T, 12}, {S, 12}}, faster));
+    CHECK(pool.settled_auto_issuing() == faster);
+    CHECK(pool.begin_auto_call() == faster);  // settled for good
   }
-  std::vector<Issuing> order;
-  while (pool.settled_auto_issuing() == Issuing::kAuto) {
-    REQUIRE(order.size() < 20);
-    const auto next = pool.next_auto_issuing();
-    order.push_back(next);
-    const bool fast = (next == Issuing::kSerial) == serial_faster;
-    // One outlier per way, which a median ignores.
-    const double seconds = order.size() <= 2 ? (fast ? 1.0 : 0.001) : (fast ? 0.001 : 0.002);
-    pool.record_auto_issuing(next, seconds);
+
+  SECTION("a small difference runs four blocks, threads, serial, serial, threads, then keeps the lower total") {
+    const bool serial_faster = GENERATE(true, false);
+    CAPTURE(serial_faster);
+    const auto faster = serial_faster ? S : T;
+    // 10% apart, and every period 1% longer than the one before (a drift the block order must not turn into a
+    // verdict: threads' blocks come first and last).
+    const auto ways =
+        run_trial(pool, [&](Issuing way, size_t i) { return (way == faster ? 1.0 : 1.1) * (1 + 0.01 * i); });
+    CHECK(ways == blocks_of({{T, 2}, {T, 12}, {S, 12}, {S, 12}, {T, 12}}, faster));
+    CHECK(pool.settled_auto_issuing() == faster);
   }
-  CHECK(order.size() == 10);  // five timed calls each, alternating
-  for (size_t i = 0; i < order.size(); ++i) {
-    CHECK(order[i] == (i % 2 ? Issuing::kSerial : Issuing::kThreads));
+
+  SECTION("the whole period counts: a forward issued one way can make the rest of the step slower") {
+    // Two forwards per step, as with two views of a batch: call periods alternate between the time to the
+    // second forward (the same either way) and the rest of the step, which is 20% longer after threads. A trial
+    // that alternated ways call by call would give threads every short period; blocks give each way both.
+    const auto ways = run_trial(pool, [&](Issuing way, size_t i) { return i % 2 ? (way == T ? 1.2 : 1.0) : 0.1; });
+    CHECK(pool.settled_auto_issuing() == S);
+    CHECK(ways.size() == 2 + 4 * 12 + 1);  // 6.6 against 5.6 per block: within the margin, so four blocks
   }
-  const auto expected = serial_faster ? Issuing::kSerial : Issuing::kThreads;
-  CHECK(pool.settled_auto_issuing() == expected);
-  CHECK(pool.next_auto_issuing() == expected);
-  pool.record_auto_issuing(serial_faster ? Issuing::kThreads : Issuing::kSerial, 0.0);  // settled for good
-  CHECK(pool.settled_auto_issuing() == expected);
-  CHECK_THROWS_WITH(
-      pool.record_auto_issuing(Issuing::kAuto, 1.0),
-      Contains("record_auto_issuing: expected threads or serial, got auto"));
+
+  SECTION("the longest period of a block is left out: one pause does not decide") {
+    // Serial is faster, but one of its calls is followed by a long pause (an evaluation, a checkpoint).
+    const auto ways = run_trial(pool, [&](Issuing way, size_t i) { return i == 20 ? 60.0 : way == S ? 1.0 : 1.5; });
+    CHECK(pool.settled_auto_issuing() == S);
+    CHECK(ways.size() == 2 + 2 * 12 + 1);
+  }
+
+  SECTION("a block in which a call failed is run again, the same way") {
+    const auto ways =
+        run_trial(pool, [&](Issuing way, size_t) { return way == S ? 1.0 : 2.0; }, [](size_t i) { return i == 5; });
+    CHECK(ways == blocks_of({{T, 2}, {T, 12}, {T, 12}, {S, 12}}, S));
+  }
 }
 
 TEST_CASE(
@@ -232,7 +298,8 @@ TEST_CASE(
     std::lock_guard<std::mutex> lock(mutex);
     ids.insert(std::this_thread::get_id());
   };
-  for (int call = 0; call < 12; ++call) {
+  // 2 warm-up calls, then blocks of 12 calls each way: settled within 51 calls.
+  for (int call = 0; call < 51 && pool.settled_auto_issuing() == torch_dp::Issuing::kAuto; ++call) {
     torch_dp::run_replicas(pool, devices, task);
   }
   CHECK(pool.num_threads() == 2);  // the warm-up calls started the workers
@@ -245,7 +312,7 @@ TEST_CASE(
   }
   // Failed calls are not timed: a pool whose every call fails never settles, and keeps reporting the failures.
   torch_dp::WorkerPool failing;
-  for (int call = 0; call < 14; ++call) {
+  for (int call = 0; call < 60; ++call) {
     CHECK_THROWS_AS(
         torch_dp::run_replicas(failing, devices, [](size_t) { TORCH_CHECK(false, "no"); }), torch_dp::ReplicaError);
   }

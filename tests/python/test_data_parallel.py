@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import warnings
 
 import pytest
@@ -901,8 +902,9 @@ def test_issuing_auto_settles_on_one_way_and_keeps_it():
     x = torch.arange(3.0).repeat_interleave(5).reshape(3, 5)
     pool = dp._get_engine().pool
     seen = set()
-    for _ in range(12):  # 2 warm-up calls on threads, then 5 timed calls of each way
-        assert pool.settled_auto_issuing.name == "auto"
+    for _ in range(51):  # 2 warm-up calls on threads, then blocks of 12 calls each way (Note [Issuing replicas])
+        if pool.settled_auto_issuing.name != "auto":
+            break
         net.threads.clear()
         torch.testing.assert_close(dp(x), net.fc(x))
         seen.add("serial" if len(set(net.threads.values())) == 1 else "threads")
@@ -913,6 +915,38 @@ def test_issuing_auto_settles_on_one_way_and_keeps_it():
         net.threads.clear()
         dp(x)
         assert len(set(net.threads.values())) == (1 if settled == "serial" else 3)
+
+
+class SleepsPerReplica(nn.Module):
+    """Each replica sleeps (without the GIL), so replicas on threads finish their forward sooner than in series."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+        self.threads = set()
+
+    def forward(self, x):
+        self.threads.add(threading.get_ident())
+        time.sleep(0.002)
+        return self.fc(x)
+
+
+def test_issuing_auto_times_the_whole_step_not_the_forward():
+    """Threads run this forward faster, but the rest of the step is slower after it (as a backward can be when
+    threads left the device's queue in another state): "auto" must keep the way whose whole step is shorter,
+    serial here, which timing the forward alone would not."""
+    net = SleepsPerReplica()
+    dp = torch_dp.DataParallel(net, cpus(2))
+    pool = dp._get_engine().pool
+    x = torch.randn(4, 5)
+    for _ in range(51):
+        if pool.settled_auto_issuing.name != "auto":
+            break
+        net.threads.clear()
+        dp(x)
+        if len(net.threads) > 1:  # issued on threads: the rest of this step takes longer
+            time.sleep(0.008)
+    assert pool.settled_auto_issuing.name == "serial"
 
 
 @pytest.mark.parametrize("n", [2, 4])
