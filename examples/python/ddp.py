@@ -16,11 +16,13 @@ prints the mean loss of each epoch.
 """
 
 import argparse
+import gc
 import os
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # noqa: F401  (before init_process_group: see the end of main)
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
@@ -104,12 +106,24 @@ def main() -> None:
         if rank == 0:
             print(f"epoch {epoch}: mean loss {(total[0] / total[1]).item():.6f}", flush=True)
 
-    # Wait for every rank, and drop DDP (which holds the process group) before destroying the group: without
-    # that, a gloo rank aborts at exit now and then ("terminate called without an active exception", with
-    # plain DDP too).
+    # Note [Shutting down gloo]
+    # ~~~~~~~~~~~~~~~~~~~~~~~~~
+    # The process group must be gone, its worker threads joined, before the interpreter finalizes. A gloo
+    # worker thread releases each collective's work (and the tensors it holds, here `total`) after the caller
+    # has been told it finished; a tensor Python has seen needs the GIL to be released, and a thread that asks
+    # for the GIL once the interpreter is finalizing is ended by it, inside a destructor that may not throw:
+    # "terminate called without an active exception", SIGABRT at exit, now and then, with plain DDP too.
+    # destroy_process_group() joins those threads only if it drops the last reference to the group, so:
+    #  - torch.distributed.nn is imported before init_process_group: DDP imports it otherwise (through
+    #    torch.distributed._shard) once the group exists, and the `group=group.WORLD` defaults of its functions
+    #    then hold the default group for good (torch 2.13);
+    #  - DDP, which holds the group through its reducer, is collected first (its hooks form reference cycles).
+    # The barrier keeps a rank from tearing down its connections while the other still uses them.
     dist.barrier()
     del model, optimizer
+    gc.collect()
     dist.destroy_process_group()
+    print(f"rank {rank}: process group destroyed", flush=True)
 
 
 if __name__ == "__main__":
