@@ -43,8 +43,21 @@ class IssuedDevices(list):
         self.issuing = issuing
 
 
+# The accelerator torch reports, as torch.nn.DataParallel resolves it: "cuda" on a GPU machine, "sim" in the
+# pytest process of tests/simulated_devices (which reuses these cases on its distinct devices), None on the CPU.
+ACCELERATOR = torch._utils._get_available_device_type()
+
+
 def _device_lists() -> list[tuple[str, list]]:
-    """(id, device_ids) pairs: CPU replica lists here; repeated and distinct GPUs on a GPU machine."""
+    """(id, device_ids) pairs: CPU replica lists here; repeated and distinct GPUs on a GPU machine; distinct
+    devices of any other accelerator (every case then runs only on those)."""
+    if ACCELERATOR not in (None, "cuda", "mps"):
+        count = getattr(torch, ACCELERATOR).device_count()
+        lists = [(f"{ACCELERATOR}{n}", list(range(n))) for n in range(2, min(count, 4) + 1)]
+        if count >= 3:
+            # The module on a device other than 0, the others after it out of order.
+            lists.append((f"{ACCELERATOR}_2_0_1", [2, 0, 1]))
+        return lists
     lists = [("cpu1", ["cpu"]), ("cpu2", ["cpu"] * 2), ("cpu3", ["cpu"] * 3), ("cpu4", ["cpu"] * 4)]
     lists.append(("cpu3_copies", CopyingDevices(["cpu"] * 3)))
     lists.append(("cpu3_serial", IssuedDevices(["cpu"] * 3, "serial")))
@@ -65,7 +78,7 @@ MULTI = [(name, ids) for name, ids in DEVICE_LISTS if len(ids) > 1]
 
 
 def _device_of(device_ids: list) -> torch.device:
-    return torch.device("cpu") if device_ids[0] == "cpu" else torch.device("cuda", device_ids[0])
+    return torch.device("cpu") if device_ids[0] == "cpu" else torch.device(ACCELERATOR, device_ids[0])
 
 
 def _ours(module: nn.Module, device_ids: list, **kwargs: Any) -> torch_dp.DataParallel:
@@ -78,7 +91,8 @@ def _ours(module: nn.Module, device_ids: list, **kwargs: Any) -> torch_dp.DataPa
 
 
 def _reference(module: nn.Module, device_ids: list, **kwargs: Any) -> nn.Module:
-    if device_ids[0] == "cpu":
+    if device_ids[0] == "cpu" or ACCELERATOR != "cuda":
+        # torch.nn.DataParallel runs on CUDA only (its comm is CUDA's): elsewhere its semantics by hand.
         return ChunkedReference(module, len(device_ids), kwargs.get("dim", 0))
     return nn.DataParallel(module, device_ids, **kwargs)
 
@@ -397,6 +411,8 @@ def test_lstm_flatten_parameters_in_training(name, device_ids):
 
 @pytest.mark.parametrize("name,device_ids", MULTI)
 def test_sparse_embedding_gradients(name, device_ids):
+    if _device_of(device_ids).type not in ("cpu", "cuda"):
+        pytest.skip(f"sparse tensors on {ACCELERATOR}: the simulated accelerator has no sparse kernels")
     compare(SparseEmbedding, lambda d: ((torch.randint(0, 20, (12, 3), device=d),), {}), device_ids)
 
 
@@ -518,18 +534,24 @@ def test_zero_grad_in_a_replica_warns(name, device_ids):
 @pytest.mark.parametrize("name,device_ids", MULTI)
 def test_no_reference_cycles_after_forward(name, device_ids):
     device = _device_of(device_ids)
-    dp = torch_dp.DataParallel(_mlp().to(device), device_ids)
+    module = _mlp().to(device)
+    dp = torch_dp.DataParallel(module, device_ids)
     x = torch.randn(8, 6, dtype=torch.double, device=device, requires_grad=True)
     dp(x).sum().backward()  # replicas and threads exist now
     gc.collect()
     gc.disable()
     try:
+        # What the unwrapped module's own forward leaves to the collector on this device: nothing on the CPU and
+        # CUDA; on a backend whose ops run Python (meta kernels building closures), that much.
+        module(x).sum().backward()
+        plain = gc.collect()
         out = dp(x)
         out_ref = weakref.ref(out)
         out.sum().backward()
         del out
         assert out_ref() is None, "the output outlived its last reference: it is held by a reference cycle"
-        assert gc.collect() == 0, "a forward left objects that only the cycle collector can free"
+        # Each replica runs the module's ops once, and the outputs are gathered and summed (two more ops).
+        assert gc.collect() <= plain * (len(device_ids) + 1), "a forward left objects only the cycle collector frees"
     finally:
         gc.enable()
 
@@ -573,7 +595,8 @@ def test_save_replicas(name, device_ids, detach):
         buffer.seek(0)
         loaded = torch.load(buffer, weights_only=False)
         x = torch.randn(4, 6, dtype=torch.double, device=_device_of(device_ids))
-        torch.testing.assert_close(loaded(x), module(x))
+        device = next(loaded.parameters()).device  # the replica's own (on distinct devices, not the first)
+        torch.testing.assert_close(loaded(x.to(device)), module(x).to(device))
 
 
 @pytest.mark.parametrize("output_device", ["cpu", torch.device("cpu"), -1], ids=["str", "device", "minus_one"])
