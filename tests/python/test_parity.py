@@ -416,6 +416,11 @@ def test_sparse_embedding_gradients(name, device_ids):
     compare(SparseEmbedding, lambda d: ((torch.randint(0, 20, (12, 3), device=d),), {}), device_ids)
 
 
+def _layout(t: torch.Tensor) -> tuple[int, ...]:
+    """The strides that say how a tensor is laid out: those of its dims larger than 1."""
+    return tuple(stride for stride, size in zip(t.stride(), t.shape) if size > 1)
+
+
 @pytest.mark.parametrize("name,device_ids", MULTI)
 def test_channels_last_layers_and_gradient_layouts(name, device_ids):
     def model():
@@ -446,7 +451,9 @@ def test_channels_last_layers_and_gradient_layouts(name, device_ids):
     ref_module.zero_grad(set_to_none=True)
     ref_module(inputs(device)[0][0]).sum().backward()
     for ours_p, ref_p in zip(ours_module.parameters(), ref_module.parameters()):
-        assert ours_p.grad.stride() == ref_p.grad.stride()
+        # Strides of dims of size 1 say nothing about the layout, and on distinct devices they depend on which
+        # device's gradient reached the parameter first (a 1x1 convolution's weight: (4, 1, 1, 1) or (4, 1, 4, 4)).
+        assert _layout(ours_p.grad) == _layout(ref_p.grad)
 
 
 @pytest.mark.parametrize("name,device_ids", MULTI)

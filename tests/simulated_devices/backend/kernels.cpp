@@ -135,6 +135,17 @@ void record_stream_kernel(at::Tensor& self, c10::Stream stream) {
   record_stream(self.storage().data_ptr(), stream);
 }
 
+// Whether `self` may take `from`'s data in place (Variable::set_data, Python's `.data =`): as between the CPU and
+// CUDA, a dense tensor of this device and a dense CPU tensor may, so that C++'s Module::to(device) and clone(device)
+// (which call set_data) move a module between the CPU and a device. PyTorch's own rule (TensorImpl's
+// has_compatible_shallow_copy_type) lists the built-in backends only and leaves PrivateUse1 to its backend.
+bool has_compatible_shallow_copy_type(const at::Tensor& self, const at::Tensor& from) {
+  const auto dense = [](const at::Tensor& tensor) {
+    return tensor.layout() == c10::kStrided && (tensor.is_cpu() || tensor.device().type() == kDeviceType);
+  };
+  return (dense(self) && dense(from)) || self.unsafeGetTensorImpl()->has_compatible_shallow_copy_type(from.key_set());
+}
+
 // ---- CPU aliases ---------------------------------------------------------------------------------------------
 
 // Note [CPU aliases]
@@ -535,6 +546,15 @@ void fallback(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
 
 // ---- copies ------------------------------------------------------------------------------------------------
 
+// A copy's work on a stream's thread. Its CPU aliases were made on the calling thread, as inference tensors when
+// that thread was in InferenceMode, which the stream's thread is not in: run below autograd, as the fallback runs
+// ops (run_async), so that the copy is the raw one a device does, without the check of in-place updates to
+// inference tensors ("Inplace update to inference tensor outside InferenceMode").
+void raw_copy(at::Tensor& to, const at::Tensor& from) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  to.copy_(from);
+}
+
 at::Tensor copy_from(const at::Tensor& source, const at::Tensor& destination, bool non_blocking) {
   const bool from_device = source.device().type() == kDeviceType;
   const bool to_device = destination.device().type() == kDeviceType;
@@ -549,7 +569,7 @@ at::Tensor copy_from(const at::Tensor& source, const at::Tensor& destination, bo
   }
   if (from_device && to_device) {
     const auto source_stream = current_stream(source.device().index());
-    auto work = [to = cpu_alias(destination), from = cpu_alias(source)]() mutable { to.copy_(from); };
+    auto work = [to = cpu_alias(destination), from = cpu_alias(source)]() mutable { raw_copy(to, from); };
     if (source.device() == destination.device()) {
       enqueue(source_stream, std::move(work));
       return destination;
@@ -568,10 +588,10 @@ at::Tensor copy_from(const at::Tensor& source, const at::Tensor& destination, bo
     if (non_blocking && is_pinned(source.data_ptr())) {
       // Pinned memory is read when the copy runs; the source's block waits for this stream before reuse.
       record_stream(source.data_ptr(), stream);
-      enqueue(stream, [to = cpu_alias(destination), from = cpu_alias(source)]() mutable { to.copy_(from); });
+      enqueue(stream, [to = cpu_alias(destination), from = cpu_alias(source)]() mutable { raw_copy(to, from); });
     } else {
       // Pageable memory is read now (a staging copy), as cudaMemcpyAsync does.
-      enqueue(stream, [to = cpu_alias(destination), from = source.clone()]() mutable { to.copy_(from); });
+      enqueue(stream, [to = cpu_alias(destination), from = source.clone()]() mutable { raw_copy(to, from); });
       if (!non_blocking) {
         synchronize_stream(stream);
       }
@@ -584,7 +604,7 @@ at::Tensor copy_from(const at::Tensor& source, const at::Tensor& destination, bo
   if (asynchronous) {
     record_stream(destination.data_ptr(), stream);
   }
-  enqueue(stream, [to = cpu_alias(destination), from = cpu_alias(source)]() mutable { to.copy_(from); });
+  enqueue(stream, [to = cpu_alias(destination), from = cpu_alias(source)]() mutable { raw_copy(to, from); });
   if (!asynchronous) {
     synchronize_stream(stream);
   }
@@ -671,6 +691,7 @@ TORCH_LIBRARY_IMPL(aten, PrivateUse1, m) {
   m.impl("set_.source_Tensor", set_source_tensor);
   m.impl("set_", set_empty);
   m.impl("record_stream", record_stream_kernel);
+  m.impl("_has_compatible_shallow_copy_type", has_compatible_shallow_copy_type);
   m.impl("_copy_from", copy_from);
   m.impl("_copy_from_and_resize", copy_from_and_resize);
   m.impl("_local_scalar_dense", local_scalar_dense);
