@@ -212,6 +212,29 @@ DataParallel cached_data_parallel(const ModuleCaller& caller, const DataParallel
   return entry.parallel;
 }
 
+// A device index past the device count is refused when the options are given, as the Python package refuses it,
+// rather than failing inside the first forward (as the backend's error, after replicas ran, or on CUDA as
+// "invalid device ordinal"). A device type this build of torch has no runtime for is left to the caller's own
+// checks. Not part of resolve_devices: PackageDataParallel first compares the types with its package's.
+void check_devices_exist(at::ArrayRef<c10::Device> devices, const std::optional<c10::Device>& output_device) {
+  auto check = [](const c10::Device& device, const char* what) {
+    if (device.is_cpu() || !device.has_index() || !c10::impl::hasDeviceGuardImpl(device.type())) {
+      return;
+    }
+    const auto count = c10::impl::VirtualGuardImpl(device.type()).deviceCount();
+    const auto type = c10::DeviceTypeName(device.type(), /*lower_case=*/true);
+    TORCH_DP_CHECK(
+        device.index() < count, "DataParallel: ", what, " ", device.str(), " does not exist: this machine has ", count,
+        " ", type, " device(s)", count > 0 ? ", indices 0 to " + std::to_string(count - 1) : std::string());
+  };
+  for (const auto& device : devices) {
+    check(device, "device");
+  }
+  if (output_device) {
+    check(*output_device, "output_device");
+  }
+}
+
 ParallelDevices resolve_devices(const DataParallelOptions& options, bool first_may_be_empty) {
   ParallelDevices result;
   result.devices = options.devices();
@@ -277,6 +300,7 @@ void DataParallelImpl::reset() {
     register_module("module", module_.ptr());
   }
   auto resolved = detail::resolve_devices(options);
+  detail::check_devices_exist(resolved.devices, options.output_device());
   devices_ = std::move(resolved.devices);
   replica_devices_ = std::move(resolved.replica_devices);
   if (!module_.unimplemented_clone().empty() && replica_devices_.size() > 1) {
@@ -317,6 +341,10 @@ std::vector<detail::ModuleCaller*> DataParallelImpl::replicas(size_t count) {
   auto root = module_.ptr();
   auto params = root->parameters();
   auto buffers = root->buffers();
+  // As torch.nn.DataParallel, before any replica runs: the first replica is the module itself, so the module's
+  // tensors must be on the first device (a copy there instead would keep its BatchNorm updates from the module).
+  // Checked before the replicas are laid out, which they are for tensors on that device.
+  detail::check_module_device(params, buffers, replica_devices_[0]);
   if (!set.replicator.has_sources(params, buffers) || set.devices != replica_devices_) {
     set.slots.clear();
     set.devices = replica_devices_;

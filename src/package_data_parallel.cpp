@@ -152,6 +152,7 @@ PackageDataParallel::PackageDataParallel(const std::string& path, DataParallelOp
           ", and no devices were given; this machine has no ", c10::DeviceTypeName(state.device_type, true),
           " device to default to"));
   detail::check_package_devices(path, state.metadata, resolved.devices);
+  detail::check_devices_exist(resolved.devices, options.output_device());
   state.options = std::move(options);
   state.devices = std::move(resolved.devices);
   state.replica_devices = std::move(resolved.replica_devices);

@@ -59,14 +59,18 @@ void Replicator::set_sources(std::vector<at::Tensor> params, std::vector<at::Ten
   changed_.clear();
 }
 
-void Replicator::check_device(c10::Device expected) const {
-  for (const auto* list : {&params_, &buffers_}) {
-    for (const auto& t : *list) {
+void detail::check_module_device(at::TensorList params, at::TensorList buffers, c10::Device expected) {
+  for (const auto list : {params, buffers}) {
+    for (const auto& t : list) {
       TORCH_DP_CHECK(
           t.device() == expected, "module must have its parameters and buffers on device ", expected.str(),
           " (device_ids[0]) but found one of them on device: ", t.device().str());
     }
   }
+}
+
+void Replicator::check_device(c10::Device expected) const {
+  detail::check_module_device(params_, buffers_, expected);
 }
 
 void Replicator::set_devices(at::ArrayRef<c10::Device> devices) {

@@ -162,6 +162,7 @@ ScriptDataParallel::ScriptDataParallel(torch::jit::Module module, DataParallelOp
       " has no forward method; expected a TorchScript module with a forward (torch.jit.script or torch::jit::load)");
   state_ = std::make_shared<State>(std::move(module), std::move(options));
   auto resolved = detail::resolve_devices(state_->options);
+  detail::check_devices_exist(resolved.devices, state_->options.output_device());
   state_->devices = std::move(resolved.devices);
   state_->replica_devices = std::move(resolved.replica_devices);
 }
@@ -204,8 +205,10 @@ c10::IValue ScriptDataParallel::forward(const std::vector<c10::IValue>& inputs, 
     split_kwargs.emplace_back(name, detail::split_ivalue(value, plan));
   }
   const auto count = static_cast<size_t>(plan.count);
+  // Before the replicas are laid out, which they are for the module's tensors on the first device: a module
+  // moved there after this error is then replicated as one that was there all along.
+  detail::check_module_device(tensors_of(state.module, false), tensors_of(state.module, true), state.devices[0]);
   state.replicas.sync(state.module, state.replica_devices);
-  state.replicas.check_device(state.devices[0]);
   auto replicas = state.replicas.get(count, /*differentiable=*/true);
   std::vector<c10::IValue> outputs(count);
   std::vector<c10::Device> used(state.replica_devices.begin(), state.replica_devices.begin() + count);

@@ -254,6 +254,10 @@ struct ParallelDevices {
 };
 ParallelDevices resolve_devices(const DataParallelOptions& options, bool first_may_be_empty = false);
 
+/// Throws a c10::Error naming the device, the device count and the valid indices if a device or the output device
+/// has an index past its type's device count. Types this build of torch has no runtime for are left alone.
+void check_devices_exist(at::ArrayRef<c10::Device> devices, const std::optional<c10::Device>& output_device);
+
 /// The cached DataParallel for a module (weakly keyed by the module), made or updated for these options.
 DataParallel cached_data_parallel(const ModuleCaller& module, const DataParallelOptions& options);
 

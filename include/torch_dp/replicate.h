@@ -14,6 +14,9 @@ namespace torch_dp {
 
 namespace detail {
 struct TestAccess;  // torch_dp's own tests, src/test_access.h
+
+/// Throws, with PyTorch's DataParallel message, if one of a module's parameters or buffers is not on `expected`.
+void check_module_device(at::TensorList params, at::TensorList buffers, c10::Device expected);
 }  // namespace detail
 
 /// The tensors of a module's replicas, persistent between forwards: the one replication engine, behind both the
