@@ -18,7 +18,9 @@
 //  - On a parameter's own device there is nothing to copy: the replica uses the parameter itself. Its gradient
 //    then accumulates straight into the original's .grad, which is the sum over replicas that PyTorch's
 //    broadcast backward computes, with no reduction step at all. (With device_ids=[0, 0] or ["cpu"] * 4,
-//    every replica is on the source device, so replication costs nothing but a few version checks.)
+//    every replica is on the source device, so replication costs nothing but a few version checks.) Where other
+//    devices hold copies as well ([0, 0, 1, 1]), only the first of those replicas adds into .grad directly, and
+//    the others' gradients go through the broadcast node (Note [Gradients summed in slot order]).
 //  - Buffers are updated in place by forward (BatchNorm's running statistics). PyTorch keeps replica 0's
 //    updates, because replica 0 aliases the original buffers, and drops the others'. The first slot on the
 //    source device therefore uses the original buffers; every other slot gets private copies, brought back to
@@ -194,19 +196,45 @@ std::vector<std::vector<at::Tensor>> Replicator::replicate(
   return result;
 }
 
+// Note [Gradients summed in slot order]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// Autograd adds the gradients that reach one tensor in the order they arrive. A source's gradients come from the
+// replicas that use it directly, on the autograd engine's thread of the source's device, and from the broadcast
+// node, which runs once the other devices' threads delivered theirs. With two replicas or more using the source
+// directly and the node besides ([0, 0, 1]: replicas 0 and 1 on device 0, replica 2's copy on device 1), the
+// node's sum lands before, between or after the direct ones depending on the threads' timing: (a + b) + c on one
+// run, (a + c) + b on the next, and two runs differ in their last bits, reproducible=True or not. So where a
+// source has the node, only the first slot using it directly keeps doing so; the later ones get an alias that
+// carries the node, whose backward adds their gradients in slot order (Note [Broadcast grad] in comm.cpp). The
+// source then gets two gradients, and a + b == b + a. Without the node (every replica on the source's device)
+// everything arrives on one thread, in an order that does not change between runs.
+
 void Replicator::attach_grad(std::vector<std::vector<at::Tensor>>& result) {
   // Every tensor of a slot that is not its source itself and whose source requires grad routes its gradient to
-  // the source, through one node per call (Note [Broadcast grad] in comm.cpp).
+  // the source, through one node per call (Note [Broadcast grad] in comm.cpp), and so do the sources used
+  // directly by any slot but the first where the node exists (Note [Gradients summed in slot order]).
   std::vector<std::vector<size_t>> indices(result.size());
   std::vector<bool> bound(result.size());
+  const size_t total = params_.size() + buffers_.size();
+  std::vector<char> has_node(total, 0);  // some slot's tensor k carries the node
+  for (size_t j = 0; j < result.size(); ++j) {
+    bound[j] = !slots_[j].bound.empty();
+    for (size_t k = 0; k < total; ++k) {
+      has_node[k] = has_node[k] || (source(k).requires_grad() && (bound[j] || slots_[j].copy_index[k] >= 0));
+    }
+  }
+  std::vector<char> used_directly(total, 0);  // by an earlier slot
   bool any = false;
   for (size_t j = 0; j < result.size(); ++j) {
     auto& slot = slots_[j];
-    bound[j] = !slot.bound.empty();
     for (size_t k = 0; k < result[j].size(); ++k) {
       if (source(k).requires_grad()) {
         if (bound[j] || slot.copy_index[k] >= 0) {
           indices[j].push_back(k);
+        } else if (has_node[k] && used_directly[k]) {
+          indices[j].push_back(k);  // an alias of the source, carrying the node
+        } else {
+          used_directly[k] = 1;
         }
       } else if (bound[j] && slot.bound[k].requires_grad()) {
         // Frozen in the module, so frozen in the replica: a clone's parameters start out requiring grad, and one

@@ -13,7 +13,8 @@ finished, and passes its turn on, round the device's replicas, at every rendezvo
 finishes. Between two rendezvous the replicas of a device thus run one at a time, always in index order, and
 every random op draws from the generator in the same order on every run; replicas on distinct devices (distinct
 generators) still run at once. The statistics are combined by whichever replica arrives last, which draws no
-random numbers. Mismatched calls and failures are reported as without turns: a replica waiting for its turn
+random numbers, and their gradients are added in replica order (Note [Summing the replicas' gradients in index
+order]). Mismatched calls and failures are reported as without turns: a replica waiting for its turn
 also wakes when another failed or finished early.
 """
 
@@ -28,6 +29,36 @@ import torch
 __all__: list[str] = []
 
 _local = threading.local()
+
+
+# Note [Summing the replicas' gradients in index order]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# Every replica's gradient of the combined statistics flows back into the one tensor that combine() returned. Had
+# each replica its own copy of it (`combined.to(device)`), autograd would add those gradients in the order they
+# arrive, and across distinct devices they arrive from the autograd engine's thread of each device, in whatever
+# order those threads get there: with three replicas or more, (a + b) + c one run and (a + c) + b the next, and
+# the gradients of the layers below (the first Linear's weight, say) differ in their last bits between two runs
+# of reproducible=True. _Distribute hands every replica its copy from one autograd node, whose backward waits for
+# all of them and adds them in replica order: the same sum on every run.
+
+
+class _Distribute(torch.autograd.Function):
+    """`combined` copied onto each of `devices` (one autograd node); backward adds the copies' gradients on
+    `combined`'s device in index order (Note [Summing the replicas' gradients in index order])."""
+
+    @staticmethod
+    def forward(ctx: Any, combined: torch.Tensor, *devices: torch.device) -> tuple[torch.Tensor, ...]:
+        ctx.device = combined.device
+        return tuple(combined.to(device, copy=True) for device in devices)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
+        total = None
+        for grad in grads:
+            if grad is not None:
+                grad = grad.to(ctx.device)
+                total = grad if total is None else total + grad
+        return (total, *(None,) * len(grads))
 
 
 class PeerReplicaFailed(RuntimeError):
@@ -111,7 +142,7 @@ class SyncGroup:
             if len(slot["inputs"]) == self.num_replicas:
                 inputs = [slot["inputs"][i] for i in range(self.num_replicas)]
                 combined = combine(inputs)
-                slot["outputs"] = [combined.to(s.device) for s in inputs]
+                slot["outputs"] = list(_Distribute.apply(combined, *(s.device for s in inputs)))
                 slot["inputs"] = {i: None for i in range(self.num_replicas)}  # hold no tensors longer than needed
                 self._cond.notify_all()
             self._pass_turn(replica)
