@@ -3,6 +3,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
+#include <c10/core/Stream.h>
 
 #include <cstdint>
 #include <vector>
@@ -20,5 +21,12 @@ at::Tensor gather_function(const std::vector<at::Tensor>& inputs, c10::Device de
 std::vector<int64_t> device_types(const std::vector<c10::Device>& devices);
 std::vector<int64_t> device_indices(const std::vector<c10::Device>& devices);
 std::vector<c10::Device> devices_from(c10::ArrayRef<int64_t> types, c10::ArrayRef<int64_t> indices);
+
+/// The current stream of each accelerator device among `devices` (once per device; the CPU has none), for a node
+/// that spans devices to run its backward on its forward's streams (Note [Streams of a backward across devices]
+/// in scatter.cpp), and streams round-tripped through an autograd context's saved_data as an int list.
+std::vector<c10::Stream> current_streams(at::ArrayRef<c10::Device> devices);
+std::vector<int64_t> pack_streams(const std::vector<c10::Stream>& streams);
+std::vector<c10::Stream> unpack_streams(c10::ArrayRef<int64_t> packed);
 
 }  // namespace torch_dp::detail

@@ -1,11 +1,13 @@
 #include <torch_dp/comm.h>
 
+#include "autograd_functions.h"
 #include "message.h"
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/GradMode.h>
 #include <c10/core/InferenceMode.h>
+#include <c10/core/StreamGuard.h>
 #include <c10/util/Exception.h>
 #include <c10/util/accumulate.h>
 #include <torch/csrc/autograd/function.h>
@@ -63,7 +65,12 @@ struct BroadcastBackward : public torch::autograd::Node {
     output_options_.push_back(source.options());
   }
 
+  // The current streams of the devices this node spans, at the forward (Note [Streams of a backward across
+  // devices] in scatter.cpp).
+  void set_streams(std::vector<c10::Stream> streams) { streams_ = std::move(streams); }
+
   variable_list apply(variable_list&& grads) override {
+    const c10::MultiStreamGuard streams(streams_);
     variable_list result(num_outputs());
     std::map<size_t, std::vector<at::Tensor>> other_devices;  // per slot: its gradients, by output
     for (size_t i = 0; i < grads.size(); ++i) {
@@ -108,6 +115,7 @@ struct BroadcastBackward : public torch::autograd::Node {
   std::vector<size_t> output_of_;
   std::vector<std::vector<int64_t>> output_sizes_;
   std::vector<at::TensorOptions> output_options_;
+  std::vector<c10::Stream> streams_;
 };
 
 }  // namespace
@@ -304,7 +312,14 @@ void attach_broadcast_grad(
     return;
   }
   const auto destination = sources[outputs[0]].device();
+  std::vector<c10::Device> spanned{destination};
+  for (size_t j = 0; j < indices.size(); ++j) {
+    if (!indices[j].empty()) {
+      spanned.push_back(tensors[j][indices[j].front()].device());
+    }
+  }
   auto node = make_node<BroadcastBackward>(destination, std::move(slot_of), std::move(output_of));
+  node->set_streams(current_streams(spanned));
   for (auto k : outputs) {
     node->add_output(sources[k]);
   }

@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/GradMode.h>
+#include <c10/core/StreamGuard.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -64,6 +65,9 @@ struct GatherFunction : public torch::autograd::Function<GatherFunction> {
     ctx->saved_data["device_indices"] = detail::device_indices(devices);
     ctx->saved_data["sizes"] = sizes;
     ctx->saved_data["dim"] = dim;
+    // Note [Streams of a backward across devices] in scatter.cpp
+    devices.push_back(destination);
+    ctx->saved_data["streams"] = detail::pack_streams(detail::current_streams(devices));
     return {concatenate_on(inputs.vec(), destination, dim)};
   }
 
@@ -72,6 +76,7 @@ struct GatherFunction : public torch::autograd::Function<GatherFunction> {
         ctx->saved_data["device_types"].toIntVector(), ctx->saved_data["device_indices"].toIntVector());
     const auto sizes = ctx->saved_data["sizes"].toIntVector();
     const int64_t dim = ctx->saved_data["dim"].toInt();
+    const c10::MultiStreamGuard streams(detail::unpack_streams(ctx->saved_data["streams"].toIntVector()));
     auto result = detail::scatter_function(grads[0], devices, sizes, dim);
     result.emplace_back();  // destination
     result.emplace_back();  // dim

@@ -444,17 +444,28 @@ void run_replicas(
     }
   });
   std::vector<std::optional<c10::Stream>> streams(n);
+  std::vector<c10::Stream> caller_streams;  // once per device
   for (size_t i = 0; i < n; ++i) {
     if (!devices[i].is_cpu()) {
       TORCH_DP_CHECK(devices[i].has_index(), "run_replicas: device ", devices[i].str(), " has no index");
       c10::impl::VirtualGuardImpl impl(devices[i].type());
       streams[i] = impl.getStream(devices[i]);
+      if (std::find(caller_streams.begin(), caller_streams.end(), *streams[i]) == caller_streams.end()) {
+        caller_streams.push_back(*streams[i]);
+      }
     }
   }
   const std::function<void(size_t)> run_replica = [&](size_t i) {
     std::optional<at::ThreadLocalStateGuard> tls_guard;
+    // A worker uses the caller's current stream on every device, not only on its replica's: a replica's work on
+    // another device (SyncBatchNorm combining every replica's statistics, a loss reduced onto the output device)
+    // must be ordered with the caller's work there, as on the calling thread.
+    std::optional<c10::MultiStreamGuard> worker_streams;
     if (std::this_thread::get_id() != caller) {
       tls_guard.emplace(tls);
+      if (caller_streams.size() > 1) {
+        worker_streams.emplace(caller_streams);
+      }
     } else if (caller_ran) {
       at::ThreadLocalState::setThreadLocalState(tls);  // undo what the replica before it changed
     } else {

@@ -9,6 +9,8 @@
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/GradMode.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/autograd/custom_function.h>
 
@@ -47,6 +49,9 @@ struct ScatterFunction : public torch::autograd::Function<ScatterFunction> {
     ctx->saved_data["input_device_type"] = static_cast<int64_t>(input.device().type());
     ctx->saved_data["input_device_index"] = static_cast<int64_t>(input.device().index());
     ctx->saved_data["dim"] = dim;
+    std::vector<c10::Device> spanned(devices);
+    spanned.push_back(input.device());
+    ctx->saved_data["streams"] = detail::pack_streams(detail::current_streams(spanned));
     return split_to_devices(input, devices, sizes, dim);
   }
 
@@ -55,6 +60,7 @@ struct ScatterFunction : public torch::autograd::Function<ScatterFunction> {
         static_cast<c10::DeviceType>(ctx->saved_data["input_device_type"].toInt()),
         static_cast<c10::DeviceIndex>(ctx->saved_data["input_device_index"].toInt()));
     const int64_t dim = ctx->saved_data["dim"].toInt();
+    const c10::MultiStreamGuard streams(detail::unpack_streams(ctx->saved_data["streams"].toIntVector()));
     return {detail::gather_function(grads, input_device, dim), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -152,6 +158,52 @@ std::vector<c10::Device> devices_from(c10::ArrayRef<int64_t> types, c10::ArrayRe
     out.emplace_back(static_cast<c10::DeviceType>(types[i]), static_cast<c10::DeviceIndex>(indices[i]));
   }
   return out;
+}
+
+// Note [Streams of a backward across devices]
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+// A forward queues its work on the caller's current stream of each device (replicas included: run_replicas
+// gives every worker the caller's streams), and the autograd engine runs each node's backward on the stream its
+// forward ran on, but for one device only: that of the node's first input. A node that spans devices (scatter,
+// gather, the broadcast of copies) would otherwise copy from the other devices on whatever stream is current
+// there on the engine's thread, their default stream, while the gradients it copies were computed on the
+// caller's streams: with a current stream other than the default (`with torch.cuda.stream(s)`), the copy races
+// the computation and reads what was there before (NaN on the simulated devices). So these nodes keep the
+// current stream of every device they span at forward time and make them current for their backward; their
+// cross-device copies are then ordered after the work that produced what they read, and the work on each device
+// that follows, on the same streams, after the copies (as ATen orders a copy between devices).
+std::vector<c10::Stream> current_streams(at::ArrayRef<c10::Device> devices) {
+  std::vector<c10::Stream> streams;
+  for (const auto& device : devices) {
+    if (device.is_cpu() || !device.has_index()) {
+      continue;
+    }
+    if (std::none_of(streams.begin(), streams.end(), [&](const c10::Stream& s) { return s.device() == device; })) {
+      streams.push_back(c10::impl::VirtualGuardImpl(device.type()).getStream(device));
+    }
+  }
+  return streams;
+}
+
+std::vector<int64_t> pack_streams(const std::vector<c10::Stream>& streams) {
+  std::vector<int64_t> packed;
+  packed.reserve(3 * streams.size());
+  for (const auto& stream : streams) {
+    const auto data = stream.pack3();
+    packed.push_back(data.stream_id);
+    packed.push_back(data.device_index);
+    packed.push_back(static_cast<int64_t>(data.device_type));
+  }
+  return packed;
+}
+
+std::vector<c10::Stream> unpack_streams(c10::ArrayRef<int64_t> packed) {
+  std::vector<c10::Stream> streams;
+  for (size_t i = 0; i + 2 < packed.size(); i += 3) {
+    streams.push_back(c10::Stream::unpack3(
+        packed[i], static_cast<c10::DeviceIndex>(packed[i + 1]), static_cast<c10::DeviceType>(packed[i + 2])));
+  }
+  return streams;
 }
 
 }  // namespace detail

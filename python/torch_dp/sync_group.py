@@ -20,6 +20,7 @@ also wakes when another failed or finished early.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
@@ -44,20 +45,26 @@ _local = threading.local()
 
 class _Distribute(torch.autograd.Function):
     """`combined` copied onto each of `devices` (one autograd node); backward adds the copies' gradients on
-    `combined`'s device in index order (Note [Summing the replicas' gradients in index order])."""
+    `combined`'s device in index order (Note [Summing the replicas' gradients in index order]), on the streams
+    the forward ran on (Note [Streams of a backward across devices] in src/scatter.cpp)."""
 
     @staticmethod
     def forward(ctx: Any, combined: torch.Tensor, *devices: torch.device) -> tuple[torch.Tensor, ...]:
         ctx.device = combined.device
+        spanned = {d for d in (combined.device, *devices) if d.type != "cpu"}
+        ctx.streams = [torch.accelerator.current_stream(d) for d in spanned]
         return tuple(combined.to(device, copy=True) for device in devices)
 
     @staticmethod
     def backward(ctx: Any, *grads: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
         total = None
-        for grad in grads:
-            if grad is not None:
-                grad = grad.to(ctx.device)
-                total = grad if total is None else total + grad
+        with contextlib.ExitStack() as streams:
+            for stream in ctx.streams:
+                streams.enter_context(stream)
+            for grad in grads:
+                if grad is not None:
+                    grad = grad.to(ctx.device)
+                    total = grad if total is None else total + grad
         return (total, *(None,) * len(grads))
 
 

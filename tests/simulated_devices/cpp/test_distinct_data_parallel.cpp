@@ -12,6 +12,8 @@
 
 #include <torch_dp/torch_dp.h>
 
+#include <c10/core/StreamGuard.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <functional>
@@ -308,6 +310,41 @@ TEST_CASE(
   }
   CHECK(all_on(*net, source));
   CHECK(same_state(*net, *reference));
+}
+
+// Note [Streams of a backward across devices] in src/scatter.cpp: with every device's current stream a pool stream
+// (not its default), and the last device slowed down, a backward that copied between devices on their default
+// streams would read gradients not yet computed (the poison, NaN).
+TEST_CASE("DataParallel on distinct devices: a forward and backward under other current streams", "[distinct]") {
+  const auto devices = device_list(GENERATE(0, 2));
+  CAPTURE(names(devices));
+  const auto source = devices[0];
+  auto [net, reference] = net_on(source, 3);
+  torch_dp::DataParallel dp(net, torch_dp::DataParallelOptions(devices).output_device(devices.back()));
+  std::vector<c10::Stream> others;
+  for (const auto& device : devices) {
+    others.push_back(torch_dp::sim::pool_stream(device.index()));
+  }
+  const auto last = devices.back().index();
+  torch_dp::sim::set_slowdown(last, 8.0);
+  {
+    const c10::MultiStreamGuard streams(others);
+    for (int step = 0; step < 2; ++step) {
+      const auto input = torch::randn({40, 10}, f64);
+      auto x = input.to(source).requires_grad_();
+      auto x_reference = input.clone().requires_grad_();
+      dp->zero_grad();
+      reference->zero_grad();
+      auto output = dp->forward(x);
+      auto expected = chunk_by_chunk(reference, x_reference, devices.size());
+      output.pow(2).sum().backward();
+      expected.pow(2).sum().backward();
+      REQUIRE(close_cpu(output, expected));
+      REQUIRE(close_cpu(x.grad(), x_reference.grad()));
+      REQUIRE(grads_match(*net, *reference));
+    }
+  }
+  torch_dp::sim::set_slowdown(last, 1.0);
 }
 
 TEST_CASE(
