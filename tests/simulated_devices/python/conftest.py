@@ -29,6 +29,12 @@ def pytest_collection_modifyitems(config, items):
             "the tests on simulated devices load an accelerator for the whole pytest process, which changes what "
             f"other tests see: run them in a process of their own (pytest {HERE}), not with {outside[0]}"
         )
+    accelerator = torch._utils._get_available_device_type()
+    if accelerator != simulated_devices.NAME:
+        # torch (and so torch.nn.DataParallel and torch_dp) resolves device indices to CUDA first where it exists.
+        skip = pytest.mark.skip(reason=f"{accelerator} is the accelerator torch reports here, not the simulated one")
+        for item in items:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True)
