@@ -67,6 +67,9 @@ thread_local c10::DeviceIndex tls_device = 0;
 
 using Clock = std::chrono::steady_clock;
 
+// How long the work a stream's thread runs spent waiting for other streams (events), which a slowdown leaves out.
+thread_local Clock::duration tls_waited{};
+
 class StreamWorker {
  public:
   StreamWorker(c10::DeviceIndex device, c10::StreamId id) : device_(device), id_(id) {}
@@ -119,6 +122,7 @@ class StreamWorker {
         tasks_.pop_front();
       }
       const auto start = Clock::now();
+      tls_waited = Clock::duration::zero();
       std::exception_ptr error;
       try {
         work();
@@ -127,7 +131,9 @@ class StreamWorker {
       }
       const double factor = slowdown.load();
       if (factor > 1.0) {
-        std::this_thread::sleep_for((Clock::now() - start) * (factor - 1.0));
+        // Only the work is stretched, not a wait for another stream (which would stretch that stream's delay
+        // again, and a chain of waits between slowed streams without end).
+        std::this_thread::sleep_for((Clock::now() - start - tls_waited) * (factor - 1.0));
       }
       work = nullptr;
       {
@@ -588,11 +594,10 @@ void destroy_event(void* event) {
 
 void record_event(void* event, const c10::Stream& stream) {
   auto state = state_of(event);
-  uint64_t generation = 0;
-  {
-    std::lock_guard<std::mutex> lock(state->mutex);
-    generation = ++state->recorded;
-  }
+  // The record counts only once it is queued: enqueue raises an earlier error of the stream without queuing, and
+  // a count without its record would leave whatever waits for it waiting for good.
+  std::lock_guard<std::mutex> lock(state->mutex);
+  const uint64_t generation = state->recorded + 1;
   enqueue(stream, [state, generation] {
     {
       std::lock_guard<std::mutex> lock(state->mutex);
@@ -601,6 +606,7 @@ void record_event(void* event, const c10::Stream& stream) {
     }
     state->done.notify_all();
   });
+  state->recorded = generation;
 }
 
 void block_on_event(void* event, const c10::Stream& stream) {
@@ -614,8 +620,10 @@ void block_on_event(void* event, const c10::Stream& stream) {
     return;  // never recorded: nothing to wait for, as in CUDA
   }
   enqueue(stream, [state, generation] {
+    const auto start = Clock::now();
     std::unique_lock<std::mutex> lock(state->mutex);
     state->done.wait(lock, [&] { return state->completed >= generation; });
+    tls_waited += Clock::now() - start;
   });
 }
 

@@ -325,8 +325,12 @@ TEST_CASE("DataParallel on distinct devices: a forward and backward under other 
   for (const auto& device : devices) {
     others.push_back(torch_dp::sim::pool_stream(device.index()));
   }
-  const auto last = devices.back().index();
-  torch_dp::sim::set_slowdown(last, 8.0);
+  // The last device slowed down until the end of the test, whether it passes or not.
+  struct Slowdown {
+    explicit Slowdown(c10::DeviceIndex index) : index(index) { torch_dp::sim::set_slowdown(index, 8.0); }
+    ~Slowdown() { torch_dp::sim::set_slowdown(index, 1.0); }
+    c10::DeviceIndex index;
+  } slowdown(devices.back().index());
   {
     const c10::MultiStreamGuard streams(others);
     for (int step = 0; step < 2; ++step) {
@@ -344,7 +348,6 @@ TEST_CASE("DataParallel on distinct devices: a forward and backward under other 
       REQUIRE(grads_match(*net, *reference));
     }
   }
-  torch_dp::sim::set_slowdown(last, 1.0);
 }
 
 TEST_CASE(

@@ -7,6 +7,7 @@ which would change what the tests in tests/python see: these tests run in a pyte
 (scripts/test.sh runs `pytest tests/simulated_devices/python`), and refuse to be collected beside others.
 """
 
+import faulthandler
 import sys
 from pathlib import Path
 
@@ -42,6 +43,15 @@ def _seed():
     """Fresh, reproducible random inputs in every test (never all-zeros); every device's generator too."""
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _bounded():
+    """A test that waits for good (a stream waiting for work that never comes) ends the run after 10 minutes,
+    with every thread's traceback, instead of holding it until CI's limit."""
+    faulthandler.dump_traceback_later(600, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(autouse=True)
