@@ -186,6 +186,57 @@ inline Net make_net() {
   return net;
 }
 
+/// An empty TorchScript module in training mode, to `define` a forward on.
+inline torch::jit::Module scripted_module(const std::string& name) {
+  torch::jit::Module module(name);
+  module.register_attribute("training", c10::BoolType::get(), true);
+  return module;
+}
+
+/// A TorchScript network with a submodule, a plain int attribute read by forward, and a BatchNorm in between:
+/// forward(x) = scale * fc2(relu(batch_norm(fc1(x)))), on the CPU, in float64.
+inline torch::jit::Module make_scripted_net() {
+  auto fc = [](const std::string& name, int64_t in, int64_t out) {
+    auto module = scripted_module(name);
+    module.register_parameter("weight", (torch::randn({out, in}, f64) * 0.3).requires_grad_(), false);
+    module.register_parameter("bias", (torch::randn({out}, f64) * 0.1).requires_grad_(), false);
+    module.define(R"(
+def forward(self, x):
+    return torch.addmm(self.bias, x, self.weight.t())
+)");
+    return module;
+  };
+  auto bn = scripted_module("Bn");
+  bn.register_parameter("weight", (torch::rand({6}, f64) + 0.5).requires_grad_(), false);
+  bn.register_parameter("bias", (torch::randn({6}, f64) * 0.1).requires_grad_(), false);
+  bn.register_buffer("running_mean", torch::zeros({6}, f64));
+  bn.register_buffer("running_var", torch::ones({6}, f64));
+  bn.define(R"(
+def forward(self, x):
+    return torch.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var, self.training, 0.1,
+                            1e-5, False)
+)");
+  auto net = scripted_module("Net");
+  net.register_module("fc1", fc("Fc1", 4, 6));
+  net.register_module("bn", bn);
+  net.register_module("fc2", fc("Fc2", 6, 3));
+  net.register_attribute("scale", c10::IntType::get(), int64_t{1});
+  net.define(R"(
+def forward(self, x):
+    return self.scale * self.fc2.forward(torch.relu(self.bn.forward(self.fc1.forward(x))))
+)");
+  return net;
+}
+
+/// A plain SGD step on a TorchScript module's parameters, whose gradients it then zeroes.
+inline void sgd_step(const torch::jit::Module& module, double lr) {
+  torch::NoGradGuard no_grad;
+  for (auto p : module.parameters()) {
+    p.sub_(p.grad() * lr);
+    p.mutable_grad().zero_();
+  }
+}
+
 // A conv net with BatchNorm, for the buffer and train/eval tests.
 struct ConvBnImpl : torch::nn::Cloneable<ConvBnImpl> {
   ConvBnImpl() { reset(); }

@@ -19,50 +19,12 @@ using tdp_test::close64;
 using tdp_test::Contains;
 using tdp_test::cpus;
 using tdp_test::f64;
+using tdp_test::make_scripted_net;
+using tdp_test::scripted_module;
+using tdp_test::sgd_step;
 using torch::Tensor;
 
 namespace {
-
-torch::jit::Module scripted(const std::string& name) {
-  torch::jit::Module module(name);
-  module.register_attribute("training", c10::BoolType::get(), true);
-  return module;
-}
-
-// A two-layer network with a submodule, a plain int attribute read by forward, and a BatchNorm in between:
-// forward(x) = scale * fc2(relu(batch_norm(fc1(x)))).
-torch::jit::Module make_net() {
-  auto fc = [](const std::string& name, int64_t in, int64_t out) {
-    auto module = scripted(name);
-    module.register_parameter("weight", (torch::randn({out, in}, f64) * 0.3).requires_grad_(), false);
-    module.register_parameter("bias", (torch::randn({out}, f64) * 0.1).requires_grad_(), false);
-    module.define(R"(
-def forward(self, x):
-    return torch.addmm(self.bias, x, self.weight.t())
-)");
-    return module;
-  };
-  auto bn = scripted("Bn");
-  bn.register_parameter("weight", (torch::rand({6}, f64) + 0.5).requires_grad_(), false);
-  bn.register_parameter("bias", (torch::randn({6}, f64) * 0.1).requires_grad_(), false);
-  bn.register_buffer("running_mean", torch::zeros({6}, f64));
-  bn.register_buffer("running_var", torch::ones({6}, f64));
-  bn.define(R"(
-def forward(self, x):
-    return torch.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var, self.training, 0.1,
-                            1e-5, False)
-)");
-  auto net = scripted("Net");
-  net.register_module("fc1", fc("Fc1", 4, 6));
-  net.register_module("bn", bn);
-  net.register_module("fc2", fc("Fc2", 6, 3));
-  net.register_attribute("scale", c10::IntType::get(), int64_t{1});
-  net.define(R"(
-def forward(self, x):
-    return self.scale * self.fc2.forward(torch.relu(self.bn.forward(self.fc1.forward(x))))
-)");
-  return net;
-}
 
 std::vector<Tensor> tensors(const torch::jit::Module& module) {
   std::vector<Tensor> result;
@@ -85,14 +47,6 @@ bool same_tensors(const torch::jit::Module& a, const torch::jit::Module& b, doub
   return same;
 }
 
-void sgd_step(const torch::jit::Module& module, double lr) {
-  torch::NoGradGuard no_grad;
-  for (auto p : module.parameters()) {
-    p.sub_(p.grad() * lr);
-    p.mutable_grad().zero_();
-  }
-}
-
 }  // namespace
 
 TEST_CASE("ScriptDataParallel: forward equals the module on the whole batch", "[script]") {
@@ -100,7 +54,7 @@ TEST_CASE("ScriptDataParallel: forward equals the module on the whole batch", "[
   const int64_t rows = GENERATE(7, 2);
   CAPTURE(n, rows);
   torch::manual_seed(5);
-  auto module = make_net();
+  auto module = make_scripted_net();
   module.eval();
   auto reference = module.deepcopy();
   torch_dp::ScriptDataParallel parallel(module, torch_dp::DataParallelOptions(cpus(n)));
@@ -111,7 +65,7 @@ TEST_CASE("ScriptDataParallel: forward equals the module on the whole batch", "[
 
 TEST_CASE("ScriptDataParallel: chunk_sizes with an empty chunk", "[script]") {
   torch::manual_seed(6);
-  auto module = make_net();
+  auto module = make_scripted_net();
   module.eval();
   auto reference = module.deepcopy();
   torch_dp::DataParallelOptions options(cpus(3));
@@ -123,7 +77,7 @@ TEST_CASE("ScriptDataParallel: chunk_sizes with an empty chunk", "[script]") {
 
 TEST_CASE("ScriptDataParallel: IValue inputs, keyword arguments and a dict output", "[script]") {
   torch::manual_seed(7);
-  auto module = scripted("Pairs");
+  auto module = scripted_module("Pairs");
   module.register_parameter("w", torch::randn({3}, f64), false);
   module.define(R"(
 def forward(self, pair: Tuple[Tensor, Tensor], shift: float, extra: Optional[Tensor] = None) -> Dict[str, Tensor]:
@@ -150,9 +104,9 @@ TEST_CASE("ScriptDataParallel: training matches the whole batch over several SGD
   const size_t n = GENERATE(2, 3);
   CAPTURE(copy_everything, n);
   torch::manual_seed(8);
-  auto module = make_net();
+  auto module = make_scripted_net();
   torch::manual_seed(8);
-  auto reference = make_net();  // not deepcopy(), whose parameters do not require grad
+  auto reference = make_scripted_net();  // not deepcopy(), whose parameters do not require grad
   torch_dp::ScriptDataParallel parallel(module, torch_dp::DataParallelOptions(cpus(n)));
   if (copy_everything) {  // later replicas hold coalesced copies, as on distinct devices
     torch_dp::detail::TestAccess::copy_everything(parallel);
@@ -186,7 +140,7 @@ TEST_CASE("ScriptDataParallel: training matches the whole batch over several SGD
 
 TEST_CASE("ScriptDataParallel: BatchNorm statistics are the first replica's", "[script]") {
   torch::manual_seed(9);
-  auto module = make_net();
+  auto module = make_scripted_net();
   auto reference = module.deepcopy();
   torch_dp::ScriptDataParallel parallel(module, torch_dp::DataParallelOptions(cpus(3)));
   auto x = torch::randn({9, 4}, f64);
@@ -205,7 +159,7 @@ TEST_CASE("ScriptDataParallel: every change to the module is seen by the next ca
   const bool copy_everything = GENERATE(false, true);
   CAPTURE(copy_everything);
   torch::manual_seed(10);
-  auto module = make_net();
+  auto module = make_scripted_net();
   module.eval();
   torch_dp::ScriptDataParallel parallel(module, torch_dp::DataParallelOptions(cpus(3)));
   if (copy_everything) {
@@ -242,7 +196,7 @@ TEST_CASE("ScriptDataParallel: every change to the module is seen by the next ca
 }
 
 TEST_CASE("ScriptDataParallel: a failing replica is named", "[script]") {
-  auto module = scripted("Picky");
+  auto module = scripted_module("Picky");
   module.define(R"(
 def forward(self, x):
     assert bool(x[0, 0] < 100.0), "row out of range"
@@ -256,7 +210,7 @@ def forward(self, x):
 }
 
 TEST_CASE("ScriptDataParallel: a module without forward is refused", "[script]") {
-  auto module = scripted("NoForward");
+  auto module = scripted_module("NoForward");
   CHECK_THROWS_WITH(
       torch_dp::ScriptDataParallel(module, torch_dp::DataParallelOptions(cpus(2))), Contains("has no forward method"));
 }
@@ -311,11 +265,11 @@ TDP_CUDA_TEST_CASE(
   const bool two_gpus = torch::cuda::device_count() > 1;
   const std::vector<c10::Device> devices{cuda0, copies && two_gpus ? c10::Device(c10::kCUDA, 1) : cuda0};
   torch::manual_seed(11);
-  auto module = make_net();
+  auto module = make_scripted_net();
   module.eval();  // BatchNorm normalises with its running statistics: the whole batch is the reference
   module.to(cuda0);
   torch::manual_seed(11);
-  auto reference = make_net();
+  auto reference = make_scripted_net();
   reference.eval();
   reference.to(cuda0);
   torch_dp::ScriptDataParallel parallel(module, torch_dp::DataParallelOptions(devices));

@@ -59,3 +59,34 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.fc2(torch.tanh(self.fc1(x)))
+
+
+class StatefulNet(nn.Module):
+    """Parameters, BatchNorm statistics, a plain buffer and a plain attribute: every kind of state a forward reads
+    (the state-change tests, on CPU lists and on distinct simulated devices)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 6)
+        self.bn = nn.BatchNorm1d(6)
+        self.head = nn.Linear(6, 3)
+        self.register_buffer("offset", torch.randn(3))
+        self.scale = 1.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.fc(x)))) * self.scale + self.offset
+
+
+def conv_bn_net(**bn_options) -> nn.Module:
+    """A float64 conv net with a BatchNorm2d and a BatchNorm1d (`bn_options` for both), for the SyncBatchNorm
+    tests; inputs (N, 3, 6, 6)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4, **bn_options),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 5),
+        nn.BatchNorm1d(5, **bn_options),
+        nn.Tanh(),
+        nn.Linear(5, 2),
+    ).double()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import torch_dp
-from helpers import cpus
+from helpers import StatefulNet as Net, cpus
 from reference import ChunkedReference, copying
 
 # name: (device_ids, whether every replica but the first copies every tensor)
@@ -26,19 +26,6 @@ DEVICE_LISTS = {"cpu3": (cpus(3), False), "cpu3_copies": (cpus(3), True)}
 if torch.cuda.is_available():
     DEVICE_LISTS |= {"cuda000": ([0, 0, 0], False), "cuda000_copies": ([0, 0, 0], True)}
 SETUPS = list(DEVICE_LISTS)
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(5, 6)
-        self.bn = nn.BatchNorm1d(6)
-        self.head = nn.Linear(6, 3)
-        self.register_buffer("offset", torch.randn(3))
-        self.scale = 1.5
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.bn(self.fc(x)))) * self.scale + self.offset
 
 
 def device_of(setup: str) -> torch.device:

@@ -13,21 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_dp
-from helpers import cpus, run_with_timeout
+from helpers import conv_bn_net as convnet, cpus, run_with_timeout
 from reference import copying
-
-
-def convnet(**bn_options):
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3),
-        nn.BatchNorm2d(4, **bn_options),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 4 * 4, 5),
-        nn.BatchNorm1d(5, **bn_options),
-        nn.Tanh(),
-        nn.Linear(5, 2),
-    ).double()
 
 
 def sequence_net():

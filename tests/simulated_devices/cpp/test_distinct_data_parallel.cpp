@@ -8,6 +8,8 @@
 
 #include "helpers.h"
 
+#include "distinct.h"
+
 #include "backend/runtime.h"
 
 #include <torch_dp/torch_dp.h>
@@ -25,48 +27,24 @@
 
 using tdp_test::clone_of;
 using tdp_test::close64;
+using tdp_test::close_cpu;
 using tdp_test::Contains;
 using tdp_test::ConvBn;
 using tdp_test::f64;
 using tdp_test::make_net;
+using tdp_test::names;
 using tdp_test::Net;
+using tdp_test::on;
+using tdp_test::sim;
+using tdp_test::sims;
 using torch::Tensor;
 
 namespace {
-
-c10::Device sim(c10::DeviceIndex index) {
-  return c10::Device(c10::DeviceType::PrivateUse1, index);
-}
-
-std::vector<c10::Device> sims(const std::vector<int>& indices) {
-  std::vector<c10::Device> devices;
-  for (int i : indices) {
-    devices.push_back(sim(static_cast<c10::DeviceIndex>(i)));
-  }
-  return devices;
-}
 
 // The device lists the tests run on: 2, 3 and 4 devices, the module on a device other than 0, a gap.
 std::vector<c10::Device> device_list(int which) {
   static const std::vector<std::vector<int>> lists = {{0, 1}, {0, 1, 2}, {0, 1, 2, 3}, {2, 0, 1}, {3, 1}};
   return sims(lists.at(static_cast<size_t>(which)));
-}
-
-std::string names(const std::vector<c10::Device>& devices) {
-  std::string result;
-  for (const auto& device : devices) {
-    result += (result.empty() ? "" : ", ") + device.str();
-  }
-  return "[" + result + "]";
-}
-
-bool on(const Tensor& tensor, c10::Device device) {
-  return tensor.defined() && tensor.device() == device;
-}
-
-/// close64 for tensors on any devices: both copied to the CPU first.
-bool close_cpu(const Tensor& a, const Tensor& b, double tol = 1e-12) {
-  return a.defined() && b.defined() && close64(a.cpu(), b.cpu(), tol);
 }
 
 /// Every parameter and buffer of `a` equals the one of the same name in `b` (floating ones up to `tol`), whatever

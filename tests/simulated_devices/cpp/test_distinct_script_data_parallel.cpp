@@ -5,6 +5,8 @@
 
 #include "helpers.h"
 
+#include "distinct.h"
+
 #include <torch_dp/script_data_parallel.h>
 
 #include <torch/csrc/jit/api/module.h>
@@ -17,23 +19,17 @@
 #include <vector>
 
 using tdp_test::close64;
+using tdp_test::close_cpu;
 using tdp_test::Contains;
 using tdp_test::f64;
+using tdp_test::names;
+using tdp_test::on;
+using tdp_test::sgd_step;
+using tdp_test::sim;
+using tdp_test::sims;
 using torch::Tensor;
 
 namespace {
-
-c10::Device sim(c10::DeviceIndex index) {
-  return c10::Device(c10::DeviceType::PrivateUse1, index);
-}
-
-std::vector<c10::Device> sims(const std::vector<int>& indices) {
-  std::vector<c10::Device> devices;
-  for (int i : indices) {
-    devices.push_back(sim(static_cast<c10::DeviceIndex>(i)));
-  }
-  return devices;
-}
 
 // The device lists the tests run on: 2, 3 and 4 devices, and the module on a device other than 0.
 std::vector<c10::Device> device_list(int which) {
@@ -41,71 +37,13 @@ std::vector<c10::Device> device_list(int which) {
   return sims(lists.at(static_cast<size_t>(which)));
 }
 
-std::string names(const std::vector<c10::Device>& devices) {
-  std::string result;
-  for (const auto& device : devices) {
-    result += (result.empty() ? "" : ", ") + device.str();
-  }
-  return "[" + result + "]";
-}
-
-bool on(const Tensor& tensor, c10::Device device) {
-  return tensor.defined() && tensor.device() == device;
-}
-
-/// close64 for tensors on any devices: both copied to the CPU first.
-bool close_cpu(const Tensor& a, const Tensor& b, double tol = 1e-12) {
-  return a.defined() && b.defined() && close64(a.cpu(), b.cpu(), tol);
-}
-
-torch::jit::Module scripted(const std::string& name) {
-  torch::jit::Module module(name);
-  module.register_attribute("training", c10::BoolType::get(), true);
-  return module;
-}
-
-// tests/cpp/test_script_data_parallel.cpp's network: a submodule, a plain int attribute read by forward, and a
-// BatchNorm in between: forward(x) = scale * fc2(relu(batch_norm(fc1(x)))). Made on the CPU.
-torch::jit::Module make_net() {
-  auto fc = [](const std::string& name, int64_t in, int64_t out) {
-    auto module = scripted(name);
-    module.register_parameter("weight", (torch::randn({out, in}, f64) * 0.3).requires_grad_(), false);
-    module.register_parameter("bias", (torch::randn({out}, f64) * 0.1).requires_grad_(), false);
-    module.define(R"(
-def forward(self, x):
-    return torch.addmm(self.bias, x, self.weight.t())
-)");
-    return module;
-  };
-  auto bn = scripted("Bn");
-  bn.register_parameter("weight", (torch::rand({6}, f64) + 0.5).requires_grad_(), false);
-  bn.register_parameter("bias", (torch::randn({6}, f64) * 0.1).requires_grad_(), false);
-  bn.register_buffer("running_mean", torch::zeros({6}, f64));
-  bn.register_buffer("running_var", torch::ones({6}, f64));
-  bn.define(R"(
-def forward(self, x):
-    return torch.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var, self.training, 0.1,
-                            1e-5, False)
-)");
-  auto net = scripted("Net");
-  net.register_module("fc1", fc("Fc1", 4, 6));
-  net.register_module("bn", bn);
-  net.register_module("fc2", fc("Fc2", 6, 3));
-  net.register_attribute("scale", c10::IntType::get(), int64_t{1});
-  net.define(R"(
-def forward(self, x):
-    return self.scale * self.fc2.forward(torch.relu(self.bn.forward(self.fc1.forward(x))))
-)");
-  return net;
-}
-
 /// The module and its reference: two modules made from the same seed (a deepcopy's parameters would not require
 /// grad), the module moved to `device`, the reference left on the CPU.
 std::pair<torch::jit::Module, torch::jit::Module> net_on(c10::Device device, uint64_t seed) {
   torch::manual_seed(seed);
-  auto module = make_net();
+  auto module = tdp_test::make_scripted_net();
   torch::manual_seed(seed);
-  auto reference = make_net();
+  auto reference = tdp_test::make_scripted_net();
   module.to(device);
   return {module, reference};
 }
@@ -205,14 +143,6 @@ Tensor chunk_by_chunk(
     b.variable_data().copy_(after_first[k++]);
   }
   return torch::cat(outputs, 0);
-}
-
-void sgd_step(const torch::jit::Module& module, double lr) {
-  torch::NoGradGuard no_grad;
-  for (auto p : module.parameters()) {
-    p.sub_(p.grad() * lr);
-    p.mutable_grad().zero_();
-  }
 }
 
 }  // namespace
@@ -361,7 +291,7 @@ TEST_CASE(
     "[distinct]") {
   torch::manual_seed(4);
   std::stringstream file;
-  make_net().save(file);
+  tdp_test::make_scripted_net().save(file);
   const auto devices = sims({1, 3, 0});
   file.seekg(0);
   auto module = torch::jit::load(file, devices[0]);

@@ -19,7 +19,7 @@ import threading
 import pytest
 import torch
 from distinct import cpu, sims
-from helpers import run_in_threads
+from helpers import StatefulNet as Net, run_in_threads
 from reference import ChunkedReference
 from torch import nn
 
@@ -29,21 +29,6 @@ DT = torch.float64
 TOL = dict(rtol=1e-12, atol=1e-12)
 COUNTS = [2, 3, 4]
 ROWS = 11  # uneven chunks over 2, 3 and 4 devices
-
-
-class Net(nn.Module):
-    """Parameters, BatchNorm statistics, a plain buffer and a plain attribute: every kind of state a forward reads."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(5, 6)
-        self.bn = nn.BatchNorm1d(6)
-        self.head = nn.Linear(6, 3)
-        self.register_buffer("offset", torch.randn(3))
-        self.scale = 1.5
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.bn(self.fc(x)))) * self.scale + self.offset
 
 
 def make_net() -> Net:

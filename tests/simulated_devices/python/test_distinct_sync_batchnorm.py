@@ -10,26 +10,13 @@ import copy
 import pytest
 import torch
 from distinct import cpu, sims
-from helpers import run_with_timeout
+from helpers import conv_bn_net as convnet, run_with_timeout
 from torch import nn
 
 import torch_dp
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
-
-
-def convnet(**bn_options) -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3),
-        nn.BatchNorm2d(4, **bn_options),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(4 * 4 * 4, 5),
-        nn.BatchNorm1d(5, **bn_options),
-        nn.Tanh(),
-        nn.Linear(5, 2),
-    ).to(DT)
 
 
 def assert_trains_like_whole_batch(device_ids, rows=10, steps=3, make_model=convnet, **dp_options):
