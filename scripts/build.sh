@@ -3,7 +3,7 @@
 # python/torch_dp/ so that `PYTHONPATH=python` imports it. Extra arguments go to the CMake configure step.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/ensure_deps.sh
+source scripts/lib/ensure_deps.sh
 PYTHON=${PYTHON:-python3}
 cmake -S . -B build -G Ninja \
   -DTORCH_DP_BUILD_TESTS=ON \

@@ -39,7 +39,7 @@ done
 "$work/examples/train_convnet" --epochs 5 "$@"
 # Models exported from Python (examples/python/export_model.py), served over two CPU replicas and compared with the
 # unwrapped model: the AOTInductor package and the TorchScript file.
-source scripts/ensure_exported.sh
+source scripts/lib/ensure_exported.sh
 "$work/examples/serve_exported" "$TORCH_DP_EXPORTED_DIR/model.pt2" cpu cpu
 "$work/examples/serve_exported" "$TORCH_DP_EXPORTED_DIR/model.pt" cpu cpu
 echo "check_install: the installed package builds and runs the examples"

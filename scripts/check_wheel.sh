@@ -5,7 +5,7 @@
 # torch_dp.cmake_prefix_path) and runs one example briefly on CPU replicas.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/ensure_deps.sh
+source scripts/lib/ensure_deps.sh
 PYTHON=${PYTHON:-python3}
 root=$PWD
 work=$(mktemp -d)

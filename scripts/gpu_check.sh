@@ -61,7 +61,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...: runs COMMAND with a time limit, its 
 } >"$logs/machine.txt" 2>&1
 
 torch_prefix=$("$PYTHON" -c "import torch; print(torch.utils.cmake_prefix_path)")
-source scripts/cuda_cmake_args.sh
+source scripts/lib/cuda_cmake_args.sh
 echo "cuda args: ${cuda_args[*]:-none}" >>"$logs/machine.txt"
 step configure 240 cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release "${cuda_args[@]}" \
   -DTORCH_DP_BUILD_TESTS=ON -DTORCH_DP_BUILD_PYTHON=ON -DTORCH_DP_BUILD_BENCHMARKS=ON \

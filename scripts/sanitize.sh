@@ -18,7 +18,7 @@
 #   bash scripts/sanitize.sh tsan
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/ensure_deps.sh
+source scripts/lib/ensure_deps.sh
 root=$PWD
 which=${1:-all}
 jobs=$(nproc 2>/dev/null || echo 2)
@@ -58,7 +58,7 @@ if [[ $which == all || $which == asan ]]; then
   # (-fno-sanitize-recover=undefined in CMakeLists.txt), so a report fails the run.
   export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
   # The package the PackageDataParallel tests load ([package]; examples/python/export_model.py, cached).
-  source scripts/ensure_exported.sh cpu
+  source scripts/lib/ensure_exported.sh cpu
   build-asan/tests/cpp/torch_dp_tests "~[package]" --order rand --rng-seed 20261128
   ASAN_OPTIONS=detect_leaks=0:$asan_options build-asan/tests/cpp/torch_dp_tests "[package]" --order rand \
     --rng-seed 20261128
@@ -71,14 +71,14 @@ if [[ $which == all || $which == tsan ]]; then
   echo "sanitize: ThreadSanitizer build (build-tsan)"
   configure_and_build build-tsan torch_dp_tsan_tests -DTORCH_DP_TSAN=ON -DTORCH_DP_SANITIZE=OFF
   # TSAN_OPTIONS:
-  #   suppressions=scripts/tsan.supp  false reports inside uninstrumented libtorch, one commented entry each.
+  #   suppressions=scripts/lib/tsan.supp  false reports inside uninstrumented libtorch, one commented entry each.
   #   second_deadlock_stack=1         both stacks in lock-order reports.
   #   exitcode=66 (the default)       any report fails the run, after every test ran, so all reports show.
   # OMP_NUM_THREADS=1: libtorch's intra-op parallelism (OpenMP, libgomp) synchronises its threads with raw
   # futexes that TSan cannot see, so every parallel kernel would be reported (memory allocated on one thread
   # and filled by an OpenMP thread). With one OpenMP thread, kernels run on the calling thread and the only
   # concurrency left is torch_dp's: the callers and the pool's workers, which is what this run checks.
-  export TSAN_OPTIONS="suppressions=$root/scripts/tsan.supp second_deadlock_stack=1"
+  export TSAN_OPTIONS="suppressions=$root/scripts/lib/tsan.supp second_deadlock_stack=1"
   export OMP_NUM_THREADS=1
   log=$(mktemp)
   status=0

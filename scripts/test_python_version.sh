@@ -5,7 +5,7 @@
 #
 # - The interpreter: pyenv's newest VERSION.x, else pythonVERSION on PATH.
 # - Its own virtualenv, kept between runs outside the checkout (CI builds a fresh clone):
-#   ${TORCH_DP_VENVS:-~/.cache/torch_dp}/venv-pyVERSION, filled by scripts/ensure_deps.sh (torch==2.13.0, pytest,
+#   ${TORCH_DP_VENVS:-~/.cache/torch_dp}/venv-pyVERSION, filled by scripts/lib/ensure_deps.sh (torch==2.13.0, pytest,
 #   hypothesis, transformers, accelerate). PyPI has no CPU build of torch for Linux, so this venv holds the CUDA
 #   build (about 4.7 GB, downloaded once); it runs on the CPU, and its CMake package needs the CUDA toolkit (nvcc).
 # - Its own build folder, build-pyVERSION/ (e.g. build-py313/): the library and torch_dp._C only, no C++ tests,
@@ -43,14 +43,14 @@ if ! "$venv/bin/python" -c "" >/dev/null 2>&1; then
   "$python" -m venv "$venv"
 fi
 PYTHON=$venv/bin/python
-source scripts/ensure_deps.sh
+source scripts/lib/ensure_deps.sh
 torch_info=$("$PYTHON" -c "import torch; print(torch.__version__, torch.utils.cmake_prefix_path, torch.version.cuda or '')")
 read -r torch_version torch_prefix torch_cuda <<<"$torch_info"
 echo "test_python_version: Python $("$PYTHON" -c 'import platform; print(platform.python_version())'), torch $torch_version"
 
 cuda_args=()
 if [ -n "$torch_cuda" ]; then
-  source scripts/cuda_cmake_args.sh
+  source scripts/lib/cuda_cmake_args.sh
 fi
 
 build=build-$tag

@@ -457,7 +457,7 @@ try:
     import hypothesis
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
-except ImportError:  # pragma: no cover - hypothesis is installed by scripts/ensure_deps.sh
+except ImportError:  # pragma: no cover - hypothesis is installed by scripts/lib/ensure_deps.sh
     hypothesis = None
 
 Named = collections.namedtuple("Named", ["left", "right"])

@@ -29,7 +29,7 @@ EXPORTED_FILES = ("model.pt", "model.pt2", "input.pt", "expected.pt")
 
 
 def _cache_dir(device="cpu"):
-    """$TORCH_DP_EXPORTED_DIR ($TORCH_DP_EXPORTED_CUDA_DIR for CUDA), as scripts/ensure_exported.sh sets them, else
+    """$TORCH_DP_EXPORTED_DIR ($TORCH_DP_EXPORTED_CUDA_DIR for CUDA), as scripts/lib/ensure_exported.sh sets them, else
     the same default folder."""
     variable, suffix = ("TORCH_DP_EXPORTED_DIR", "") if device == "cpu" else ("TORCH_DP_EXPORTED_CUDA_DIR", "-cuda")
     default = os.path.join(os.path.expanduser("~"), ".cache", "torch_dp", f"exported-{torch.__version__}{suffix}")

@@ -18,7 +18,7 @@ from helpers import cpus
 from reference import ChunkedReference
 from tiny_transformers import bart_config, bert_config, gpt2_config, t5_config
 
-transformers = pytest.importorskip("transformers", reason="transformers is not installed (scripts/ensure_deps.sh)")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (scripts/lib/ensure_deps.sh)")
 
 VOCAB = 64
 BATCH = 6  # divisible by 2 and 3 replicas: each replica's mean loss then averages to the whole batch's
@@ -206,7 +206,7 @@ def data_parallel_as(wrapper):
 def train(wrapper, replicas, per_device, rows, tmp_path):
     """Trains GPT-2 for two epochs with Trainer; returns it, the model, the logged losses and each replica call's
     (rows, num_items_in_batch)."""
-    pytest.importorskip("accelerate", reason="Trainer needs accelerate (scripts/ensure_deps.sh)")
+    pytest.importorskip("accelerate", reason="Trainer needs accelerate (scripts/lib/ensure_deps.sh)")
     torch.manual_seed(0)
     dataset = TokenRows(rows)
     model = make("gpt2")

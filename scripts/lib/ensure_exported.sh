@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Sourced by test.sh, check_install.sh and gpu_check.sh: sets and exports TORCH_DP_EXPORTED_DIR, the folder of the
-# models examples/python/export_model.py writes (model.pt, model.pt2, input.pt, expected.pt), which the C++ tests,
-# the serve_exported example and pytest load. Default: a cache folder per torch version, compiled once (half a
+# Sourced by scripts/test.sh, check_install.sh and sanitize.sh: sets and exports TORCH_DP_EXPORTED_DIR, the folder
+# of the models examples/python/export_model.py writes (model.pt, model.pt2, input.pt, expected.pt), which the C++
+# tests, the serve_exported example and pytest load. Default: a cache folder per torch version, compiled once (half a
 # minute on two CPU cores) and kept. With `cuda` as argument: TORCH_DP_EXPORTED_CUDA_DIR, the same compiled for CUDA.
 # Needs PYTHON and the repository root as the current folder.
 _exported_device=${1:-cpu}
