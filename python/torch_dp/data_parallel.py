@@ -8,7 +8,7 @@ import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional, TypeVar
 
 import torch
@@ -47,12 +47,85 @@ _record_function = getattr(torch._C._profiler, "_RecordFunctionFast", torch.auto
 
 
 class _Engine:
-    """What a DataParallel keeps between forwards: its replicas and its worker threads. Not part of the
-    module's state: dropped by pickling and deepcopy, rebuilt on the next forward."""
+    """The forward pipeline, written once for every Python front-end: DataParallel's forward and
+    forward_scattered, and the functional form (Note [One engine]). It keeps what a caller keeps between
+    forwards, its replicas and its worker threads: not part of a module's state, so dropped by pickling and
+    deepcopy and rebuilt on the next forward."""
 
-    def __init__(self, trust_version_counters: bool) -> None:
+    def __init__(self, trust_version_counters: bool = False) -> None:
         self.replicas = _Replicas(trust_version_counters)
         self.pool = _C.WorkerPool()
+
+    # Note [One engine]
+    # ~~~~~~~~~~~~~~~~~
+    # Every forward is the same five steps under the replicas' lock: the module tree watched and synced, the
+    # module's device checked, the inputs split, the replicas made current, the replicas run. replica_outputs
+    # is the one place they are strung together; the front-ends differ only in how the inputs are split
+    # (tensors alone, a pytree with keyword arguments, or a subclass's scatter) and in whether a subclass
+    # replaced replicate or parallel_apply, which they pass in. How replicas run (threads or serial, the rules
+    # for SyncBatchNorm and compiled modules) is _parallel_apply's, called from run() only. The C++ engine
+    # (src/engine.cpp) does the same for the C++ module and the TorchScript and AOTInductor wrappers.
+    def replica_outputs(
+        self,
+        module: torch.nn.Module,
+        devices: list[torch.device],
+        split: Callable[[], tuple[Sequence[Any], Optional[Sequence[dict[str, Any]]]]],
+        issuing: str,
+        reproducible: bool,
+        replicate: Optional[Callable[[int], Sequence[torch.nn.Module]]] = None,
+        apply: Optional[Callable[[Sequence[torch.nn.Module], Sequence[Any], Any], list[Any]]] = None,
+    ) -> list[Any]:
+        """The outputs of the replicas that ran, in order. ``devices`` are those that run a replica, the first
+        holding the module, which is that device's replica. ``split()`` gives each replica's positional
+        arguments and keyword arguments (None: none). ``replicate(count)`` and ``apply(modules, inputs,
+        kwargs)`` replace the engine's own steps where a subclass overrides them. With one device the module
+        itself runs on the calling thread."""
+        replicas = self.replicas
+        with replicas.lock:
+            replicas.sync(module, devices)
+            replicas.check_device(devices[0])
+            inputs, kwargs = split()
+            if not inputs and not kwargs:  # a forward without arguments: one call per device, of nothing
+                inputs, kwargs = ((),), ({},)
+            count = len(inputs)
+            if kwargs is None:
+                kwargs = ({},) * count
+            if len(devices) == 1:
+                return [module(*inputs[0], **kwargs[0])]
+            if replicate is None:
+                modules = replicas.get(count, differentiable=torch.is_grad_enabled())
+            else:
+                modules = replicate(count)
+            if apply is not None:
+                return apply(modules, inputs, kwargs)
+            return self.run(
+                modules, inputs, kwargs, devices[:count] if count < len(devices) else devices, issuing, reproducible
+            )
+
+    def run(
+        self,
+        modules: Sequence[torch.nn.Module],
+        inputs: Sequence[Any],
+        kwargs: Any,
+        devices: list[torch.device],
+        issuing: str,
+        reproducible: bool,
+    ) -> list[Any]:
+        """The replicas run on this engine's pool, which serves one forward at a time (the replicas' lock), so
+        that SyncBatchNorm layers can meet across replicas."""
+        replicas = self.replicas
+        return _parallel_apply(
+            modules,
+            inputs,
+            kwargs,
+            devices,
+            self.pool,
+            synchronize=replicas.has_sync_batchnorm,
+            issuing=issuing,
+            compiled=replicas.has_compiled,
+            reproducible=reproducible,
+            compiled_sync_batchnorm=replicas.compiled_sync_batchnorm,
+        )
 
 
 class DataParallel(torch.nn.DataParallel):
@@ -153,18 +226,12 @@ class DataParallel(torch.nn.DataParallel):
         with _record_function("DataParallel.forward"):
             if not self.device_ids:
                 return self.module(*inputs, **kwargs)
-            if (
-                not kwargs
-                and self.chunk_sizes is None
-                and (isinstance(inputs[0], torch.Tensor) if len(inputs) == 1 else inputs and _all_tensors(inputs))
-                and _own_steps(self)
-            ):
-                module = self._modules.get("module")
-                if module is not None:
-                    return self._forward_tensors(module, inputs)
-            outputs = self._replica_outputs(inputs, kwargs)
+            own_steps = _own_steps(self)
+            outputs = self._replica_outputs(inputs, kwargs, own_steps)
             if len(self.device_ids) == 1:
                 return outputs[0]
+            if own_steps and not _is_minus_one(self.output_device):
+                return _gather(outputs, self._output_device_obj, self.dim)  # checked and resolved in __init__
             return self.gather(outputs, self.output_device)
 
     def forward_scattered(self, *inputs: Any, **kwargs: Any) -> ScatteredOutputs:
@@ -179,14 +246,13 @@ class DataParallel(torch.nn.DataParallel):
                 output = self.module(*inputs, **kwargs)
                 device = _device_of(output)
                 return ScatteredOutputs([output], [device], dim, device, pool=_default_pool(), issuing=self.issuing)
-            outputs = self._replica_outputs(inputs, kwargs)
-            engine = self._get_engine()
+            outputs = self._replica_outputs(inputs, kwargs, _own_steps(self))
             return ScatteredOutputs(
                 outputs,
                 self._replica_devices[: len(outputs)],
                 dim,
                 self._output_device_obj,
-                pool=engine.pool,
+                pool=self._get_engine().pool,
                 issuing=self.issuing,
                 reproducible=getattr(self, "reproducible", False),
             )
@@ -194,60 +260,51 @@ class DataParallel(torch.nn.DataParallel):
     # Note [Tensor-only forwards]
     # ~~~~~~~~~~~~~~~~~~~~~~~~~~~
     # Most forwards pass tensors as positional arguments only, to a DataParallel whose four steps are its own (not
-    # overridden by a subclass or on the instance). For those, forward runs the same steps in the same order with
-    # less Python around them: no pytree walk (_scatter_tensors), the module from _modules without
-    # nn.Module.__getattr__'s failed attribute lookup, one check of the module tree per forward (no user code runs
-    # between scatter and replicate that could change the tree), and gather called directly. What every
-    # forward checks stays: the module tree (DictWatch) and the replicas' tensors refreshed from the module's
-    # (the Replicator), the device of the module's tensors, the chunk counts. With one device the module is called
-    # on the scattered input, as torch.nn.DataParallel does. Per-forward figures: BENCHMARKS.md, per-forward
-    # overhead.
-    def _forward_tensors(self, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> Any:
+    # overridden by a subclass or on the instance). For those, the inputs are split without a pytree walk
+    # (_scatter_tensors), the module is taken from _modules without nn.Module.__getattr__'s failed attribute
+    # lookup, the module tree is checked once per forward (no user code runs between scatter and replicate that
+    # could change the tree), and gather is called directly. What every forward checks stays: the module tree
+    # (DictWatch) and the replicas' tensors refreshed from the module's (the Replicator), the device of the
+    # module's tensors, the chunk counts. With one device the module is called on the scattered input, as
+    # torch.nn.DataParallel does. Per-forward figures: BENCHMARKS.md, per-forward overhead.
+    def _replica_outputs(self, inputs: tuple[Any, ...], kwargs: dict[str, Any], own_steps: bool) -> list[Any]:
+        """Scatter, replicate and parallel_apply on the engine: the outputs of the replicas that ran, in order.
+        A subclass's own scatter, replicate or parallel_apply is called in place of the engine's step."""
         engine = self._engine
         if engine is None:
             engine = self._get_engine()
-        replicas = engine.replicas
-        devices = self._replica_devices
-        with replicas.lock:
-            replicas.sync(module, devices)
-            replicas.check_device(self.src_device_obj)
-            split = _scatter_tensors(inputs, self._devices, self.dim)
-            count = len(split)
-            if len(devices) == 1:
-                return module(*split[0])
-            outputs = _parallel_apply(
-                replicas.get(count, differentiable=torch.is_grad_enabled()),
-                split,
-                ({},) * count,
-                devices[:count] if count < len(devices) else devices,
-                engine.pool,
-                synchronize=replicas.has_sync_batchnorm,
-                issuing=self.issuing,
-                compiled=replicas.has_compiled,
-                reproducible=self.reproducible,
-                compiled_sync_batchnorm=replicas.compiled_sync_batchnorm,
-            )
-        output_device = self.output_device
-        if isinstance(output_device, int) and output_device == -1:
-            return gather(outputs, output_device, dim=self.dim)
-        return _gather(outputs, self._output_device_obj, self.dim)
+        if not own_steps:
+            module = self.module
 
-    def _replica_outputs(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
-        """Scatter, replicate and parallel_apply: the outputs of the replicas that ran, in order."""
-        engine = self._get_engine()
-        with engine.replicas.lock:
-            engine.replicas.sync(self.module, self._replica_devices)
-            engine.replicas.check_device(self.src_device_obj)
-            inputs, module_kwargs = self.scatter(inputs, kwargs, self.device_ids)
-            # For forward functions without any inputs, an empty list and dict are passed.
-            if not inputs and not module_kwargs:
-                inputs, module_kwargs = ((),), ({},)
-            if len(self.device_ids) == 1:
-                return [self.module(*inputs[0], **module_kwargs[0])]
-            # replicate checks the module tree again (an overridden scatter may have changed it); with
-            # nothing changed that check reads no dict entry (Note [Watching a module tree]).
-            replicas = self.replicate(self.module, self._replica_ids[: len(inputs)])
-            return self.parallel_apply(replicas, inputs, module_kwargs)
+            def split() -> Any:
+                return self.scatter(inputs, kwargs, self.device_ids)
+
+            def replicate(count: int) -> Any:
+                # replicate checks the module tree again (an overridden scatter may have changed it); with
+                # nothing changed that check reads no dict entry (Note [Watching a module tree]).
+                return self.replicate(module, self._replica_ids[:count])
+
+            return engine.replica_outputs(
+                module, self._replica_devices, split, self.issuing, self.reproducible, replicate, self.parallel_apply
+            )
+        module = self._modules.get("module")
+        if module is None:
+            module = self.module  # nn.Module's error for a deleted submodule
+        if (
+            not kwargs
+            and self.chunk_sizes is None
+            and (isinstance(inputs[0], torch.Tensor) if len(inputs) == 1 else inputs and _all_tensors(inputs))
+        ):
+
+            def split() -> Any:
+                return _scatter_tensors(inputs, self._devices, self.dim), None
+
+        else:
+
+            def split() -> Any:
+                return _scatter_kwargs(inputs, kwargs, self._devices, self.dim, self.chunk_sizes)
+
+        return engine.replica_outputs(module, self._replica_devices, split, self.issuing, self.reproducible)
 
     # The four steps are methods, as upstream, so subclasses can override any of them.
 
@@ -268,19 +325,8 @@ class DataParallel(torch.nn.DataParallel):
         return _scatter_kwargs(tuple(inputs), kwargs or {}, devices, self.dim, self.chunk_sizes)
 
     def parallel_apply(self, replicas: Sequence[T], inputs: Sequence[Any], kwargs: Any) -> list[Any]:
-        # The engine's pool serves one forward at a time (the replicas' lock), so SyncBatchNorm layers can meet.
-        engine = self._get_engine()
-        return _parallel_apply(
-            replicas,
-            inputs,
-            kwargs,
-            self._replica_devices[: len(replicas)],
-            engine.pool,
-            synchronize=engine.replicas.has_sync_batchnorm,
-            issuing=self.issuing,
-            compiled=engine.replicas.has_compiled,
-            reproducible=self.reproducible,
-            compiled_sync_batchnorm=engine.replicas.compiled_sync_batchnorm,
+        return self._get_engine().run(
+            replicas, inputs, kwargs, self._replica_devices[: len(replicas)], self.issuing, self.reproducible
         )
 
     def gather(self, outputs: Any, output_device: DeviceLike) -> Any:
@@ -411,7 +457,8 @@ def _checked_chunk_sizes(
 
 # ---- data_parallel, the functional form -------------------------------------------------------------------
 
-_functional_replicas: "weakref.WeakKeyDictionary[torch.nn.Module, _Replicas]" = weakref.WeakKeyDictionary()
+# The functional form's engines, one per module as the C++ data_parallel keeps one, dropped with the module.
+_functional_engines: weakref.WeakKeyDictionary[torch.nn.Module, _Engine] = weakref.WeakKeyDictionary()
 _functional_lock = threading.Lock()
 
 
@@ -447,28 +494,16 @@ def data_parallel(
     devices, output_device, target = _checked_arguments(device_ids, output_device, dim, _accelerator_type())
     module_kwargs = _checked_kwargs(module_kwargs, "module_kwargs")
     with _functional_lock:
-        replicas = _functional_replicas.get(module)
-        if replicas is None:
-            replicas = _functional_replicas[module] = _Replicas()
-    with replicas.lock:
-        replicas.sync(module, devices)
-        replicas.check_device(devices[0])
-        inputs, kwargs = _scatter_kwargs(inputs, module_kwargs, devices, dim)
-        if not inputs and not kwargs:
-            inputs, kwargs = ((),), ({},)
-        if len(devices) == 1:
-            return module(*inputs[0], **kwargs[0])
-        modules = replicas.get(len(inputs), differentiable=torch.is_grad_enabled())
-        outputs = _parallel_apply(
-            modules,
-            inputs,
-            kwargs,
-            devices[: len(inputs)],
-            _default_pool(),
-            issuing="auto",
-            compiled=replicas.has_compiled,
-            reproducible=reproducible,
-        )
+        engine = _functional_engines.get(module)
+        if engine is None:
+            engine = _functional_engines[module] = _Engine()
+
+    def split() -> Any:
+        return _scatter_kwargs(inputs, module_kwargs, devices, dim)
+
+    outputs = engine.replica_outputs(module, devices, split, "auto", reproducible)
+    if len(devices) == 1:
+        return outputs[0]
     if _is_minus_one(output_device):
         warnings.warn(_MINUS_ONE_DEPRECATED, FutureWarning, stacklevel=2)
     return _gather(outputs, target, dim)

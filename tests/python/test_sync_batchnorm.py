@@ -45,18 +45,20 @@ def assert_trains_like_whole_batch(make_model, make_input, device_ids, steps=3, 
         x = make_input()
         x_ref = x.detach().clone().requires_grad_()
         out, out_ref = dp(x), reference(x_ref)
-        torch.testing.assert_close(out, out_ref, msg=lambda m: f"step {step} outputs: {m}")
+        torch.testing.assert_close(out, out_ref, msg=lambda m, step=step: f"step {step} outputs: {m}")
         out.square().sum().backward()
         out_ref.square().sum().backward()
-        torch.testing.assert_close(x.grad, x_ref.grad, msg=lambda m: f"step {step} input grads: {m}")
+        torch.testing.assert_close(x.grad, x_ref.grad, msg=lambda m, step=step: f"step {step} input grads: {m}")
         for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
-            torch.testing.assert_close(p.grad, p_ref.grad, msg=lambda m: f"step {step} {name}.grad: {m}")
+            torch.testing.assert_close(
+                p.grad, p_ref.grad, msg=lambda m, step=step, name=name: f"step {step} {name}.grad: {m}"
+            )
         optimizer.step()
         reference_optimizer.step()
         optimizer.zero_grad()
         reference_optimizer.zero_grad()
         for (name, b), b_ref in zip(model.named_buffers(), reference.buffers()):
-            torch.testing.assert_close(b, b_ref, msg=lambda m: f"step {step} {name}: {m}")
+            torch.testing.assert_close(b, b_ref, msg=lambda m, step=step, name=name: f"step {step} {name}: {m}")
     return model, dp
 
 
@@ -126,11 +128,13 @@ def test_plain_batchnorm_outside_a_data_parallel_forward():
     x = torch.randn(4, 3, 5, 5, dtype=torch.double)
     torch.testing.assert_close(layer(x), reference(x))  # unwrapped
     torch.testing.assert_close(torch_dp.DataParallel(layer, cpus(1))(x), reference(x))  # one replica
-    # torch_dp.data_parallel shares its workers between callers, so its replicas do not wait for each other:
-    # each normalizes its own chunk.
+    # torch_dp.data_parallel keeps an engine per module, as DataParallel does, so its replicas synchronize too:
+    # the batch's statistics, not each chunk's.
     per_chunk = torch.cat([nn.functional.batch_norm(c, None, None, training=True) for c in x.chunk(2)])
-    fresh = torch_dp.convert_sync_batchnorm(nn.BatchNorm2d(3).double())
-    torch.testing.assert_close(torch_dp.data_parallel(fresh, x, cpus(2)), per_chunk)
+    fresh = torch_dp.convert_sync_batchnorm(copy.deepcopy(reference))
+    output = torch_dp.data_parallel(fresh, x, cpus(2))
+    torch.testing.assert_close(output, reference(x))
+    assert not torch.allclose(output, per_chunk)
 
 
 def test_convert_keeps_parameters_buffers_and_state_dict():
