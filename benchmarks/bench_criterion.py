@@ -38,7 +38,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
@@ -258,7 +258,7 @@ def device_lists(device: torch.device) -> list[list[Any]]:
     return lists
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_arguments(parser, "fewer rounds and steps")
     parser.add_argument("--batch", type=int, default=8)

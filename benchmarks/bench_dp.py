@@ -44,7 +44,7 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
@@ -125,7 +125,7 @@ class Clock:
             fn()
         return (time.perf_counter() - t0) * 1e3 / k
 
-    def once(self, fn: Callable[[], Any], setup: Optional[Callable[[], Any]] = None) -> float:
+    def once(self, fn: Callable[[], Any], setup: Callable[[], Any] | None = None) -> float:
         """ms of one call, with setup() done and the device idle before the clock starts."""
         if setup is not None:
             setup()
@@ -201,7 +201,7 @@ def time_interleaved(clock: Clock, fns: dict[str, Callable[[], Any]], settings: 
     return results
 
 
-def peak_memory_mib(clock: Clock, fn: Callable[[], Any], reset: Callable[[], Any]) -> Optional[float]:
+def peak_memory_mib(clock: Clock, fn: Callable[[], Any], reset: Callable[[], Any]) -> float | None:
     """Peak CUDA memory (MiB, device 0) while fn runs once, from a state where reset() has freed gradients."""
     if not clock.cuda:
         return None
@@ -266,7 +266,7 @@ def bench_config(
     model: torch.nn.Module,
     x: torch.Tensor,
     mode: str,
-    ids: Optional[list[Any]],
+    ids: list[Any] | None,
     device: torch.device,
     clock: Clock,
     settings: Settings,
@@ -277,7 +277,7 @@ def bench_config(
     scale = 1.0 / x.numel()
     opt = torch.optim.SGD(model.parameters(), lr=1e-4) if training else None
     grad_ctx = contextlib.nullcontext if training else torch.no_grad
-    wrappers: dict[str, Optional[torch.nn.Module]] = {"plain": model}
+    wrappers: dict[str, torch.nn.Module | None] = {"plain": model}
     notes: dict[str, str] = {}
     errors: dict[str, str] = {}
     chunks: list[torch.Tensor] = []
@@ -394,7 +394,7 @@ def bench_config(
         opt.zero_grad(set_to_none=True)
     v = row["variants"]
 
-    def ms(name: str) -> Optional[float]:
+    def ms(name: str) -> float | None:
         return v.get(name, {}).get("ms")
 
     ratios = {}
@@ -418,6 +418,60 @@ def bench_config(
 # ---- pieces ------------------------------------------------------------------------------------------------
 
 
+def _bench_pieces_of(
+    dp: torch.nn.Module,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    grad_ctx: Callable[[], Any],
+    clock: Clock,
+    settings: Settings,
+) -> dict[str, Any]:
+    """bench_pieces for one implementation (torch_dp's or torch.nn.DataParallel's) wrapped around model."""
+    pieces: dict[str, Any] = {}
+
+    def run(piece: str, fn: Callable[[], Any], setup: Callable[[], Any] | None = None) -> None:
+        try:
+            with grad_ctx():
+                if setup is None:
+                    warm_up(fn, settings)
+                    one = max(clock.block(fn, 1), 1e-3)
+                    k = max(1, min(1000, int(round(settings.block_ms / one))))
+                    samples = [clock.block(fn, k) for _ in range(settings.rounds_for(k * one))]
+                    pieces[piece] = {**_median_stats(samples), "calls_per_block": k}
+                else:  # one call at a time, setup() outside the clock
+                    warm_up(lambda: (setup(), fn()), settings)
+                    one = max(clock.once(fn, setup), 1e-3)
+                    samples = [clock.once(fn, setup) for _ in range(settings.rounds_for(one))]
+                    pieces[piece] = {**_median_stats(samples), "calls_per_block": 1}
+        except Exception as error:  # noqa: BLE001
+            pieces[piece] = {"error": _error_text(error)}
+            _recover(clock)
+
+    try:
+        with grad_ctx():
+            warm_up(lambda: dp(x), settings)  # builds torch_dp's replicas and worker threads
+            inputs, kwargs = dp.scatter((x,), {}, dp.device_ids)
+            replicas = dp.replicate(dp.module, dp.device_ids[: len(inputs)])
+            outputs = dp.parallel_apply(replicas, inputs, kwargs)
+    except Exception as error:  # noqa: BLE001
+        pieces["error"] = _error_text(error)
+        _recover(clock)
+        return pieces
+    used = dp.device_ids[: len(inputs)]
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+
+    run("scatter", lambda: dp.scatter((x,), {}, dp.device_ids))
+    run("replicate (unchanged)", lambda: dp.replicate(dp.module, used))
+    run("replicate (after optimizer step)", lambda: dp.replicate(dp.module, used), setup=opt.step)
+    run("parallel_apply", lambda: dp.parallel_apply(replicas, inputs, kwargs))
+    run("gather", lambda: dp.gather(outputs, dp.output_device))
+    run("forward (whole)", lambda: dp(x))
+    # Returning drops the lambdas above (all already run) and their tensors: this configuration's memory is freed.
+    return pieces
+
+
 def bench_pieces(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -436,51 +490,9 @@ def bench_pieces(
     impls: dict[str, torch.nn.Module] = {"torch_dp": torch_dp.DataParallel(model, device_ids=ids)}
     if device.type == "cuda":
         impls["nn.DP"] = torch.nn.DataParallel(model, device_ids=ids)
-    result: dict[str, Any] = {}
-    for impl_name, dp in impls.items():
-        pieces: dict[str, Any] = {}
-        result[impl_name] = pieces
-
-        def run(piece: str, fn: Callable[[], Any], setup: Optional[Callable[[], Any]] = None) -> None:
-            try:
-                with grad_ctx():
-                    if setup is None:
-                        warm_up(fn, settings)
-                        one = max(clock.block(fn, 1), 1e-3)
-                        k = max(1, min(1000, int(round(settings.block_ms / one))))
-                        samples = [clock.block(fn, k) for _ in range(settings.rounds_for(k * one))]
-                        pieces[piece] = {**_median_stats(samples), "calls_per_block": k}
-                    else:  # one call at a time, setup() outside the clock
-                        warm_up(lambda: (setup(), fn()), settings)
-                        one = max(clock.once(fn, setup), 1e-3)
-                        samples = [clock.once(fn, setup) for _ in range(settings.rounds_for(one))]
-                        pieces[piece] = {**_median_stats(samples), "calls_per_block": 1}
-            except Exception as error:  # noqa: BLE001
-                pieces[piece] = {"error": _error_text(error)}
-                _recover(clock)
-
-        try:
-            with grad_ctx():
-                warm_up(lambda: dp(x), settings)  # builds torch_dp's replicas and worker threads
-                inputs, kwargs = dp.scatter((x,), {}, dp.device_ids)
-                replicas = dp.replicate(dp.module, dp.device_ids[: len(inputs)])
-                outputs = dp.parallel_apply(replicas, inputs, kwargs)
-        except Exception as error:  # noqa: BLE001
-            pieces["error"] = _error_text(error)
-            _recover(clock)
-            continue
-        used = dp.device_ids[: len(inputs)]
-        for p in model.parameters():
-            p.grad = torch.randn_like(p) * 1e-3
-
-        run("scatter", lambda: dp.scatter((x,), {}, dp.device_ids))
-        run("replicate (unchanged)", lambda: dp.replicate(dp.module, used))
-        run("replicate (after optimizer step)", lambda: dp.replicate(dp.module, used), setup=opt.step)
-        run("parallel_apply", lambda: dp.parallel_apply(replicas, inputs, kwargs))
-        run("gather", lambda: dp.gather(outputs, dp.output_device))
-        run("forward (whole)", lambda: dp(x))
-        # The lambdas above already ran in run(); dropping the tensors frees this configuration's memory.
-        replicas = outputs = inputs = kwargs = None
+    result = {
+        impl_name: _bench_pieces_of(dp, model, x, opt, grad_ctx, clock, settings) for impl_name, dp in impls.items()
+    }
     opt.zero_grad(set_to_none=True)
     del impls
     _recover(clock)
@@ -490,7 +502,7 @@ def bench_pieces(
 # ---- output ------------------------------------------------------------------------------------------------
 
 
-def fmt_ms(entry: Optional[dict[str, Any]]) -> str:
+def fmt_ms(entry: dict[str, Any] | None) -> str:
     if entry is None:
         return "-"
     if "error" in entry:
@@ -501,7 +513,7 @@ def fmt_ms(entry: Optional[dict[str, Any]]) -> str:
     return f"{ms:.4f}" if ms < 0.1 else f"{ms:.3f}" if ms < 10 else f"{ms:.1f}"
 
 
-def fmt_ratio(value: Optional[float]) -> str:
+def fmt_ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
@@ -664,7 +676,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, quick_help: str) -> No
     parser.add_argument("--json", metavar="PATH", help="write every figure and the metadata there")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, "few iterations; on CPU no ResNet-50")
     parser.add_argument("--models", help="comma-separated subset of: " + ",".join(MODELS))
@@ -727,7 +739,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{label}: ERROR {_error_text(error)}", flush=True)
             continue
         for mode in modes:
-            id_lists: list[Optional[list[Any]]] = list(replica_lists(device))
+            id_lists: list[list[Any] | None] = list(replica_lists(device))
             if device.type == "cpu" and model_key == "tiny":
                 id_lists.insert(0, None)  # torch.nn.DataParallel's passthrough: its overhead, not a comparison
             for ids in id_lists:

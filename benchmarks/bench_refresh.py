@@ -27,7 +27,7 @@ import contextlib
 import json
 import os
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
@@ -153,7 +153,7 @@ def print_rows(rows: list[dict[str, Any]], cuda: bool) -> None:
             print("| " + " | ".join(cells) + " |")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, "fewer iterations, no MLP on CPU")
     args = parser.parse_args(argv)

@@ -17,7 +17,7 @@ import copy
 import json
 import os
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,7 +61,7 @@ def training_step(module: nn.Module, x: torch.Tensor) -> Any:
     return step
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_common_arguments(parser, "fewer iterations")
     args = parser.parse_args(argv)

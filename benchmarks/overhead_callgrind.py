@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,7 +63,7 @@ def _import_torch_dp():
     return torch_dp
 
 
-def build_helper(directory: str) -> Optional[str]:
+def build_helper(directory: str) -> str | None:
     """The client-request helper as a shared library, or None where it cannot be built."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
@@ -163,7 +163,7 @@ def read_totals(out_file: str) -> list[int]:
 
 
 def count_instructions(
-    n: int, replicas: list[int], verbose: bool = False, keep: Optional[str] = None, model: str = "tiny"
+    n: int, replicas: list[int], verbose: bool = False, keep: str | None = None, model: str = "tiny"
 ) -> dict[str, Any]:
     """Runs the worker under callgrind; per variant, instructions per forward."""
     valgrind = shutil.which("valgrind")
@@ -268,7 +268,7 @@ def wall_ratio(replicas: list[int], model: str = "tiny", rounds: int = 31, block
     }
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=200, help="forwards per measurement (n and 2n are run)")
     parser.add_argument("--replicas", default="2", help="comma-separated replica counts, e.g. 1,2,4")

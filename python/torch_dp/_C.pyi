@@ -1,11 +1,12 @@
 # Type stubs for torch_dp._C, the pybind11 layer over the C++ engine (python/csrc/bindings.cpp).
-from typing import Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 import torch
 
 def chunk_sizes(size: int, num_chunks: int) -> list[int]: ...
 def scatter(
-    input: torch.Tensor, devices: Sequence[torch.device], sizes: Optional[Sequence[int]] = None, dim: int = 0
+    input: torch.Tensor, devices: Sequence[torch.device], sizes: Sequence[int] | None = None, dim: int = 0
 ) -> list[torch.Tensor]: ...
 def gather(tensors: Sequence[torch.Tensor], destination: torch.device, dim: int = 0) -> torch.Tensor: ...
 def broadcast_coalesced(
@@ -19,7 +20,7 @@ class Replicator:
     def check_device(self, expected: torch.device) -> None: ...
     def replicate(
         self, devices: Sequence[torch.device], num_slots: int, differentiable: bool
-    ) -> list[Optional[list[torch.Tensor]]]: ...
+    ) -> list[list[torch.Tensor] | None]: ...
     @property
     def num_params(self) -> int: ...
     @property
@@ -35,9 +36,9 @@ class ScriptReplicas:
     def generation(self) -> int: ...
 
 class Issuing:
-    auto: "Issuing"
-    threads: "Issuing"
-    serial: "Issuing"
+    auto: Issuing
+    threads: Issuing
+    serial: Issuing
     @property
     def name(self) -> str: ...
 
@@ -66,9 +67,9 @@ class PackageDataParallel:
         self,
         path: str,
         devices: Sequence[torch.device],
-        output_device: Optional[torch.device] = None,
+        output_device: torch.device | None = None,
         dim: int = 0,
-        chunk_sizes: Optional[Sequence[int]] = None,
+        chunk_sizes: Sequence[int] | None = None,
         issuing: Issuing = ...,
     ) -> None: ...
     def forward(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]: ...

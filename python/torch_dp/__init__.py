@@ -13,8 +13,10 @@ import torch
 cmake_prefix_path = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "share", "cmake")
 
 try:
-    from torch_dp._build_info import TORCH_DP_VERSION as __version__  # noqa: F401 - the package version
-    from torch_dp._build_info import TORCH_VERSION as _BUILT_AGAINST
+    from torch_dp._build_info import (
+        TORCH_DP_VERSION as __version__,  # noqa: F401 - the package version
+        TORCH_VERSION as _BUILT_AGAINST,
+    )
 except ImportError as error:  # pragma: no cover - only without a build
     raise ImportError(
         "torch_dp's compiled part is missing: install it with `pip install --no-build-isolation .` "

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Sequence
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,10 @@ class SumAndCount(NamedTuple):
     (``sum(total)`` with ``reduction="sum"``)."""
 
     total: torch.Tensor
-    count: Union[torch.Tensor, int, float]
+    count: torch.Tensor | int | float
 
 
-def _rows(output: Any, dim: int) -> Optional[int]:
+def _rows(output: Any, dim: int) -> int | None:
     """The size along dim of output's first tensor (in pytree order); None without one that has dim."""
     for leaf in pytree.tree_leaves(output):
         if isinstance(leaf, torch.Tensor):
@@ -56,9 +56,9 @@ class ScatteredOutputs(Sequence):
         outputs: Sequence[Any],
         devices: Sequence[DeviceLike],
         dim: int = 0,
-        output_device: Optional[DeviceLike] = None,
+        output_device: DeviceLike | None = None,
         *,
-        pool: Optional[Any] = None,
+        pool: Any | None = None,
         issuing: str = "auto",
         reproducible: bool = False,
     ) -> None:
@@ -94,7 +94,7 @@ class ScatteredOutputs(Sequence):
             f"dim={self.dim}, output_device={self.output_device})"
         )
 
-    def gather(self, output_device: Optional[DeviceLike] = None) -> Any:
+    def gather(self, output_device: DeviceLike | None = None) -> Any:
         """The outputs concatenated along ``dim`` on ``output_device`` (default: the DataParallel's), keeping
         their structure, exactly as the DataParallel's forward gathers them (differentiable)."""
         target = self.output_device if output_device is None else _as_output_device(output_device)
@@ -141,7 +141,7 @@ def _loss_issuing(issuing: str, pool: Any, devices: list[torch.device]) -> str:
 # reduction="sum" is sum(sums); reduction="none" gathers the per-element losses like DataParallel's gather.
 
 
-def _class_count(target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int) -> Any:
+def _class_count(target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int) -> Any:
     """The denominator of NLL's and CrossEntropy's mean over class-index targets."""
     keep = target != ignore_index
     if weight is None:
@@ -149,7 +149,7 @@ def _class_count(target: torch.Tensor, weight: Optional[torch.Tensor], ignore_in
     return torch.where(keep, weight[target.masked_fill(~keep, 0)], weight.new_zeros(())).sum()
 
 
-def _to(tensor: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
+def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return None if tensor is None else tensor.to(device)
 
 
@@ -157,7 +157,7 @@ def _elements(input: torch.Tensor, target: torch.Tensor) -> int:
     return torch.broadcast_shapes(input.shape, target.shape).numel()
 
 
-def _check_not_per_row(name: str, what: str, tensor: Optional[torch.Tensor], input: torch.Tensor, dim: int) -> None:
+def _check_not_per_row(name: str, what: str, tensor: torch.Tensor | None, input: torch.Tensor, dim: int) -> None:
     """A BCE weight that differs along the split dimension would have to be split with the batch."""
     if tensor is None or tensor.dim() == 0:
         return
@@ -260,7 +260,7 @@ _EXACT: dict[type, Callable[..., Any]] = {
 }
 
 
-def _exact_rule(loss: Any) -> Optional[Callable[..., Any]]:
+def _exact_rule(loss: Any) -> Callable[..., Any] | None:
     """The rule of a supported torch.nn loss (or a subclass that keeps its forward); None for other callables;
     an error for other torch.nn losses, whose reduction has no exact rule here."""
     for kind, rule in _EXACT.items():
@@ -329,10 +329,10 @@ class ParallelCriterion(torch.nn.Module):
     def __init__(
         self,
         loss: Callable[..., Any],
-        dim: Optional[int] = None,
+        dim: int | None = None,
         *,
-        reduction: Optional[str] = None,
-        prepare: Optional[Callable[..., Any]] = None,
+        reduction: str | None = None,
+        prepare: Callable[..., Any] | None = None,
         lean: bool = True,
     ) -> None:
         super().__init__()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import Union
 
 import torch
 from torch._utils import _get_all_device_indices, _get_available_device_type
@@ -16,13 +16,13 @@ __all__ = ["DeviceLike"]
 DeviceLike = Union[int, str, torch.device]
 
 
-def _accelerator_type() -> Optional[str]:
+def _accelerator_type() -> str | None:
     """The accelerator PyTorch's DataParallel would use (None without one; MPS is not supported, as upstream)."""
     device_type = _get_available_device_type()
     return None if device_type == "mps" else device_type
 
 
-def _as_device(device: DeviceLike, accelerator: Optional[str]) -> torch.device:
+def _as_device(device: DeviceLike, accelerator: str | None) -> torch.device:
     """One entry of device_ids as a torch.device with an index (CPU has none), or a clear error."""
     if isinstance(device, torch.device):
         result = device
@@ -62,7 +62,7 @@ def _as_device(device: DeviceLike, accelerator: Optional[str]) -> torch.device:
     return torch.device(result.type, index)
 
 
-def _usable_devices(accelerator: Optional[str]) -> str:
+def _usable_devices(accelerator: str | None) -> str:
     """What a device argument may name on this machine, for error messages."""
     if accelerator is None:
         return "'cpu' (no accelerator is available)"
@@ -71,7 +71,7 @@ def _usable_devices(accelerator: Optional[str]) -> str:
 
 
 def _as_devices(
-    devices: Sequence[DeviceLike], name: str = "target_gpus", accelerator: Optional[str] = None
+    devices: Sequence[DeviceLike], name: str = "target_gpus", accelerator: str | None = None
 ) -> list[torch.device]:
     """A list of devices (``name`` is the argument's name, for the error messages), each checked."""
     if isinstance(devices, (str, int, torch.device)):
@@ -93,7 +93,7 @@ def _checked_dim(dim: int) -> int:
     return dim
 
 
-def _is_minus_one(device: Optional[DeviceLike]) -> bool:
+def _is_minus_one(device: DeviceLike | None) -> bool:
     """Whether device is upstream's -1, its deprecated way of saying the CPU."""
     return isinstance(device, int) and not isinstance(device, bool) and device == -1
 
@@ -103,7 +103,7 @@ _MINUS_ONE_DEPRECATED = (
 )
 
 
-def _as_output_device(device: Optional[DeviceLike]) -> torch.device:
+def _as_output_device(device: DeviceLike | None) -> torch.device:
     """gather's target: an index, -1 (the CPU, deprecated upstream), a string or a torch.device."""
     if device is None:
         accelerator = _accelerator_type()
@@ -117,10 +117,10 @@ def _as_output_device(device: Optional[DeviceLike]) -> torch.device:
 
 
 def _checked_arguments(
-    device_ids: Optional[Sequence[DeviceLike]],
-    output_device: Optional[DeviceLike],
+    device_ids: Sequence[DeviceLike] | None,
+    output_device: DeviceLike | None,
     dim: int,
-    accelerator: Optional[str],
+    accelerator: str | None,
 ) -> tuple[list[torch.device], DeviceLike, torch.device]:
     """The argument checks DataParallel and data_parallel share, so that a mistake gets the same error from
     both, before anything runs: the devices of ``device_ids`` (every accelerator device for None),
@@ -140,6 +140,6 @@ def _checked_arguments(
     return devices, output_device, target
 
 
-def _public_id(device: torch.device) -> Union[int, torch.device]:
+def _public_id(device: torch.device) -> int | torch.device:
     """device_ids entries as nn.DataParallel stores them: int indices; CPU entries stay torch.device('cpu')."""
     return device if device.type == "cpu" else device.index

@@ -5,7 +5,7 @@ ParallelCriterion's CrossEntropyLoss rule (Note [A cross-entropy that keeps only
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,10 +38,10 @@ _BLOCK_ELEMENTS = 1 << 19  # class-wide temporaries per block: 2 MiB each in flo
 def lean_cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
-    weight: Optional[torch.Tensor] = None,
+    weight: torch.Tensor | None = None,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
-) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(total, count)`` for logits ``input`` (N, C) or (N, C, d1, ...) and class indices ``target`` (N) or
     (N, d1, ...): ``total`` equals ``F.cross_entropy(input, target, weight=weight, ignore_index=ignore_index,
     label_smoothing=label_smoothing, reduction="sum")`` (differentiable, in input's dtype) and ``count`` the
@@ -119,7 +119,7 @@ def _class_view(weight: torch.Tensor, dims: int) -> torch.Tensor:
 class _LeanCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, t: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int, smoothing: float
+        ctx: Any, x: torch.Tensor, t: torch.Tensor, weight: torch.Tensor | None, ignore_index: int, smoothing: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cd = _compute_dtype(x.dtype)
         x3, t3 = _views(x, t)
@@ -158,7 +158,7 @@ class _LeanCrossEntropy(torch.autograd.Function):
         return total.to(x.dtype), count
 
     @staticmethod
-    def backward(ctx: Any, grad_total: torch.Tensor, grad_count: Any) -> tuple[Optional[torch.Tensor], ...]:
+    def backward(ctx: Any, grad_total: torch.Tensor, grad_count: Any) -> tuple[torch.Tensor | None, ...]:
         x, t, lse, weight = ctx.saved_tensors
         ignore_index, smoothing = ctx.ignore_index, ctx.smoothing
         if not ctx.needs_input_grad[0]:

@@ -12,7 +12,7 @@ import types
 import warnings
 import weakref
 from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 import torch.utils._pytree as pytree
@@ -137,7 +137,7 @@ class _Replicas:
     def __init__(self, trust_version_counters: bool = False) -> None:
         self._trust_version_counters = trust_version_counters
         self._replicator = _C.Replicator(trust_version_counters)
-        self._script: Optional[_ScriptReplicas] = None  # for a ScriptModule
+        self._script: _ScriptReplicas | None = None  # for a ScriptModule
         self._copy_everything = False  # torch_dp's own tests: ScriptModules' later replicas copy every tensor
         # ScriptModules inside an eager module tree, each replicated by its own _ScriptReplicas, and where each
         # slot's replica goes: (slot, the parent replica's _modules dict, key, index into _script_leaves).
@@ -145,9 +145,9 @@ class _Replicas:
         self._script_targets: list[tuple[int, dict, str, int]] = []
         # Weak: torch_dp.data_parallel keeps a _Replicas per module in a WeakKeyDictionary, whose values must
         # not keep their key alive (that leaked every module ever passed to data_parallel).
-        self._module: Optional[weakref.ref] = None
-        self._devices: Optional[list[torch.device]] = None
-        self._watch: Optional[Any] = None
+        self._module: weakref.ref | None = None
+        self._devices: list[torch.device] | None = None
+        self._watch: Any | None = None
         self._slots: list[list[torch.nn.Module]] = []
         self._roots: list[torch.nn.Module] = []  # each slot's root replica
         self._targets: list[list[tuple[dict, str, int]]] = []  # per slot: (dict, key, source index)
@@ -329,7 +329,7 @@ class _ScriptReplicas:
     def __init__(self, trust_version_counters: bool, copy_everything: bool = False) -> None:
         # copy_everything: torch_dp's own tests (later replicas copy every tensor, as on other devices).
         self._replicas = _C.ScriptReplicas(trust_version_counters, copy_everything)
-        self._module: Optional[weakref.ref] = None
+        self._module: weakref.ref | None = None
         self._generation = -1
         self._wrappers: list[torch.nn.Module] = []
 
@@ -370,7 +370,7 @@ def replicate(network: torch.nn.Module, devices: Sequence[DeviceLike], detach: b
 
 
 # Every _Replicas alive, for the reset in a forked child (Note [After fork] in parallel_apply.py).
-_live_replicas: "weakref.WeakSet[_Replicas]" = weakref.WeakSet()
+_live_replicas: weakref.WeakSet[_Replicas] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:

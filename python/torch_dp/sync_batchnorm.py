@@ -50,7 +50,7 @@ from __future__ import annotations
 import functools
 import threading
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -86,10 +86,10 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         self,
         num_features: int,
         eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
+        momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        process_group: Optional[Any] = None,
+        process_group: Any | None = None,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
@@ -125,7 +125,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             self.eps,
         )
 
-    def _processes(self) -> Optional[Any]:
+    def _processes(self) -> Any | None:
         """The process group to synchronize across, when torch.distributed runs with more than one process."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
             return None
@@ -133,7 +133,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         return process_group if torch.distributed.get_world_size(process_group) > 1 else None
 
 
-def _context() -> tuple[Optional[SyncGroup], int]:
+def _context() -> tuple[SyncGroup | None, int]:
     context = getattr(_local, "context", None)
     return context if context is not None else (None, 0)
 
@@ -141,10 +141,10 @@ def _context() -> tuple[Optional[SyncGroup], int]:
 def _batch_norm(
     layer: SyncBatchNorm,
     input: torch.Tensor,
-    running_mean: Optional[torch.Tensor],
-    running_var: Optional[torch.Tensor],
-    weight: Optional[torch.Tensor] = None,
-    bias: Optional[torch.Tensor] = None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
@@ -226,7 +226,7 @@ class _BatchNormCalls(TorchFunctionMode):
         super().__init__()
         self.layer = layer
 
-    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func is F.batch_norm:
             return _batch_norm(self.layer, *args, **kwargs)
@@ -307,7 +307,7 @@ def _new_synchronized(cls: type) -> nn.Module:
 _EXACT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
-def convert_sync_batchnorm(module: nn.Module, process_group: Optional[Any] = None) -> nn.Module:
+def convert_sync_batchnorm(module: nn.Module, process_group: Any | None = None) -> nn.Module:
     """Makes every BatchNorm layer of `module` synchronize its statistics across the replicas of a
     :class:`torch_dp.DataParallel` forward; returns the module (or the new layer when `module` itself is a BatchNorm
     layer), like ``nn.SyncBatchNorm.convert_sync_batchnorm``. Under torch.distributed the layers also synchronize

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 
@@ -56,7 +56,7 @@ class _Distribute(torch.autograd.Function):
         return tuple(combined.to(device, copy=True) for device in devices)
 
     @staticmethod
-    def backward(ctx: Any, *grads: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         total = None
         with contextlib.ExitStack() as streams:
             for stream in ctx.streams:
@@ -77,17 +77,17 @@ class SyncGroup:
     """The rendezvous of one forward's replicas (Note [Synchronized batch norm]). With `turns` (each replica's
     device), the replicas sharing a device take turns (Note [Reproducible synchronized batch norm])."""
 
-    def __init__(self, num_replicas: int, turns: Optional[Sequence[torch.device]] = None) -> None:
+    def __init__(self, num_replicas: int, turns: Sequence[torch.device] | None = None) -> None:
         self.num_replicas = num_replicas
         self._cond = threading.Condition()
         self._slots: dict[Any, dict[str, Any]] = {}
         self._calls: dict[int, int] = {}  # per replica: its SyncBatchNorm calls so far
         self._finished: set[int] = set()
-        self._failed: Optional[int] = None
+        self._failed: int | None = None
         # With turns: per replica, its generator's key (every CPU device shares the CPU's) and the replicas
         # sharing it, in index order; per key, the replica whose turn it is.
         self._keys: list[Any] = []
-        self._peers: Optional[list[list[int]]] = None
+        self._peers: list[list[int]] | None = None
         self._turn: dict[Any, int] = {}
         if turns is not None:
             self._keys = ["cpu" if torch.device(d).type == "cpu" else torch.device(d) for d in turns]
@@ -185,7 +185,7 @@ class SyncGroup:
 class replica_context:
     """Marks the calling thread as running `replica` of a forward whose replicas synchronize through `group`."""
 
-    def __init__(self, group: Optional[SyncGroup], replica: int) -> None:
+    def __init__(self, group: SyncGroup | None, replica: int) -> None:
         self.group, self.replica = group, replica
 
     def __enter__(self) -> None:

@@ -26,8 +26,7 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import HealthCheck, Phase, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, Phase, settings, strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
@@ -159,7 +158,7 @@ class ContractMachine(RuleBasedStateMachine):
             (out * weights).sum().backward()
             (expected * weights).sum().backward()
             for (name, p), q in zip(self.model.named_parameters(), self.twin.parameters()):
-                torch.testing.assert_close(p.grad, q.grad, msg=lambda m: f"grad of {name}: {m}", **TOL)
+                torch.testing.assert_close(p.grad, q.grad, msg=lambda m, name=name: f"grad of {name}: {m}", **TOL)
             self.model.zero_grad(set_to_none=True)
             self.twin.zero_grad(set_to_none=True)
 
@@ -259,7 +258,7 @@ class ContractMachine(RuleBasedStateMachine):
     def check_buffers(self) -> None:
         # After every step, forwards included: the twin is the ground truth only while both agree on every buffer.
         for (name, b), c in zip(self.model.named_buffers(), self.twin.buffers()):
-            torch.testing.assert_close(b, c, msg=lambda m: f"buffer {name}: {m}", **TOL)
+            torch.testing.assert_close(b, c, msg=lambda m, name=name: f"buffer {name}: {m}", **TOL)
 
     def teardown(self) -> None:
         # The worker threads go with the DataParallel; do not let hundreds of them pile up until gc runs.

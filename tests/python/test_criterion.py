@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
-from helpers import cpus
 
 import torch_dp
+from helpers import cpus
 from torch_dp import ParallelCriterion, ScatteredOutputs, SumAndCount
 
 DT = torch.float64

@@ -955,7 +955,7 @@ def test_serial_issuing_matches_the_unwrapped_module_over_steps(n):
     net = conv_net(training=False)  # eval: BatchNorm normalises every chunk as the whole batch
     reference = copy.deepcopy(net)
     dp = torch_dp.DataParallel(net, cpus(n), issuing="serial")
-    for step in range(3):
+    for _ in range(3):
         x = torch.randn(2 * n + 1, 3, 4, 4, dtype=torch.double, requires_grad=True)
         x_ref = x.detach().clone().requires_grad_()
         out, out_ref = dp(x), reference(x_ref)

@@ -15,11 +15,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import cpus
-from tiny_transformers import bert_config, gpt2_config, t5_config
 from torch import nn
 
 import torch_dp
+from helpers import cpus
+from tiny_transformers import bert_config, gpt2_config, t5_config
 
 transformers = pytest.importorskip("transformers")
 

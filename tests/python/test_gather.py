@@ -455,8 +455,7 @@ def test_bad_input_outputs_that_do_not_concatenate():
 
 try:
     import hypothesis
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
+    from hypothesis import HealthCheck, given, settings, strategies as st
 except ImportError:  # pragma: no cover - hypothesis is installed by scripts/lib/ensure_deps.sh
     hypothesis = None
 

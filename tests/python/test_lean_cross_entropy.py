@@ -6,11 +6,10 @@ not log-probabilities), and where it declines and torch's cross_entropy runs."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import cpus
 
 import torch_dp
-from torch_dp import ParallelCriterion, ScatteredOutputs
-from torch_dp import lean_cross_entropy as lean_module
+from helpers import cpus
+from torch_dp import ParallelCriterion, ScatteredOutputs, lean_cross_entropy as lean_module
 from torch_dp.lean_cross_entropy import lean_cross_entropy
 
 TOLERANCE = {

@@ -18,10 +18,10 @@ import zipfile
 
 import pytest
 import torch
-from helpers import cpus, run_in_threads
 from torch import nn
 
 import torch_dp
+from helpers import cpus, run_in_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EXPORT_SCRIPT = os.path.join(ROOT, "examples", "python", "export_model.py")

@@ -12,10 +12,10 @@ import time
 
 import pytest
 import torch
-from helpers import cpus, run_with_timeout
 from torch import nn
 
 import torch_dp
+from helpers import cpus, run_with_timeout
 
 REPLICAS = 3
 ROWS = 4  # per replica

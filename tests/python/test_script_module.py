@@ -7,11 +7,11 @@ import copy
 
 import pytest
 import torch
-from helpers import cpus
-from reference import ChunkedReference, copying
 from torch import nn
 
 import torch_dp
+from helpers import cpus
+from reference import ChunkedReference, copying
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
 

@@ -13,7 +13,6 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 
@@ -39,7 +38,7 @@ def _ops():
     return torch.ops.torch_dp_sim
 
 
-def _index(device: Optional[Union[int, str, torch.device]]) -> int:
+def _index(device: int | str | torch.device | None) -> int:
     if device is None:
         return current_device()
     if isinstance(device, int):
@@ -77,12 +76,12 @@ def current_device() -> int:
     return _ops().current_device()
 
 
-def set_device(device: Union[int, str, torch.device]) -> None:
+def set_device(device: int | str | torch.device) -> None:
     _ops().set_device(_index(device))
 
 
 @contextlib.contextmanager
-def device(device: Union[int, str, torch.device]):
+def device(device: int | str | torch.device):
     previous = current_device()
     set_device(device)
     try:
@@ -91,12 +90,12 @@ def device(device: Union[int, str, torch.device]):
         set_device(previous)
 
 
-def synchronize(device: Optional[Union[int, str, torch.device]] = None) -> None:
+def synchronize(device: int | str | torch.device | None = None) -> None:
     """Waits for every stream of the device (the current one by default)."""
     _ops().synchronize(_index(device))
 
 
-def current_stream(device: Optional[Union[int, str, torch.device]] = None) -> torch.Stream:
+def current_stream(device: int | str | torch.device | None = None) -> torch.Stream:
     return torch.accelerator.current_stream(torch.device(NAME, _index(device)))
 
 
@@ -117,11 +116,11 @@ def initial_seed() -> int:
     return _ops().initial_seed(current_device())
 
 
-def get_rng_state(device: Optional[Union[int, str, torch.device]] = None) -> torch.Tensor:
+def get_rng_state(device: int | str | torch.device | None = None) -> torch.Tensor:
     return _ops().get_rng_state(_index(device))
 
 
-def set_rng_state(state: torch.Tensor, device: Optional[Union[int, str, torch.device]] = None) -> None:
+def set_rng_state(state: torch.Tensor, device: int | str | torch.device | None = None) -> None:
     _ops().set_rng_state(_index(device), state)
 
 
@@ -129,12 +128,12 @@ def get_amp_supported_dtype() -> list[torch.dtype]:
     return [torch.float16, torch.bfloat16]
 
 
-def set_slowdown(device: Union[int, str, torch.device], factor: float) -> None:
+def set_slowdown(device: int | str | torch.device, factor: float) -> None:
     """Makes every op on the device take `factor` times as long: a slower device beside faster ones."""
     _ops().set_slowdown(_index(device), float(factor))
 
 
-def memory_allocated(device: Optional[Union[int, str, torch.device]] = None) -> int:
+def memory_allocated(device: int | str | torch.device | None = None) -> int:
     return _ops().allocated_bytes(_index(device))
 
 
@@ -148,7 +147,7 @@ def quarantined_blocks() -> int:
 _loaded = False
 
 
-def load(devices: Optional[int] = None):
+def load(devices: int | None = None):
     """Loads the backend once per process with `devices` devices (TORCH_DP_SIM_DEVICES, default 4) and returns
     its device module, torch.sim."""
     global _loaded

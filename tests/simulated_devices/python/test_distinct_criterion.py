@@ -11,10 +11,10 @@ import copy
 
 import pytest
 import torch
-from distinct import cpu
 from torch import nn
 
 import torch_dp
+from distinct import cpu
 from simulated_devices import NAME
 
 DT = torch.float64
@@ -80,13 +80,17 @@ def train_side_by_side(device_ids, reduction, lean, chunk_sizes=None, output_dev
         assert value.device == out_device
 
         expected = reference_loss(reference(x_ref), labels)
-        torch.testing.assert_close(cpu(value), expected, msg=lambda m: f"step {step} loss: {m}", **TOL)
+        torch.testing.assert_close(cpu(value), expected, msg=lambda m, step=step: f"step {step} loss: {m}", **TOL)
         value.backward()
         expected.backward()
-        torch.testing.assert_close(cpu(x.grad), x_ref.grad, msg=lambda m: f"step {step} input grads: {m}", **TOL)
+        torch.testing.assert_close(
+            cpu(x.grad), x_ref.grad, msg=lambda m, step=step: f"step {step} input grads: {m}", **TOL
+        )
         for (name, p), q in zip(model.named_parameters(), reference.parameters()):
             assert p.grad.device == source
-            torch.testing.assert_close(cpu(p.grad), q.grad, msg=lambda m: f"step {step} {name}.grad: {m}", **TOL)
+            torch.testing.assert_close(
+                cpu(p.grad), q.grad, msg=lambda m, step=step, name=name: f"step {step} {name}.grad: {m}", **TOL
+            )
         for o in (optimizer, reference_optimizer):
             o.step()
             o.zero_grad()

@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
-from distinct import cpu, sims
-from reference import ChunkedReference
 
 import torch_dp
+from distinct import cpu, sims
+from reference import ChunkedReference
 
 SIM = sims(1)[0].type
 TOL = {"rtol": 1e-10, "atol": 1e-12}
@@ -100,7 +100,7 @@ def _assert_close(actual: Any, expected: Any, what: str) -> None:
             assert a == e, what
 
 
-def _grads(module: nn.Module) -> list[Optional[torch.Tensor]]:
+def _grads(module: nn.Module) -> list[torch.Tensor | None]:
     return [p.grad for p in module.parameters()]
 
 

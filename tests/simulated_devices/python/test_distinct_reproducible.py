@@ -16,11 +16,11 @@ import time
 
 import pytest
 import torch
-from distinct import cpu
-from helpers import run_with_timeout
 from torch import nn
 
 import torch_dp
+from distinct import cpu
+from helpers import run_with_timeout
 from simulated_devices import NAME
 
 DT = torch.float64

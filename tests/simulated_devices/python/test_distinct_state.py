@@ -18,12 +18,12 @@ import threading
 
 import pytest
 import torch
-from distinct import cpu, sims
-from helpers import StatefulNet as Net, run_in_threads
-from reference import ChunkedReference
 from torch import nn
 
 import torch_dp
+from distinct import cpu, sims
+from helpers import StatefulNet as Net, run_in_threads
+from reference import ChunkedReference
 
 DT = torch.float64
 TOL = dict(rtol=1e-12, atol=1e-12)
@@ -63,11 +63,11 @@ def assert_matches(dp: torch_dp.DataParallel, twin: nn.Module, x: torch.Tensor, 
         (out * weights.to(out.device)).sum().backward()
         (expected * weights).sum().backward()
         for (name, p), q in zip(net.named_parameters(), twin.parameters()):
-            torch.testing.assert_close(cpu(p.grad), q.grad, msg=lambda m: f"{name}.grad: {m}", **TOL)
+            torch.testing.assert_close(cpu(p.grad), q.grad, msg=lambda m, name=name: f"{name}.grad: {m}", **TOL)
         net.zero_grad(set_to_none=True)
         twin.zero_grad(set_to_none=True)
     for (name, b), c in zip(net.named_buffers(), twin.buffers()):
-        torch.testing.assert_close(cpu(b), c, msg=lambda m: f"buffer {name}: {m}", **TOL)
+        torch.testing.assert_close(cpu(b), c, msg=lambda m, name=name: f"buffer {name}: {m}", **TOL)
     return cpu(out.detach())
 
 

@@ -15,9 +15,9 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from distinct import sims
 
 import torch_dp
+from distinct import sims
 
 TOL = {"rtol": 1e-10, "atol": 1e-12}
 

@@ -9,11 +9,11 @@ import copy
 
 import pytest
 import torch
-from distinct import cpu, sims
-from helpers import conv_bn_net as convnet, run_with_timeout
 from torch import nn
 
 import torch_dp
+from distinct import cpu, sims
+from helpers import conv_bn_net as convnet, run_with_timeout
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -32,20 +32,26 @@ def assert_trains_like_whole_batch(device_ids, rows=10, steps=3, make_model=conv
     for step in range(steps):
         x_ref = torch.randn(rows, 3, 6, 6, dtype=DT, requires_grad=True)
         x = x_ref.detach().to(source).requires_grad_()
-        out, out_ref = run_with_timeout(lambda: dp(x)), reference(x_ref)
+        out, out_ref = run_with_timeout(lambda x=x: dp(x)), reference(x_ref)
         assert out.device == source
-        torch.testing.assert_close(cpu(out), out_ref, msg=lambda m: f"step {step} outputs: {m}", **TOL)
+        torch.testing.assert_close(cpu(out), out_ref, msg=lambda m, step=step: f"step {step} outputs: {m}", **TOL)
         out.square().sum().backward()
         out_ref.square().sum().backward()
-        torch.testing.assert_close(cpu(x.grad), x_ref.grad, msg=lambda m: f"step {step} input grads: {m}", **TOL)
+        torch.testing.assert_close(
+            cpu(x.grad), x_ref.grad, msg=lambda m, step=step: f"step {step} input grads: {m}", **TOL
+        )
         for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
             assert p.grad.device == source
-            torch.testing.assert_close(cpu(p.grad), p_ref.grad, msg=lambda m: f"step {step} {name}.grad: {m}", **TOL)
+            torch.testing.assert_close(
+                cpu(p.grad), p_ref.grad, msg=lambda m, step=step, name=name: f"step {step} {name}.grad: {m}", **TOL
+            )
         for o in (optimizer, reference_optimizer):
             o.step()
             o.zero_grad()
         for (name, b), b_ref in zip(model.named_buffers(), reference.buffers()):
-            torch.testing.assert_close(cpu(b), b_ref, msg=lambda m: f"step {step} {name}: {m}", **TOL)
+            torch.testing.assert_close(
+                cpu(b), b_ref, msg=lambda m, step=step, name=name: f"step {step} {name}: {m}", **TOL
+            )
     return model, dp
 
 
