@@ -33,12 +33,14 @@ if torch.__version__ != _BUILT_AGAINST:
     )
 
 from torch_dp import _C  # noqa: E402, F401 - loads the compiled part at import, after the version check
-from torch_dp.criterion import ParallelCriterion, ScatteredOutputs, SumAndCount  # noqa: E402
-from torch_dp.data_parallel import DataParallel, data_parallel, is_patched, patch, unpatch  # noqa: E402
+from torch_dp.criterion import ParallelCriterion, SumAndCount  # noqa: E402
+from torch_dp.data_parallel import DataParallel, data_parallel  # noqa: E402
 from torch_dp.package_data_parallel import PackageDataParallel  # noqa: E402
 from torch_dp.parallel_apply import parallel_apply  # noqa: E402
+from torch_dp.patch import is_patched, patch, unpatch  # noqa: E402
 from torch_dp.replicate import replicate  # noqa: E402
 from torch_dp.scatter_gather import gather, scatter, scatter_kwargs  # noqa: E402
+from torch_dp.scattered_outputs import ScatteredOutputs  # noqa: E402
 from torch_dp.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm  # noqa: E402
 
 __all__ = [

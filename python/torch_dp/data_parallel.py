@@ -1,32 +1,34 @@
 """torch_dp.DataParallel, a drop-in for torch.nn.DataParallel on torch_dp's C++ engine, and its functional form
-torch_dp.data_parallel (torch.nn.parallel.data_parallel's signature); patch() puts both in torch's place."""
+torch_dp.data_parallel (torch.nn.parallel.data_parallel's signature): front-ends of one engine (engine.py)."""
 
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
-from typing import Any, Optional, TypeVar
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch.nn.parallel.data_parallel import _check_balance
 
-from torch_dp import _C
-from torch_dp.criterion import ScatteredOutputs
-from torch_dp.devices import (
+from torch_dp.arguments import (
     _MINUS_ONE_DEPRECATED,
     DeviceLike,
     _accelerator_type,
     _as_device,
     _checked_arguments,
+    _checked_chunk_sizes,
+    _checked_flag,
+    _checked_issuing,
     _is_minus_one,
     _public_id,
 )
-from torch_dp.parallel_apply import _checked_issuing, _default_pool, _device_of, _parallel_apply
-from torch_dp.replicate import _Replicas, replicate
+from torch_dp.parallel_apply import _default_pool, _device_of
+from torch_dp.engine import _Engine
+from torch_dp.replicate import replicate
+from torch_dp.scattered_outputs import ScatteredOutputs
 from torch_dp.scatter_gather import (
     _all_tensors,
     _checked_kwargs,
@@ -37,95 +39,13 @@ from torch_dp.scatter_gather import (
     gather,
 )
 
-__all__ = ["DataParallel", "data_parallel", "patch", "unpatch", "is_patched"]
+__all__ = ["DataParallel", "data_parallel"]
 
 T = TypeVar("T", bound=torch.nn.Module)
 
 # The same profiler event as torch.autograd.profiler.record_function, at a twentieth of its cost per forward
 # (measured on a CPU: 0.25 us against 6.7 us); record_function where torch lacks it.
 _record_function = getattr(torch._C._profiler, "_RecordFunctionFast", torch.autograd.profiler.record_function)
-
-
-class _Engine:
-    """The forward pipeline, written once for every Python front-end: DataParallel's forward and
-    forward_scattered, and the functional form (Note [One engine]). It keeps what a caller keeps between
-    forwards, its replicas and its worker threads: not part of a module's state, so dropped by pickling and
-    deepcopy and rebuilt on the next forward."""
-
-    def __init__(self, trust_version_counters: bool = False) -> None:
-        self.replicas = _Replicas(trust_version_counters)
-        self.pool = _C.WorkerPool()
-
-    # Note [One engine]
-    # ~~~~~~~~~~~~~~~~~
-    # Every forward is the same five steps under the replicas' lock: the module tree watched and synced, the
-    # module's device checked, the inputs split, the replicas made current, the replicas run. replica_outputs
-    # is the one place they are strung together; the front-ends differ only in how the inputs are split
-    # (tensors alone, a pytree with keyword arguments, or a subclass's scatter) and in whether a subclass
-    # replaced replicate or parallel_apply, which they pass in. How replicas run (threads or serial, the rules
-    # for SyncBatchNorm and compiled modules) is _parallel_apply's, called from run() only. The C++ engine
-    # (src/engine.cpp) does the same for the C++ module and the TorchScript and AOTInductor wrappers.
-    def replica_outputs(
-        self,
-        module: torch.nn.Module,
-        devices: list[torch.device],
-        split: Callable[[], tuple[Sequence[Any], Optional[Sequence[dict[str, Any]]]]],
-        issuing: str,
-        reproducible: bool,
-        replicate: Optional[Callable[[int], Sequence[torch.nn.Module]]] = None,
-        apply: Optional[Callable[[Sequence[torch.nn.Module], Sequence[Any], Any], list[Any]]] = None,
-    ) -> list[Any]:
-        """The outputs of the replicas that ran, in order. ``devices`` are those that run a replica, the first
-        holding the module, which is that device's replica. ``split()`` gives each replica's positional
-        arguments and keyword arguments (None: none). ``replicate(count)`` and ``apply(modules, inputs,
-        kwargs)`` replace the engine's own steps where a subclass overrides them. With one device the module
-        itself runs on the calling thread."""
-        replicas = self.replicas
-        with replicas.lock:
-            replicas.sync(module, devices)
-            replicas.check_device(devices[0])
-            inputs, kwargs = split()
-            if not inputs and not kwargs:  # a forward without arguments: one call per device, of nothing
-                inputs, kwargs = ((),), ({},)
-            count = len(inputs)
-            if kwargs is None:
-                kwargs = ({},) * count
-            if len(devices) == 1:
-                return [module(*inputs[0], **kwargs[0])]
-            if replicate is None:
-                modules = replicas.get(count, differentiable=torch.is_grad_enabled())
-            else:
-                modules = replicate(count)
-            if apply is not None:
-                return apply(modules, inputs, kwargs)
-            return self.run(
-                modules, inputs, kwargs, devices[:count] if count < len(devices) else devices, issuing, reproducible
-            )
-
-    def run(
-        self,
-        modules: Sequence[torch.nn.Module],
-        inputs: Sequence[Any],
-        kwargs: Any,
-        devices: list[torch.device],
-        issuing: str,
-        reproducible: bool,
-    ) -> list[Any]:
-        """The replicas run on this engine's pool, which serves one forward at a time (the replicas' lock), so
-        that SyncBatchNorm layers can meet across replicas."""
-        replicas = self.replicas
-        return _parallel_apply(
-            modules,
-            inputs,
-            kwargs,
-            devices,
-            self.pool,
-            synchronize=replicas.has_sync_batchnorm,
-            issuing=issuing,
-            compiled=replicas.has_compiled,
-            reproducible=reproducible,
-            compiled_sync_batchnorm=replicas.compiled_sync_batchnorm,
-        )
 
 
 class DataParallel(torch.nn.DataParallel):
@@ -178,26 +98,22 @@ class DataParallel(torch.nn.DataParallel):
     def __init__(
         self,
         module: T,
-        device_ids: Optional[Sequence[DeviceLike]] = None,
-        output_device: Optional[DeviceLike] = None,
+        device_ids: Sequence[DeviceLike] | None = None,
+        output_device: DeviceLike | None = None,
         dim: int = 0,
         *,
-        chunk_sizes: Optional[Sequence[int]] = None,
+        chunk_sizes: Sequence[int] | None = None,
         issuing: str = "auto",
         trust_version_counters: bool = False,
         reproducible: bool = False,
     ) -> None:
         torch.nn.Module.__init__(self)  # nn.DataParallel.__init__ would reject CPU devices
         torch._C._log_api_usage_once("torch_dp.DataParallel")
-        self._engine: Optional[_Engine] = None
-        self.chunk_sizes: Optional[tuple[int, ...]] = None
+        self._engine: _Engine | None = None
+        self.chunk_sizes: tuple[int, ...] | None = None
         self.issuing = _checked_issuing(issuing)
-        if not isinstance(trust_version_counters, bool):
-            raise TypeError(f"trust_version_counters must be a bool, but got {trust_version_counters!r}")
-        self.trust_version_counters = trust_version_counters
-        if not isinstance(reproducible, bool):
-            raise TypeError(f"reproducible must be a bool, but got {reproducible!r}")
-        self.reproducible = reproducible
+        self.trust_version_counters = _checked_flag(trust_version_counters, "trust_version_counters")
+        self.reproducible = _checked_flag(reproducible, "reproducible")
         accelerator = _accelerator_type()
         if accelerator is None and not _names_cpu(device_ids):
             # No accelerator: call the module directly, as torch.nn.DataParallel does.
@@ -315,9 +231,7 @@ class DataParallel(torch.nn.DataParallel):
         engine.replicas.sync(module, self._replica_devices)
         return engine.replicas.get(len(device_ids), differentiable=torch.is_grad_enabled())
 
-    def scatter(
-        self, inputs: tuple[Any, ...], kwargs: Optional[dict[str, Any]], device_ids: Sequence[DeviceLike]
-    ) -> Any:
+    def scatter(self, inputs: tuple[Any, ...], kwargs: dict[str, Any] | None, device_ids: Sequence[DeviceLike]) -> Any:
         devices = self._devices if self._is_prefix(device_ids) and len(device_ids) == len(self._devices) else None
         if devices is None:  # another device list: torch.chunk's split over it
             devices = [_as_device(d, _accelerator_type()) for d in device_ids]
@@ -341,7 +255,7 @@ class DataParallel(torch.nn.DataParallel):
             self._engine = _Engine(self.trust_version_counters)
         return self._engine
 
-    def _is_prefix(self, device_ids: Sequence[DeviceLike], ids: Optional[Sequence[DeviceLike]] = None) -> bool:
+    def _is_prefix(self, device_ids: Sequence[DeviceLike], ids: Sequence[DeviceLike] | None = None) -> bool:
         ids = self.device_ids if ids is None else ids
         if device_ids is ids:  # forward passes its own list
             return True
@@ -393,7 +307,7 @@ def _own_steps(dp: DataParallel) -> bool:
     )
 
 
-def _names_cpu(device_ids: Optional[Sequence[DeviceLike]]) -> bool:
+def _names_cpu(device_ids: Sequence[DeviceLike] | None) -> bool:
     def is_cpu(d: Any) -> bool:
         return (isinstance(d, str) and d.split(":")[0] == "cpu") or (isinstance(d, torch.device) and d.type == "cpu")
 
@@ -420,41 +334,6 @@ def _check_movable(module: torch.nn.Module, device: torch.device) -> None:
                 )
 
 
-def _checked_chunk_sizes(
-    chunk_sizes: Optional[Sequence[int]], num_devices: int, first_may_be_empty: bool = False
-) -> Optional[tuple[int, ...]]:
-    """chunk_sizes checked against the device count. `first_may_be_empty` where no replica is the module itself
-    (PackageDataParallel's loaders); see Note [Empty chunks]."""
-    if chunk_sizes is None:
-        return None
-    if isinstance(chunk_sizes, (str, bytes, torch.Tensor)) or not isinstance(chunk_sizes, Sequence):
-        raise TypeError(f"chunk_sizes must be a sequence of ints, one per device, but got {chunk_sizes!r}")
-    sizes = tuple(chunk_sizes)
-    if any(not isinstance(n, int) or isinstance(n, bool) for n in sizes):
-        raise TypeError(f"chunk_sizes must hold ints (rows per device), but got {list(sizes)!r}")
-    if len(sizes) != num_devices:
-        raise ValueError(
-            f"chunk_sizes must give one size per device: {num_devices} devices, but got {len(sizes)} sizes "
-            f"{list(sizes)}"
-        )
-    if any(n < 0 for n in sizes) or sum(sizes) == 0:
-        raise ValueError(f"chunk_sizes must be non-negative and not all 0, but got {list(sizes)}")
-    if sizes[0] == 0 and not first_may_be_empty:
-        # Note [Empty chunks]
-        # ~~~~~~~~~~~~~~~~~~~
-        # A device whose chunk would be empty runs no replica (a model may not take 0 rows: BERT's reshapes fail),
-        # and outputs and gradients are those of the replicas that ran. The first device is not free to skip:
-        # its replica is the module itself, whose buffer updates (BatchNorm's running statistics) are the ones
-        # DataParallel keeps, and the module must live there. So a 0 there is an error, not a silent move of
-        # that rule to a replica whose buffers are copies.
-        raise ValueError(
-            f"chunk_sizes[0] must not be 0, but got {list(sizes)}: the first device's replica is the module itself, "
-            "which keeps its buffer updates (BatchNorm's running statistics); give it at least one row (a 0 is "
-            "allowed for the other devices, which then run no replica)"
-        )
-    return sizes
-
-
 # ---- data_parallel, the functional form -------------------------------------------------------------------
 
 # The functional form's engines, one per module as the C++ data_parallel keeps one, dropped with the module.
@@ -475,18 +354,17 @@ if hasattr(os, "register_at_fork"):
 def data_parallel(
     module: torch.nn.Module,
     inputs: Any,
-    device_ids: Optional[Sequence[DeviceLike]] = None,
-    output_device: Optional[DeviceLike] = None,
+    device_ids: Sequence[DeviceLike] | None = None,
+    output_device: DeviceLike | None = None,
     dim: int = 0,
-    module_kwargs: Optional[dict[str, Any]] = None,
+    module_kwargs: dict[str, Any] | None = None,
     *,
     reproducible: bool = False,
 ) -> Any:
     """Evaluates ``module(*inputs, **module_kwargs)`` in parallel across ``device_ids``, like
     ``torch.nn.parallel.data_parallel``. Replicas are cached per module between calls. ``reproducible`` (keyword
     only) as for :class:`DataParallel`."""
-    if not isinstance(reproducible, bool):
-        raise TypeError(f"reproducible must be a bool, but got {reproducible!r}")
+    _checked_flag(reproducible, "reproducible")
     if not isinstance(inputs, tuple):
         inputs = (inputs,) if inputs is not None else ()
     # Every check that does not need the replicas' outputs comes first, gather's included: a training-mode
@@ -507,41 +385,3 @@ def data_parallel(
     if _is_minus_one(output_device):
         warnings.warn(_MINUS_ONE_DEPRECATED, FutureWarning, stacklevel=2)
     return _gather(outputs, target, dim)
-
-
-# ---- patching torch.nn.DataParallel ------------------------------------------------------------------------
-
-_originals: dict[str, Any] = {}
-
-
-def _patch_targets() -> list[tuple[Any, str, Any]]:
-    data_parallel_module = sys.modules["torch.nn.parallel.data_parallel"]
-    return [
-        (torch.nn, "DataParallel", DataParallel),
-        (torch.nn.parallel, "DataParallel", DataParallel),
-        (torch.nn.parallel, "data_parallel", data_parallel),
-        (data_parallel_module, "DataParallel", DataParallel),
-        (data_parallel_module, "data_parallel", data_parallel),
-    ]
-
-
-def patch() -> None:
-    """Makes ``torch.nn.DataParallel`` (and ``torch.nn.parallel.data_parallel``) resolve to torch_dp, for code
-    that builds its DataParallel internally, such as Hugging Face's Trainer. ``unpatch()`` undoes it."""
-    for owner, name, replacement in _patch_targets():
-        key = f"{owner.__name__}.{name}"
-        if key not in _originals:
-            _originals[key] = getattr(owner, name)
-        setattr(owner, name, replacement)
-
-
-def unpatch() -> None:
-    """Restores what ``patch()`` replaced."""
-    for owner, name, _ in _patch_targets():
-        key = f"{owner.__name__}.{name}"
-        if key in _originals:
-            setattr(owner, name, _originals.pop(key))
-
-
-def is_patched() -> bool:
-    return bool(_originals)

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
 from torch_dp import _C
-from torch_dp.data_parallel import _checked_chunk_sizes
-from torch_dp.devices import DeviceLike, _accelerator_type, _checked_arguments, _public_id
-from torch_dp.parallel_apply import _checked_issuing
+from torch_dp.arguments import (
+    DeviceLike,
+    _accelerator_type,
+    _checked_arguments,
+    _checked_chunk_sizes,
+    _checked_issuing,
+    _public_id,
+)
 
 __all__ = ["PackageDataParallel"]
 
@@ -45,11 +50,11 @@ class PackageDataParallel:
     def __init__(
         self,
         path: str | os.PathLike,
-        device_ids: Optional[Sequence[DeviceLike]] = None,
-        output_device: Optional[DeviceLike] = None,
+        device_ids: Sequence[DeviceLike] | None = None,
+        output_device: DeviceLike | None = None,
         dim: int = 0,
         *,
-        chunk_sizes: Optional[Sequence[int]] = None,
+        chunk_sizes: Sequence[int] | None = None,
         issuing: str = "auto",
     ) -> None:
         path = os.fspath(path)
@@ -120,7 +125,7 @@ class PackageDataParallel:
         )
 
 
-def _requested_devices(device_ids: Optional[Sequence[DeviceLike]], index_type: str) -> list[torch.device]:
+def _requested_devices(device_ids: Sequence[DeviceLike] | None, index_type: str) -> list[torch.device]:
     """The device types device_ids asks for, read without checking that the devices exist (the full check,
     _checked_arguments, comes next): int entries are devices of `index_type`. Entries that do not parse are left to
     the full check."""

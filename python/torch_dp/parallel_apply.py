@@ -7,19 +7,19 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 from torch._utils import ExceptionWrapper
 
 from torch_dp import _C
-from torch_dp.devices import DeviceLike, _accelerator_type, _as_device
+from torch_dp.arguments import ISSUING_MODES, DeviceLike, _accelerator_type, _as_device
 from torch_dp.sync_group import PeerReplicaFailed, SyncGroup, in_replica, replica_context
 
 __all__ = ["parallel_apply"]
 
-_shared_pool: Optional[Any] = None
+_shared_pool: Any | None = None
 _shared_pool_lock = threading.Lock()
 
 
@@ -41,14 +41,7 @@ def _device_of(inputs: Any) -> torch.device:
     return torch.device(accelerator, getattr(torch, accelerator).current_device())
 
 
-ISSUING_MODES = ("auto", "threads", "serial")
 _ISSUING = {mode: getattr(_C.Issuing, mode) for mode in ISSUING_MODES}
-
-
-def _checked_issuing(issuing: str) -> str:
-    if issuing not in ISSUING_MODES:
-        raise ValueError(f"issuing must be one of {', '.join(map(repr, ISSUING_MODES))}, but got {issuing!r}")
-    return issuing
 
 
 def _parallel_apply(
@@ -146,8 +139,8 @@ def _parallel_apply(
 def parallel_apply(
     modules: Sequence[torch.nn.Module],
     inputs: Sequence[Any],
-    kwargs_tup: Optional[Sequence[dict[str, Any]]] = None,
-    devices: Optional[Sequence[Optional[DeviceLike]]] = None,
+    kwargs_tup: Sequence[dict[str, Any]] | None = None,
+    devices: Sequence[DeviceLike | None] | None = None,
 ) -> list[Any]:
     """Runs ``modules[i](*inputs[i], **kwargs_tup[i])`` for every i on persistent worker threads, each with
     the caller's grad mode, inference mode and autocast state, on devices[i] and its current stream."""

@@ -18,7 +18,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from torch_dp import _C
-from torch_dp.devices import DeviceLike, _as_devices
+from torch_dp.arguments import DeviceLike, _as_devices
 from torch_dp.sync_batchnorm import SyncBatchNorm
 
 __all__ = ["replicate"]

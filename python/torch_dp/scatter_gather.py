@@ -6,13 +6,13 @@ replica (Note [Which tensors set the batch]), and the replicas' outputs are gath
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
 from torch_dp import _C
-from torch_dp.devices import DeviceLike, _as_devices, _as_output_device, _checked_dim
+from torch_dp.arguments import DeviceLike, _as_devices, _as_output_device, _checked_dim
 
 __all__ = ["scatter", "scatter_kwargs", "gather"]
 
@@ -20,7 +20,7 @@ __all__ = ["scatter", "scatter_kwargs", "gather"]
 # ---- scatter -----------------------------------------------------------------------------------------------
 
 
-def _leaf_name(path: tuple, roots: Optional[tuple[str, ...]]) -> str:
+def _leaf_name(path: tuple, roots: tuple[str, ...] | None) -> str:
     """How error messages name the leaf at `path`: "args[0]", "kwargs['mask'][1]", or "input"."""
     if roots is not None and path:
         # (args, kwargs) from scatter_kwargs: name the argument, not its position in that pair.
@@ -28,7 +28,7 @@ def _leaf_name(path: tuple, roots: Optional[tuple[str, ...]]) -> str:
     return pytree.keystr(path) or "input"
 
 
-def _describe_counts(obj: Any, devices: list[torch.device], dim: int, roots: Optional[tuple[str, ...]] = None) -> str:
+def _describe_counts(obj: Any, devices: list[torch.device], dim: int, roots: tuple[str, ...] | None = None) -> str:
     parts = []
     for path, leaf in pytree.tree_flatten_with_path(obj)[0]:
         if isinstance(leaf, torch.Tensor):
@@ -39,7 +39,7 @@ def _describe_counts(obj: Any, devices: list[torch.device], dim: int, roots: Opt
     return "; ".join(parts)
 
 
-def _check_sizes_fit(obj: Any, sizes: Sequence[int], dim: int, roots: Optional[tuple[str, ...]] = None) -> None:
+def _check_sizes_fit(obj: Any, sizes: Sequence[int], dim: int, roots: tuple[str, ...] | None = None) -> None:
     """With explicit chunk sizes every tensor must have exactly their sum along dim (or hold one value per
     replica, Note [Which tensors set the batch]): say which one does not."""
     total = sum(sizes)
@@ -97,7 +97,7 @@ def _cut_to_batch(
     chunked: list[list[torch.Tensor]],
     devices: list[torch.device],
     dim: int,
-    roots: Optional[tuple[str, ...]],
+    roots: tuple[str, ...] | None,
 ) -> list[list[torch.Tensor]]:
     """Chunk lists of different lengths cut to the replica count, or the error (Note [Which tensors set the
     batch])."""
@@ -127,8 +127,8 @@ def _split_tensors(
     tensors: list[torch.Tensor],
     devices: list[torch.device],
     dim: int,
-    roots: Optional[tuple[str, ...]],
-    sizes: Optional[Sequence[int]],
+    roots: tuple[str, ...] | None,
+    sizes: Sequence[int] | None,
 ) -> list[list[torch.Tensor]]:
     """The chunks of each of obj's tensors (given in tree order), one per replica that runs."""
     if sizes is None:
@@ -159,9 +159,9 @@ def _split_tree(
     obj: Any,
     devices: list[torch.device],
     dim: int,
-    roots: Optional[tuple[str, ...]] = None,
-    sizes: Optional[Sequence[int]] = None,
-) -> Optional[list[Any]]:
+    roots: tuple[str, ...] | None = None,
+    sizes: Sequence[int] | None = None,
+) -> list[Any] | None:
     """obj once per replica, its tensors chunked (torch.chunk's split, or `sizes`); None when obj holds no
     tensor."""
     leaves, spec = pytree.tree_flatten(obj)
@@ -196,14 +196,11 @@ def _scatter_tensors(inputs: tuple, devices: list[torch.device], dim: int) -> tu
 
 
 def _all_tensors(inputs: tuple) -> bool:
-    for x in inputs:
-        if not isinstance(x, torch.Tensor):
-            return False
-    return True
+    return all(isinstance(x, torch.Tensor) for x in inputs)
 
 
 def _scatter_kwargs(
-    inputs: tuple, kwargs: dict, devices: list[torch.device], dim: int, sizes: Optional[Sequence[int]] = None
+    inputs: tuple, kwargs: dict, devices: list[torch.device], dim: int, sizes: Sequence[int] | None = None
 ) -> tuple[tuple, tuple]:
     if sizes is None and not kwargs and inputs and _all_tensors(inputs):
         split_inputs = _scatter_tensors(inputs, devices, dim)
@@ -218,7 +215,7 @@ def _scatter_kwargs(
 
 def scatter_kwargs(
     inputs: tuple[Any, ...],
-    kwargs: Optional[dict[str, Any]],
+    kwargs: dict[str, Any] | None,
     target_gpus: Sequence[DeviceLike],
     dim: int = 0,
 ) -> tuple[tuple[Any, ...], tuple[dict[str, Any], ...]]:
@@ -232,7 +229,7 @@ def scatter_kwargs(
     return _scatter_kwargs(inputs, kwargs, devices, _checked_dim(dim))
 
 
-def _checked_kwargs(kwargs: Optional[dict[str, Any]], name: str) -> dict[str, Any]:
+def _checked_kwargs(kwargs: dict[str, Any] | None, name: str) -> dict[str, Any]:
     if kwargs is None:
         return {}
     if not isinstance(kwargs, Mapping):
@@ -255,7 +252,7 @@ def scatter(inputs: Any, target_gpus: Sequence[DeviceLike], dim: int = 0) -> Any
 # ---- gather ------------------------------------------------------------------------------------------------
 
 
-def gather(outputs: Sequence[Any], target_device: Optional[DeviceLike], dim: int = 0) -> Any:
+def gather(outputs: Sequence[Any], target_device: DeviceLike | None, dim: int = 0) -> Any:
     """Concatenates the replicas' outputs on ``target_device`` along ``dim``, keeping their structure."""
     target = _as_output_device(target_device)
     _checked_dim(dim)

@@ -174,7 +174,7 @@ def test_weights_edited_between_calls_are_seen(files, front_end):
 
 
 # One mistake per row, and the error every front-end gives for it, before anything runs: the argument checks
-# have one home (torch_dp/devices.py), so the front-ends cannot drift apart.
+# have one home (torch_dp/arguments.py), so the front-ends cannot drift apart.
 MISTAKES = [
     ("issuing", dict(issuing="sometimes"), ValueError, "issuing must be one of"),
     ("chunk_sizes", dict(chunk_sizes=[1, 2, 3]), ValueError, "one size per device: 2 devices, but got 3"),

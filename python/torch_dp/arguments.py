@@ -1,6 +1,7 @@
-"""Devices and the argument checks the steps share: device_ids entries (ints, strings, torch.device, "cpu") as
-torch.device objects, gather's output device (upstream's -1 included), dim, and how PyTorch names a device in
-messages and in DataParallel.device_ids."""
+"""The argument checks every front-end and step shares, written once so that a mistake gets the same error from
+each of them, before anything runs: device_ids entries (ints, strings, torch.device, "cpu") as torch.device
+objects, gather's output device (upstream's -1 included), dim, chunk_sizes, issuing and the flags; and how PyTorch
+names a device in messages and in DataParallel.device_ids."""
 
 from __future__ import annotations
 
@@ -143,3 +144,53 @@ def _checked_arguments(
 def _public_id(device: torch.device) -> int | torch.device:
     """device_ids entries as nn.DataParallel stores them: int indices; CPU entries stay torch.device('cpu')."""
     return device if device.type == "cpu" else device.index
+
+
+def _checked_chunk_sizes(
+    chunk_sizes: Sequence[int] | None, num_devices: int, first_may_be_empty: bool = False
+) -> tuple[int, ...] | None:
+    """chunk_sizes checked against the device count. `first_may_be_empty` where no replica is the module itself
+    (PackageDataParallel's loaders); see Note [Empty chunks]."""
+    if chunk_sizes is None:
+        return None
+    if isinstance(chunk_sizes, (str, bytes, torch.Tensor)) or not isinstance(chunk_sizes, Sequence):
+        raise TypeError(f"chunk_sizes must be a sequence of ints, one per device, but got {chunk_sizes!r}")
+    sizes = tuple(chunk_sizes)
+    if any(not isinstance(n, int) or isinstance(n, bool) for n in sizes):
+        raise TypeError(f"chunk_sizes must hold ints (rows per device), but got {list(sizes)!r}")
+    if len(sizes) != num_devices:
+        raise ValueError(
+            f"chunk_sizes must give one size per device: {num_devices} devices, but got {len(sizes)} sizes "
+            f"{list(sizes)}"
+        )
+    if any(n < 0 for n in sizes) or sum(sizes) == 0:
+        raise ValueError(f"chunk_sizes must be non-negative and not all 0, but got {list(sizes)}")
+    if sizes[0] == 0 and not first_may_be_empty:
+        # Note [Empty chunks]
+        # ~~~~~~~~~~~~~~~~~~~
+        # A device whose chunk would be empty runs no replica (a model may not take 0 rows: BERT's reshapes fail),
+        # and outputs and gradients are those of the replicas that ran. The first device is not free to skip:
+        # its replica is the module itself, whose buffer updates (BatchNorm's running statistics) are the ones
+        # DataParallel keeps, and the module must live there. So a 0 there is an error, not a silent move of
+        # that rule to a replica whose buffers are copies.
+        raise ValueError(
+            f"chunk_sizes[0] must not be 0, but got {list(sizes)}: the first device's replica is the module itself, "
+            "which keeps its buffer updates (BatchNorm's running statistics); give it at least one row (a 0 is "
+            "allowed for the other devices, which then run no replica)"
+        )
+    return sizes
+
+
+ISSUING_MODES = ("auto", "threads", "serial")
+
+
+def _checked_issuing(issuing: str) -> str:
+    if issuing not in ISSUING_MODES:
+        raise ValueError(f"issuing must be one of {', '.join(map(repr, ISSUING_MODES))}, but got {issuing!r}")
+    return issuing
+
+
+def _checked_flag(value: bool, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, but got {value!r}")
+    return value
