@@ -25,10 +25,9 @@ from torch_dp.arguments import (
     _is_minus_one,
     _public_id,
 )
-from torch_dp.parallel_apply import _default_pool, _device_of
 from torch_dp.engine import _Engine
+from torch_dp.parallel_apply import _default_pool, _device_of
 from torch_dp.replicate import replicate
-from torch_dp.scattered_outputs import ScatteredOutputs
 from torch_dp.scatter_gather import (
     _all_tensors,
     _checked_kwargs,
@@ -38,6 +37,7 @@ from torch_dp.scatter_gather import (
     _scatter_tensors,
     gather,
 )
+from torch_dp.scattered_outputs import ScatteredOutputs
 
 __all__ = ["DataParallel", "data_parallel"]
 
