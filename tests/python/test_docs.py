@@ -27,7 +27,6 @@ import os
 import re
 import shlex
 import subprocess
-import warnings
 
 import pytest
 import torch
@@ -61,9 +60,7 @@ def _run_python(page: str, cuda_block: int | None = None) -> None:
                 continue
             # Padded with empty lines, so that a traceback names the page and its line.
             code = compile("\n" * (b.line - 1) + b.code, str(ROOT / b.page), "exec")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                exec(code, namespace)
+            exec(code, namespace)  # a warning fails the test, as anywhere in the suite: readers would see it
             if b.line == cuda_block:
                 return
     finally:
