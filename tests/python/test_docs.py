@@ -53,7 +53,7 @@ def test_every_block_has_a_known_kind():
 def _run_python(page: str, cuda_block: int | None = None) -> None:
     """Runs the page's Python blocks in order in one namespace: those for every machine, or, with cuda_block,
     those before that CUDA block and then it."""
-    namespace: dict = {"__name__": "__doc_test__"}
+    namespace: dict = {"__name__": "__doc_test__", "__file__": str(ROOT / page)}  # the page, for hidden code
     try:
         for b in blocks(ROOT / page):
             if b.lang not in ("python", "hidden-python") or (b.marker == "cuda" and b.line != cuda_block):
