@@ -17,8 +17,9 @@ How each kind of block is tested (tests/python/doc_blocks.py finds them):
 - ```text with `<!-- doc-test: layout -->`: the first column names paths that git tracks, and every tracked
   top-level folder is named. Other text blocks (diagrams) are not checked.
 
-Besides the blocks, the index of design notes in docs/how-it-works.md must name notes that are in the files it
-names. Every block must be of one of these kinds, and the parser must find every fence of a page.
+Besides the blocks: the index of design notes in docs/how-it-works.md must name notes that are in the files it
+names, and every relative link must name a file that exists (and one of its headings, after a #). Every block
+must be of one of these kinds, and the parser must find every fence of a page.
 """
 
 from __future__ import annotations
@@ -199,6 +200,27 @@ def test_notes_index_points_at_the_notes():
     for note, path in index:
         assert (ROOT / path).exists(), f"docs/how-it-works.md: Note [{note}] is said to be in {path}, which is gone"
         assert f"Note [{note}]" in (ROOT / path).read_text(), f"docs/how-it-works.md: Note [{note}] is not in {path}"
+
+
+def _anchors(path) -> set[str]:
+    """GitHub's anchors for the headings of a page: lower case, punctuation dropped, spaces made hyphens."""
+    headings = re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```", "", path.read_text(), flags=re.M | re.S), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_links_between_pages_resolve():
+    """Every relative link of README.md and docs/ names a file that exists, and a heading of it after a #."""
+    for path in doc_pages():
+        text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.M | re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"^[a-z]+:", target):
+                continue  # https:, mailto:
+            file, _, anchor = target.partition("#")
+            linked = (path.parent / file).resolve() if file else path
+            where = f"{path.relative_to(ROOT)}: ({target})"
+            assert linked.exists(), f"{where}: {file} does not exist"
+            if anchor and linked.suffix == ".md":
+                assert anchor in _anchors(linked), f"{where}: {linked.name} has no heading with that anchor"
 
 
 def test_a_broken_block_is_found(tmp_path, monkeypatch):
