@@ -25,7 +25,7 @@ from torch_dp.arguments import (
     _is_minus_one,
     _public_id,
 )
-from torch_dp.engine import _Engine
+from torch_dp.engine import _Engine, _split_tensors
 from torch_dp.parallel_apply import _default_pool, _device_of
 from torch_dp.replicate import replicate
 from torch_dp.scatter_gather import (
@@ -34,7 +34,6 @@ from torch_dp.scatter_gather import (
     _devices_that_run,
     _gather,
     _scatter_kwargs,
-    _scatter_tensors,
     gather,
 )
 from torch_dp.scattered_outputs import ScatteredOutputs
@@ -142,13 +141,32 @@ class DataParallel(torch.nn.DataParallel):
         with _record_function("DataParallel.forward"):
             if not self.device_ids:
                 return self.module(*inputs, **kwargs)
-            own_steps = _own_steps(self)
-            outputs = self._replica_outputs(inputs, kwargs, own_steps)
+            if not _own_steps(self):
+                outputs = self._replica_outputs(inputs, kwargs)
+                return outputs[0] if len(self.device_ids) == 1 else self.gather(outputs, self.output_device)
+            # Note [Tensor-only forwards]
+            module = self._modules.get("module")
+            if module is None:
+                module = self.module  # nn.Module's error for a deleted submodule
+            engine = self._engine
+            if engine is None:
+                engine = self._get_engine()
+            if (
+                not kwargs
+                and self.chunk_sizes is None
+                and (isinstance(inputs[0], torch.Tensor) if len(inputs) == 1 else inputs and _all_tensors(inputs))
+            ):
+                split, arguments = _split_tensors, (inputs, self._devices, self.dim)
+            else:
+                split, arguments = _scatter_kwargs, (inputs, kwargs, self._devices, self.dim, self.chunk_sizes)
+            outputs = engine.replica_outputs(
+                module, self._replica_devices, split, arguments, self.issuing, self.reproducible
+            )
             if len(self.device_ids) == 1:
                 return outputs[0]
-            if own_steps and not _is_minus_one(self.output_device):
-                return _gather(outputs, self._output_device_obj, self.dim)  # checked and resolved in __init__
-            return self.gather(outputs, self.output_device)
+            if _is_minus_one(self.output_device):
+                return gather(outputs, -1, dim=self.dim)  # warns, as upstream
+            return _gather(outputs, self._output_device_obj, self.dim)  # checked and resolved in __init__
 
     def forward_scattered(self, *inputs: Any, **kwargs: Any) -> ScatteredOutputs:
         """The forward without its gather: the replicas' outputs stay on the devices that computed them, in a
@@ -162,7 +180,7 @@ class DataParallel(torch.nn.DataParallel):
                 output = self.module(*inputs, **kwargs)
                 device = _device_of(output)
                 return ScatteredOutputs([output], [device], dim, device, pool=_default_pool(), issuing=self.issuing)
-            outputs = self._replica_outputs(inputs, kwargs, _own_steps(self))
+            outputs = self._replica_outputs(inputs, kwargs)
             return ScatteredOutputs(
                 outputs,
                 self._replica_devices[: len(outputs)],
@@ -176,51 +194,33 @@ class DataParallel(torch.nn.DataParallel):
     # Note [Tensor-only forwards]
     # ~~~~~~~~~~~~~~~~~~~~~~~~~~~
     # Most forwards pass tensors as positional arguments only, to a DataParallel whose four steps are its own (not
-    # overridden by a subclass or on the instance). For those, the inputs are split without a pytree walk
-    # (_scatter_tensors), the module is taken from _modules without nn.Module.__getattr__'s failed attribute
-    # lookup, the module tree is checked once per forward (no user code runs between scatter and replicate that
-    # could change the tree), and gather is called directly. What every forward checks stays: the module tree
-    # (DictWatch) and the replicas' tensors refreshed from the module's (the Replicator), the device of the
-    # module's tensors, the chunk counts. With one device the module is called on the scattered input, as
-    # torch.nn.DataParallel does. Per-forward figures: BENCHMARKS.md, per-forward overhead.
-    def _replica_outputs(self, inputs: tuple[Any, ...], kwargs: dict[str, Any], own_steps: bool) -> list[Any]:
-        """Scatter, replicate and parallel_apply on the engine: the outputs of the replicas that ran, in order.
-        A subclass's own scatter, replicate or parallel_apply is called in place of the engine's step."""
-        engine = self._engine
-        if engine is None:
-            engine = self._get_engine()
-        if not own_steps:
-            module = self.module
+    # overridden by a subclass or on the instance). For those, forward hands the engine the split without a pytree
+    # walk (_scatter_tensors), the module from _modules without nn.Module.__getattr__'s failed attribute lookup,
+    # and gathers directly; the module tree is checked once per forward (no user code runs between scatter and
+    # replicate that could change the tree). What every forward checks stays: the module tree (DictWatch) and the
+    # replicas' tensors refreshed from the module's (the Replicator), the device of the module's tensors, the
+    # chunk counts. With one device the module is called on the scattered input, as torch.nn.DataParallel does.
+    # Per-forward figures: BENCHMARKS.md, per-forward overhead.
+    def _replica_outputs(self, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+        """The engine's outputs for the steps of this DataParallel's class and instance: a subclass's own scatter,
+        replicate or parallel_apply runs in place of the engine's step."""
+        module = self.module
 
-            def split() -> Any:
-                return self.scatter(inputs, kwargs, self.device_ids)
+        def replicate(count: int) -> Any:
+            # replicate checks the module tree again (an overridden scatter may have changed it); with nothing
+            # changed that check reads no dict entry (Note [Watching a module tree]).
+            return self.replicate(module, self._replica_ids[:count])
 
-            def replicate(count: int) -> Any:
-                # replicate checks the module tree again (an overridden scatter may have changed it); with
-                # nothing changed that check reads no dict entry (Note [Watching a module tree]).
-                return self.replicate(module, self._replica_ids[:count])
-
-            return engine.replica_outputs(
-                module, self._replica_devices, split, self.issuing, self.reproducible, replicate, self.parallel_apply
-            )
-        module = self._modules.get("module")
-        if module is None:
-            module = self.module  # nn.Module's error for a deleted submodule
-        if (
-            not kwargs
-            and self.chunk_sizes is None
-            and (isinstance(inputs[0], torch.Tensor) if len(inputs) == 1 else inputs and _all_tensors(inputs))
-        ):
-
-            def split() -> Any:
-                return _scatter_tensors(inputs, self._devices, self.dim), None
-
-        else:
-
-            def split() -> Any:
-                return _scatter_kwargs(inputs, kwargs, self._devices, self.dim, self.chunk_sizes)
-
-        return engine.replica_outputs(module, self._replica_devices, split, self.issuing, self.reproducible)
+        return self._get_engine().replica_outputs(
+            module,
+            self._replica_devices,
+            self.scatter,
+            (inputs, kwargs, self.device_ids),
+            self.issuing,
+            self.reproducible,
+            replicate,
+            self.parallel_apply,
+        )
 
     # The four steps are methods, as upstream, so subclasses can override any of them.
 
@@ -376,10 +376,9 @@ def data_parallel(
         if engine is None:
             engine = _functional_engines[module] = _Engine()
 
-    def split() -> Any:
-        return _scatter_kwargs(inputs, module_kwargs, devices, dim)
-
-    outputs = engine.replica_outputs(module, devices, split, "auto", reproducible)
+    outputs = engine.replica_outputs(
+        module, devices, _scatter_kwargs, (inputs, module_kwargs, devices, dim), "auto", reproducible
+    )
     if len(devices) == 1:
         return outputs[0]
     if _is_minus_one(output_device):

@@ -12,6 +12,7 @@ import torch
 from torch_dp import _C
 from torch_dp.parallel_apply import _parallel_apply
 from torch_dp.replicate import _Replicas
+from torch_dp.scatter_gather import _scatter_tensors
 
 
 class _Engine:
@@ -37,29 +38,30 @@ class _Engine:
         self,
         module: torch.nn.Module,
         devices: list[torch.device],
-        split: Callable[[], tuple[Sequence[Any], Sequence[dict[str, Any]] | None]],
+        split: Callable[..., tuple[Sequence[Any], Sequence[dict[str, Any]] | None]],
+        split_arguments: tuple[Any, ...],
         issuing: str,
         reproducible: bool,
         replicate: Callable[[int], Sequence[torch.nn.Module]] | None = None,
         apply: Callable[[Sequence[torch.nn.Module], Sequence[Any], Any], list[Any]] | None = None,
     ) -> list[Any]:
         """The outputs of the replicas that ran, in order. ``devices`` are those that run a replica, the first
-        holding the module, which is that device's replica. ``split()`` gives each replica's positional
-        arguments and keyword arguments (None: none). ``replicate(count)`` and ``apply(modules, inputs,
-        kwargs)`` replace the engine's own steps where a subclass overrides them. With one device the module
-        itself runs on the calling thread."""
+        holding the module, which is that device's replica. ``split(*split_arguments)`` gives each replica's
+        positional arguments and keyword arguments (None: none). ``replicate(count)`` and ``apply(modules,
+        inputs, kwargs)`` replace the engine's own steps where a subclass overrides them. With one device the
+        module itself runs on the calling thread."""
         replicas = self.replicas
         with replicas.lock:
             replicas.sync(module, devices)
             replicas.check_device(devices[0])
-            inputs, kwargs = split()
+            inputs, kwargs = split(*split_arguments)
             if not inputs and not kwargs:  # a forward without arguments: one call per device, of nothing
                 inputs, kwargs = ((),), ({},)
+            if len(devices) == 1:
+                return [module(*inputs[0]) if kwargs is None else module(*inputs[0], **kwargs[0])]
             count = len(inputs)
             if kwargs is None:
                 kwargs = ({},) * count
-            if len(devices) == 1:
-                return [module(*inputs[0], **kwargs[0])]
             if replicate is None:
                 modules = replicas.get(count, differentiable=torch.is_grad_enabled())
             else:
@@ -94,3 +96,9 @@ class _Engine:
             reproducible=reproducible,
             compiled_sync_batchnorm=replicas.compiled_sync_batchnorm,
         )
+
+
+def _split_tensors(inputs: tuple[torch.Tensor, ...], devices: list[torch.device], dim: int) -> tuple[Any, None]:
+    """The split of positional arguments that are all tensors, without keyword arguments (Note [Tensor-only
+    forwards] in data_parallel.py)."""
+    return _scatter_tensors(inputs, devices, dim), None

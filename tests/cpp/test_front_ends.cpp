@@ -149,8 +149,8 @@ TEST_CASE("Every front-end: the module on the whole batch, over 1 to 3 replicas 
   }
 }
 
-TEST_CASE("Every front-end that takes chunk sizes: the same output, and a batch that does not fit refused",
-          "[front_ends]") {
+TEST_CASE(
+    "Every front-end that takes chunk sizes: the same output, and a batch that does not fit refused", "[front_ends]") {
   for (const auto& front_end : front_ends()) {
     if (!front_end.takes_options) {
       continue;
