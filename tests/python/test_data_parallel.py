@@ -302,7 +302,7 @@ def test_unused_parameters_get_no_gradient_like_the_unwrapped_module(cpu_ids):
 @pytest.mark.parametrize("n", [2, 3])
 def test_unused_parameters_of_replicas_that_copy_get_zero_gradients(n):
     # Replicas with copies of the parameters (other devices) reduce-add every copy's gradient onto the module: an
-    # unused parameter gets zeros, as torch.nn.DataParallel gives on several GPUs (README).
+    # unused parameter gets zeros, as torch.nn.DataParallel gives on several GPUs (docs/differences.md).
     net = WithUnused().double()
     reference = copy.deepcopy(net)
     dp = copying(torch_dp.DataParallel(net, cpus(n)))

@@ -1,4 +1,4 @@
-"""Bad arguments to torch_dp.DataParallel and torch_dp.data_parallel (README.md, "Bad input and the errors it
+"""Bad arguments to torch_dp.DataParallel and torch_dp.data_parallel (docs/errors.md, "Bad input and the errors it
 gets"): each mistake gets an error that names the problem and what was expected, raised before any replica runs,
 and both forms give the same error, type and text, wherever both raise. The model holds a training-mode
 BatchNorm, whose running statistics move in any forward that runs, so "before any replica runs" is checked

@@ -308,7 +308,7 @@ def test_gradient_flows_back_to_each_part():
 
 
 # ---- bad input: each gets an error naming the problem and the expected value ----------------------------------
-# (the table "Bad input and the errors it gets" in README.md). These are found in the replicas' outputs, so only
+# (the table "Bad input and the errors it gets" in docs/errors.md). These are found in the replicas' outputs, so only
 # after the forward ran: the module's state is then what one successful forward leaves.
 
 

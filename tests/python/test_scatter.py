@@ -286,7 +286,7 @@ def test_gradcheck_scatter_kwargs_nested():
 
 
 # ---- bad input: each gets an error naming the problem and the expected value, and leaves the module as it was --
-# (the table "Bad input and the errors it gets" in README.md)
+# (the table "Bad input and the errors it gets" in docs/errors.md)
 
 
 class Recorder(torch.nn.Module):

@@ -1,5 +1,5 @@
 """DataParallel(reproducible=True) with random ops (dropout, randn_like) on distinct devices, each with its own
-random generator. What torch_dp promises (Note [Reproducible replicas] in src/parallel_apply.cpp, README's
+random generator. What torch_dp promises (Note [Reproducible replicas] in src/parallel_apply.cpp, docs/python.md's
 "Reproducible runs"): replicas sharing a device run one after another in index order, replicas on distinct devices
 at once, one thread per device; so replica i draws from its own device's generator, in the order in which that
 device's chunks come in the batch, and two runs with the same seed are bitwise equal.
