@@ -6,6 +6,7 @@ a wall-clock ratio measured in one run.
 
 Instructions are counted with `valgrind --tool=callgrind`, under torch.no_grad() with one intra-op thread, for
   plain              the module on the whole batch,
+  python wrapper     an nn.Module whose forward calls the module: the floor of any wrapper written in Python,
   ideal xk           the k chunks DataParallel makes, one after another through the module (same compute),
   torch_dp cpu xk    torch_dp.DataParallel(module, ["cpu"] * k),
 with --model tiny (default): Linear(5, 2), batch 30, where everything but the matmul is overhead; or --model
@@ -101,7 +102,19 @@ def make_models(replicas: list[int], model: str = "tiny"):
         x = torch.randn(30, 5)
     # name -> a callable of the batch. "ideal xk": the k chunks that DataParallel makes, run one after another
     # through the plain module (the same compute, none of the machinery).
-    variants: dict[str, Any] = {"plain": module}
+
+    class Wrapper(torch.nn.Module):
+        """An nn.Module whose forward only calls the module: the floor of any wrapper written in Python (its own
+        nn.Module.__call__ and forward frame)."""
+
+        def __init__(self, inner: Any) -> None:
+            super().__init__()
+            self.module = inner
+
+        def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+            return self.module(*inputs, **kwargs)
+
+    variants: dict[str, Any] = {"plain": module, "python wrapper": Wrapper(module)}
     for k in replicas:
         if k > 1:
             variants[f"ideal x{k}"] = lambda batch, k=k: [module(c) for c in batch.chunk(k)]
@@ -310,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     overheads: dict[str, dict[str, float]] = {}
     for name, value in per.items():
         extra = ""
+        if name == "python wrapper":
+            extra = f"   over plain {value - plain:>+12,.0f} ({value / plain:.2f} x)"
         if name.startswith("torch_dp"):
             k = name.rsplit("x", 1)[1]
             ideal = per.get(f"ideal x{k}", plain)
