@@ -194,9 +194,9 @@ def compare(
 
 
 def _compared_buffers(module: nn.Module, device_ids: list) -> list[torch.Tensor]:
-    """The buffers to compare. Known difference (docs/differences.md): with a GPU id repeated, upstream's broadcast hands a
-    dtype's lone tensor to every replica on the source device as a view of the original, so every such replica
-    bumps BatchNorm's num_batches_tracked; torch_dp keeps only replica 0's updates, as upstream does on
+    """The buffers to compare. Known difference (docs/differences.md): with a GPU id repeated, upstream's broadcast
+    hands a dtype's lone tensor to every replica on the source device as a view of the original, so every such
+    replica bumps BatchNorm's num_batches_tracked; torch_dp keeps only replica 0's updates, as upstream does on
     distinct GPUs. That counter is left out of the comparison there."""
     repeated_gpu = device_ids[0] != "cpu" and len(set(device_ids)) < len(device_ids)
     return [b for name, b in module.named_buffers() if not (repeated_gpu and name.endswith("num_batches_tracked"))]
@@ -755,8 +755,9 @@ def test_next_parameters_inside_a_replica():
 
 @pytest.mark.parametrize("name,device_ids", MULTI)
 def test_only_replica_0_counts_batches_even_with_repeated_ids(name, device_ids):
-    """The known difference (docs/differences.md): upstream with a repeated GPU id bumps num_batches_tracked once per replica
-    on the source device; torch_dp bumps it once per forward, replica 0's update, as upstream on distinct GPUs."""
+    """The known difference (docs/differences.md): upstream with a repeated GPU id bumps num_batches_tracked once per
+    replica on the source device; torch_dp bumps it once per forward, replica 0's update, as upstream on distinct
+    GPUs."""
     bn = nn.BatchNorm1d(4).to(_device_of(device_ids))
     dp = _ours(bn, device_ids)
     for _ in range(3):
