@@ -46,8 +46,6 @@ struct ReplicaSet {
 
   explicit ReplicaSet(bool trust_version_counters) : replicator(trust_version_counters) {}
 
-  std::mutex mutex;
-  WorkerPool pool;
   Replicator replicator;
   std::vector<c10::Device> devices;
   std::vector<Slot> slots;
@@ -212,72 +210,6 @@ DataParallel cached_data_parallel(const ModuleCaller& caller, const DataParallel
   return entry.parallel;
 }
 
-// A device index past the device count is refused when the options are given, as the Python package refuses it,
-// rather than failing inside the first forward (as the backend's error, after replicas ran, or on CUDA as
-// "invalid device ordinal"). A device type this build of torch has no runtime for is left to the caller's own
-// checks. Not part of resolve_devices: PackageDataParallel first compares the types with its package's.
-void check_devices_exist(at::ArrayRef<c10::Device> devices, const std::optional<c10::Device>& output_device) {
-  auto check = [](const c10::Device& device, const char* what) {
-    if (device.is_cpu() || !device.has_index() || !c10::impl::hasDeviceGuardImpl(device.type())) {
-      return;
-    }
-    const auto count = c10::impl::VirtualGuardImpl(device.type()).deviceCount();
-    const auto type = c10::DeviceTypeName(device.type(), /*lower_case=*/true);
-    TORCH_DP_CHECK(
-        device.index() < count, "DataParallel: ", what, " ", device.str(), " does not exist: this machine has ", count,
-        " ", type, " device(s)", count > 0 ? ", indices 0 to " + std::to_string(count - 1) : std::string());
-  };
-  for (const auto& device : devices) {
-    check(device, "device");
-  }
-  if (output_device) {
-    check(*output_device, "output_device");
-  }
-}
-
-ParallelDevices resolve_devices(const DataParallelOptions& options, bool first_may_be_empty) {
-  ParallelDevices result;
-  result.devices = options.devices();
-  if (result.devices.empty()) {
-    // Every accelerator device, as torch.nn.DataParallel does; none: forward calls the module directly.
-    if (auto accelerator = at::getAccelerator(false)) {
-      c10::impl::VirtualGuardImpl impl(*accelerator);
-      for (c10::DeviceIndex i = 0; i < impl.deviceCount(); ++i) {
-        result.devices.emplace_back(*accelerator, i);
-      }
-    }
-  }
-  for (const auto& device : result.devices) {
-    TORCH_DP_CHECK(
-        device.is_cpu() || device.has_index(), "DataParallel: device ", device.str(),
-        " has no index; give every accelerator device an index, e.g. cuda:0");
-  }
-  result.replica_devices = result.devices;
-  if (options.chunk_sizes()) {
-    const auto& sizes = *options.chunk_sizes();
-    TORCH_DP_CHECK(
-        sizes.size() == result.devices.size(), "DataParallel: expected one chunk size per ", "device (",
-        result.devices.size(), " devices), but got ", sizes.size(), " chunk sizes");
-    for (size_t i = 0; i < sizes.size(); ++i) {
-      TORCH_DP_CHECK(
-          sizes[i] >= 0, "DataParallel: chunk sizes must be non-negative, but chunk ", i, " has size ", sizes[i]);
-    }
-    // Note [Empty chunks] (python/torch_dp/data_parallel.py): a device whose size is 0 runs no replica, except the
-    // first, whose replica is the module itself and keeps its buffer updates.
-    TORCH_DP_CHECK(
-        first_may_be_empty || sizes.empty() || sizes[0] > 0,
-        "DataParallel: the first chunk size must not be 0, but got ", sizes,
-        ": the first device's replica is the module itself, which keeps its buffer updates ",
-        "(BatchNorm's running statistics); give it at least one row (a 0 is allowed for the other ",
-        "devices, which then run no replica)");
-    result.replica_devices.clear();
-    for (auto i : devices_that_run(sizes, result.devices.size())) {
-      result.replica_devices.push_back(result.devices[i]);
-    }
-  }
-  return result;
-}
-
 ModuleCaller ModuleCaller::clone(const std::optional<c10::Device>& device) const {
   if (sequential_) {
     return ModuleCaller(std::dynamic_pointer_cast<torch::nn::SequentialImpl>(sequential_->clone(device)));
@@ -299,20 +231,18 @@ void DataParallelImpl::reset() {
   } else {
     register_module("module", module_.ptr());
   }
-  auto resolved = detail::resolve_devices(options);
-  detail::check_devices_exist(resolved.devices, options.output_device());
-  devices_ = std::move(resolved.devices);
-  replica_devices_ = std::move(resolved.replica_devices);
-  if (!module_.unimplemented_clone().empty() && replica_devices_.size() > 1) {
+  engine_ = std::make_shared<detail::ParallelEngine>(options);
+  const auto& replica_devices = engine_->replica_devices();
+  if (!module_.unimplemented_clone().empty() && replica_devices.size() > 1) {
     std::string devices;
-    for (const auto& device : replica_devices_) {
+    for (const auto& device : replica_devices) {
       devices += (devices.empty() ? "" : ", ") + device.str();
     }
     detail::throw_not_cloneable(
         module_.unimplemented_clone(), module_.unimplemented_clone(),
-        std::to_string(replica_devices_.size()) + " replicas, on " + devices);
+        std::to_string(replica_devices.size()) + " replicas, on " + devices);
   }
-  replica_set_ = std::make_shared<detail::ReplicaSet>(options.trust_version_counters());
+  replica_set_ = std::make_shared<detail::ReplicaSet>(engine_->options().trust_version_counters());
 }
 
 std::shared_ptr<torch::nn::Module> DataParallelImpl::clone(const std::optional<c10::Device>& device) const {
@@ -322,38 +252,32 @@ std::shared_ptr<torch::nn::Module> DataParallelImpl::clone(const std::optional<c
 void DataParallelImpl::pretty_print(std::ostream& stream) const {
   // Devices are formatted with str(), never streamed (src/message.h says why).
   std::string devices;
-  for (const auto& device : devices_) {
+  for (const auto& device : this->devices()) {
     devices += (devices.empty() ? "" : ", ") + device.str();
   }
-  stream << "torch_dp::DataParallel(devices=[" << devices << "], dim=" << std::to_string(options.dim()) << ")";
-}
-
-c10::Device DataParallelImpl::output_device() const {
-  if (options.output_device()) {
-    return *options.output_device();
-  }
-  TORCH_DP_CHECK(!devices_.empty(), "DataParallel: no devices");
-  return devices_[0];
+  stream << "torch_dp::DataParallel(devices=[" << devices << "], dim=" << std::to_string(engine_->options().dim())
+         << ")";
 }
 
 std::vector<detail::ModuleCaller*> DataParallelImpl::replicas(size_t count) {
   auto& set = *replica_set_;
+  const auto& replica_devices = engine_->replica_devices();
   auto root = module_.ptr();
   auto params = root->parameters();
   auto buffers = root->buffers();
   // As torch.nn.DataParallel, before any replica runs: the first replica is the module itself, so the module's
   // tensors must be on the first device (a copy there instead would keep its BatchNorm updates from the module).
   // Checked before the replicas are laid out, which they are for tensors on that device.
-  detail::check_module_device(params, buffers, replica_devices_[0]);
-  if (!set.replicator.has_sources(params, buffers) || set.devices != replica_devices_) {
+  detail::check_module_device(params, buffers, replica_devices[0]);
+  if (!set.replicator.has_sources(params, buffers) || set.devices != replica_devices) {
     set.slots.clear();
-    set.devices = replica_devices_;
+    set.devices = replica_devices;
     set.replicator.set_sources(std::move(params), std::move(buffers));
     set.replicator.set_devices(set.devices);
   }
   if (set.slots.size() < count) {
     std::optional<detail::KeepCpuGenerator> keep_generator;
-    if (options.reproducible()) {
+    if (engine_->options().reproducible()) {
       keep_generator.emplace();
     }
     while (set.slots.size() < count) {
@@ -371,22 +295,10 @@ std::vector<detail::ModuleCaller*> DataParallelImpl::replicas(size_t count) {
 }
 
 void detail::TestAccess::copy_everything(DataParallelImpl& parallel) {
-  auto guard = parallel.lock();
+  auto guard = parallel.engine_->lock();
   copy_everything(parallel.replica_set_->replicator);
   parallel.replica_set_->slots.clear();
   parallel.replica_set_->devices.clear();
-}
-
-WorkerPool& DataParallelImpl::pool() {
-  return replica_set_->pool;
-}
-
-std::shared_ptr<WorkerPool> DataParallelImpl::shared_pool() {
-  return std::shared_ptr<WorkerPool>(replica_set_, &replica_set_->pool);
-}
-
-std::unique_lock<std::mutex> DataParallelImpl::lock() {
-  return std::unique_lock<std::mutex>(replica_set_->mutex);
 }
 
 }  // namespace torch_dp

@@ -1,3 +1,4 @@
+#include <torch_dp/detail/parallel_engine.h>
 #include <torch_dp/detail/split_arguments.h>
 #include <torch_dp/gather.h>
 #include <torch_dp/package_data_parallel.h>
@@ -10,7 +11,6 @@
 
 #include <exception>
 #include <filesystem>
-#include <mutex>
 #include <optional>
 #include <utility>
 
@@ -104,62 +104,76 @@ void check_package_devices(
 
 }  // namespace detail
 
-struct PackageDataParallel::State {
-  std::string path;
-  DataParallelOptions options;
-  std::unordered_map<std::string, std::string> metadata;
-  std::vector<std::string> call_spec;
-  c10::DeviceType device_type = c10::kCPU;
-  std::vector<c10::Device> devices;
-  std::vector<size_t> running;  // the indices of the devices that run a replica (chunk size not 0)
-  std::vector<c10::Device> replica_devices;
-  std::vector<std::unique_ptr<torch::inductor::AOTIModelPackageLoader>> loaders;  // one per device
-  size_t num_loads = 0;
-  WorkerPool pool;
-  std::mutex mutex;  // one forward at a time
+namespace {
 
-  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> load(c10::Device device) {
-    ++num_loads;
-    const c10::DeviceIndex index = device.is_cpu() ? -1 : device.index();
-    try {
-      return std::make_unique<torch::inductor::AOTIModelPackageLoader>(path, kModelName, false, 1, index);
-    } catch (const std::exception& error) {
-      TORCH_CHECK(
-          false,
-          detail::message(
-              "PackageDataParallel: could not load the AOTInductor package '", path, "' on device ", device.str(),
-              " (a package compiled by another torch version, or for another machine, does not load): ",
-              error_text(error)));
-    }
+std::unique_ptr<torch::inductor::AOTIModelPackageLoader> load(const std::string& path, c10::Device device) {
+  const c10::DeviceIndex index = device.is_cpu() ? -1 : device.index();
+  try {
+    return std::make_unique<torch::inductor::AOTIModelPackageLoader>(path, kModelName, false, 1, index);
+  } catch (const std::exception& error) {
+    TORCH_CHECK(
+        false, detail::message(
+                   "PackageDataParallel: could not load the AOTInductor package '", path, "' on device ", device.str(),
+                   " (a package compiled by another torch version, or for another machine, does not load): ",
+                   error_text(error)));
   }
+}
+
+// The options as the engine takes them: a CPU package runs on the CPU when no devices are named, accelerator or
+// not.
+DataParallelOptions package_options(DataParallelOptions options, c10::DeviceType device_type) {
+  if (options.devices().empty() && device_type == c10::kCPU) {
+    options.devices({c10::Device(c10::kCPU)});
+  }
+  return options;
+}
+
+// What sets a package's engine apart: every device's loader is its own (no replica is the model itself), so the
+// first may run nothing too; a package has no random ops to order; the devices must be of the package's type.
+detail::FrontEnd package_front_end(
+    const std::string& path, const std::unordered_map<std::string, std::string>& metadata,
+    c10::DeviceType device_type) {
+  detail::FrontEnd front_end("PackageDataParallel");
+  front_end.first_may_be_empty = true;
+  front_end.orders_random_ops = false;
+  front_end.check_devices = [path, metadata, device_type](const std::vector<c10::Device>& devices) {
+    TORCH_CHECK_VALUE(
+        !devices.empty(),
+        detail::message(
+            "PackageDataParallel: '", path, "' was compiled for ", c10::DeviceTypeName(device_type, true),
+            ", and no devices were given; this machine has no ", c10::DeviceTypeName(device_type, true),
+            " device to default to"));
+    detail::check_package_devices(path, metadata, devices);
+  };
+  return front_end;
+}
+
+}  // namespace
+
+struct PackageDataParallel::State {
+  State(std::string path_, std::unordered_map<std::string, std::string> metadata_, DataParallelOptions options)
+      : path(std::move(path_)),
+        metadata(std::move(metadata_)),
+        device_type(detail::package_device_type(metadata).value_or(c10::kCPU)),
+        engine(package_options(std::move(options), device_type), package_front_end(path, metadata, device_type)),
+        running(detail::devices_that_run(engine.options().chunk_sizes(), engine.devices().size())) {}
+
+  std::string path;
+  std::unordered_map<std::string, std::string> metadata;
+  c10::DeviceType device_type;
+  detail::ParallelEngine engine;  // devices, lock, pool, split and run (Note [One engine])
+  std::vector<size_t> running;    // the indices of the devices that run a replica (chunk size not 0)
+  std::vector<std::unique_ptr<torch::inductor::AOTIModelPackageLoader>> loaders;  // one per device
+  std::vector<std::string> call_spec;
 };
 
-PackageDataParallel::PackageDataParallel(const std::string& path, DataParallelOptions options)
-    : state_(std::make_shared<State>()) {
+PackageDataParallel::PackageDataParallel(const std::string& path, DataParallelOptions options) {
+  auto metadata = detail::read_package_metadata(path);
+  state_ = std::make_shared<State>(path, std::move(metadata), std::move(options));
   auto& state = *state_;
-  state.path = path;
-  state.metadata = detail::read_package_metadata(path);
-  state.device_type = detail::package_device_type(state.metadata).value_or(c10::kCPU);
-  if (options.devices().empty() && state.device_type == c10::kCPU) {
-    options.devices({c10::Device(c10::kCPU)});  // a CPU package runs on the CPU, accelerator or not
-  }
-  // Every device's loader is its own (no replica is the model itself), so the first may run nothing too.
-  auto resolved = detail::resolve_devices(options, /*first_may_be_empty=*/true);
-  TORCH_CHECK_VALUE(
-      !resolved.devices.empty(),
-      detail::message(
-          "PackageDataParallel: '", path, "' was compiled for ", c10::DeviceTypeName(state.device_type, true),
-          ", and no devices were given; this machine has no ", c10::DeviceTypeName(state.device_type, true),
-          " device to default to"));
-  detail::check_package_devices(path, state.metadata, resolved.devices);
-  detail::check_devices_exist(resolved.devices, options.output_device());
-  state.options = std::move(options);
-  state.devices = std::move(resolved.devices);
-  state.replica_devices = std::move(resolved.replica_devices);
-  state.running = detail::devices_that_run(state.options.chunk_sizes(), state.devices.size());
-  state.loaders.reserve(state.devices.size());
-  for (const auto& device : state.devices) {
-    state.loaders.push_back(state.load(device));
+  state.loaders.reserve(state.engine.devices().size());
+  for (const auto& device : state.engine.devices()) {
+    state.loaders.push_back(load(path, device));
   }
   state.call_spec = state.loaders.front()->get_call_spec();
 }
@@ -179,36 +193,39 @@ std::vector<at::Tensor> PackageDataParallel::forward(const std::vector<at::Tenso
     }
   }
   at::NoGradGuard no_grad;
-  std::unique_lock<std::mutex> guard(state.mutex);
-  detail::SplitPlan plan;
-  plan.devices = state.devices;
-  plan.sizes = state.options.chunk_sizes();
-  plan.dim = state.options.dim();
-  detail::plan_split(plan, inputs);
-  std::vector<std::vector<at::Tensor>> chunks;  // chunks[k][i]: input k's chunk for replica i
-  chunks.reserve(inputs.size());
-  for (const auto& input : inputs) {
-    chunks.push_back(detail::split_tensor(input, plan));
-  }
-  const auto count = static_cast<size_t>(plan.count);
-  std::vector<std::vector<at::Tensor>> results(count);
-  std::vector<c10::Device> used(state.replica_devices.begin(), state.replica_devices.begin() + count);
-  run_replicas(
-      state.pool, used,
-      [&](size_t i) { results[i] = state.loaders[state.running[i]]->run(detail::replica_column(chunks, i)); },
-      state.options.issuing());
-  guard.unlock();
+  using Loader = torch::inductor::AOTIModelPackageLoader;
+  auto results = state.engine.run<std::vector<at::Tensor>>(
+      inputs,
+      [&](detail::SplitPlan& plan) {
+        std::vector<std::vector<at::Tensor>> chunks;  // chunks[k][i]: input k's chunk for replica i
+        chunks.reserve(inputs.size());
+        for (const auto& input : inputs) {
+          chunks.push_back(detail::split_tensor(input, plan));
+        }
+        return chunks;
+      },
+      [&](size_t count) {
+        std::vector<Loader*> loaders;  // replica i: the loader of the i-th device that runs one
+        loaders.reserve(count);
+        for (size_t i = 0; i < count; ++i) {
+          loaders.push_back(state.loaders[state.running[i]].get());
+        }
+        return loaders;
+      },
+      [](Loader* loader, const std::vector<std::vector<at::Tensor>>& chunks, size_t i) {
+        return loader->run(detail::replica_column(chunks, i));
+      });
   const auto destination = output_device();
   const auto num_outputs = results.front().size();
   std::vector<at::Tensor> outputs;
   outputs.reserve(num_outputs);
   for (size_t j = 0; j < num_outputs; ++j) {
     std::vector<at::Tensor> per_replica;
-    per_replica.reserve(count);
+    per_replica.reserve(results.size());
     for (auto& result : results) {
       per_replica.push_back(std::move(result[j]));
     }
-    outputs.push_back(gather(per_replica, destination, state.options.dim()));
+    outputs.push_back(gather(per_replica, destination, state.engine.options().dim()));
   }
   return outputs;
 }
@@ -239,23 +256,23 @@ c10::DeviceType PackageDataParallel::package_device_type() const {
 }
 
 const DataParallelOptions& PackageDataParallel::options() const {
-  return state_->options;
+  return state_->engine.options();
 }
 
 const std::vector<c10::Device>& PackageDataParallel::devices() const {
-  return state_->devices;
+  return state_->engine.devices();
 }
 
 c10::Device PackageDataParallel::output_device() const {
-  return state_->options.output_device().value_or(state_->devices.front());
+  return state_->engine.output_device();
 }
 
 WorkerPool& PackageDataParallel::pool() {
-  return state_->pool;
+  return state_->engine.pool();
 }
 
 size_t PackageDataParallel::num_loads() const {
-  return state_->num_loads;
+  return state_->loaders.size();
 }
 
 }  // namespace torch_dp

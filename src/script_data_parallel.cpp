@@ -4,6 +4,7 @@
 #include "test_access.h"
 
 #include <torch_dp/detail/gather_outputs.h>
+#include <torch_dp/detail/parallel_engine.h>
 #include <torch_dp/detail/split_arguments.h>
 
 #include <ATen/ATen.h>
@@ -14,7 +15,9 @@
 #include <algorithm>
 #include <map>
 #include <optional>
+#include <string>
 #include <utility>
+#include <vector>
 
 // Note [TorchScript replicas]
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -143,16 +146,14 @@ std::vector<torch::jit::Module> ScriptReplicas::get(size_t count, bool different
 }
 
 struct ScriptDataParallel::State {
-  State(torch::jit::Module module_, DataParallelOptions options_)
-      : module(std::move(module_)), options(std::move(options_)), replicas(options.trust_version_counters()) {}
+  State(torch::jit::Module module_, DataParallelOptions options)
+      : module(std::move(module_)),
+        engine(std::move(options), detail::FrontEnd("ScriptDataParallel")),
+        replicas(engine.options().trust_version_counters()) {}
 
   torch::jit::Module module;
-  DataParallelOptions options;
-  std::vector<c10::Device> devices;
-  std::vector<c10::Device> replica_devices;
-  std::mutex mutex;  // one forward at a time: the replicas are shared state
+  detail::ParallelEngine engine;  // devices, lock, pool, split and run (Note [One engine])
   ScriptReplicas replicas;
-  WorkerPool pool;
 };
 
 ScriptDataParallel::ScriptDataParallel(torch::jit::Module module, DataParallelOptions options) {
@@ -161,10 +162,6 @@ ScriptDataParallel::ScriptDataParallel(torch::jit::Module module, DataParallelOp
       module.type()->name() ? module.type()->name()->qualifiedName() : std::string("given"),
       " has no forward method; expected a TorchScript module with a forward (torch.jit.script or torch::jit::load)");
   state_ = std::make_shared<State>(std::move(module), std::move(options));
-  auto resolved = detail::resolve_devices(state_->options);
-  detail::check_devices_exist(resolved.devices, state_->options.output_device());
-  state_->devices = std::move(resolved.devices);
-  state_->replica_devices = std::move(resolved.replica_devices);
 }
 
 namespace {
@@ -178,15 +175,10 @@ std::map<std::string, c10::IValue> ordered(const torch::jit::Kwargs& kwargs) {
 
 c10::IValue ScriptDataParallel::forward(const std::vector<c10::IValue>& inputs, const torch::jit::Kwargs& kwargs) {
   auto& state = *state_;
-  if (state.devices.empty()) {
+  if (state.engine.devices().empty()) {
     return state.module.forward(inputs, kwargs);
   }
-  std::unique_lock<std::mutex> lock(state.mutex);
   const auto named = ordered(kwargs);
-  detail::SplitPlan plan;
-  plan.devices = state.devices;
-  plan.sizes = state.options.chunk_sizes();
-  plan.dim = state.options.dim();
   std::vector<at::Tensor> tensors;
   for (const auto& input : inputs) {
     detail::collect_tensors(input, tensors);
@@ -194,37 +186,38 @@ c10::IValue ScriptDataParallel::forward(const std::vector<c10::IValue>& inputs, 
   for (const auto& [name, value] : named) {
     detail::collect_tensors(value, tensors);
   }
-  // Without tensor arguments, every device that runs a replica runs one on the same arguments.
-  detail::plan_split(plan, tensors);
-  std::vector<std::vector<c10::IValue>> split_inputs;
-  for (const auto& input : inputs) {
-    split_inputs.push_back(detail::split_ivalue(input, plan));
-  }
-  std::vector<std::pair<std::string, std::vector<c10::IValue>>> split_kwargs;
-  for (const auto& [name, value] : named) {
-    split_kwargs.emplace_back(name, detail::split_ivalue(value, plan));
-  }
-  const auto count = static_cast<size_t>(plan.count);
-  // Before the replicas are laid out, which they are for the module's tensors on the first device: a module
-  // moved there after this error is then replicated as one that was there all along.
-  detail::check_module_device(tensors_of(state.module, false), tensors_of(state.module, true), state.devices[0]);
-  state.replicas.sync(state.module, state.replica_devices);
-  auto replicas = state.replicas.get(count, /*differentiable=*/true);
-  std::vector<c10::IValue> outputs(count);
-  std::vector<c10::Device> used(state.replica_devices.begin(), state.replica_devices.begin() + count);
-  run_replicas(
-      state.pool, used,
-      [&](size_t i) {
-        auto arguments = detail::replica_column(split_inputs, i);
+  struct Split {
+    std::vector<std::vector<c10::IValue>> inputs;                            // inputs[k][i]
+    std::vector<std::pair<std::string, std::vector<c10::IValue>>> keywords;  // (name, value per replica)
+  };
+  auto outputs = state.engine.run<c10::IValue>(
+      tensors,
+      [&](detail::SplitPlan& plan) {
+        Split split;
+        for (const auto& input : inputs) {
+          split.inputs.push_back(detail::split_ivalue(input, plan));
+        }
+        for (const auto& [name, value] : named) {
+          split.keywords.emplace_back(name, detail::split_ivalue(value, plan));
+        }
+        return split;
+      },
+      [&](size_t count) {
+        // Before the replicas are laid out, which they are for the module's tensors on the first device: a module
+        // moved there after this error is then replicated as one that was there all along.
+        detail::check_module_device(
+            tensors_of(state.module, false), tensors_of(state.module, true), state.engine.devices()[0]);
+        state.replicas.sync(state.module, state.engine.replica_devices());
+        return state.replicas.get(count, /*differentiable=*/true);
+      },
+      [](torch::jit::Module& replica, const Split& split, size_t i) {
         torch::jit::Kwargs keywords;
-        for (const auto& [name, per_replica] : split_kwargs) {
+        for (const auto& [name, per_replica] : split.keywords) {
           keywords.emplace(name, per_replica[i]);
         }
-        outputs[i] = replicas[i].forward(std::move(arguments), keywords);
-      },
-      state.options.issuing(), state.options.reproducible());
-  lock.unlock();
-  return detail::gather_ivalues(outputs, output_device(), state.options.dim());
+        return replica.forward(detail::replica_column(split.inputs, i), keywords);
+      });
+  return detail::gather_ivalues(outputs, output_device(), state.engine.options().dim());
 }
 
 torch::jit::Module& ScriptDataParallel::module() const {
@@ -236,23 +229,19 @@ std::vector<at::Tensor> ScriptDataParallel::parameters() const {
 }
 
 const DataParallelOptions& ScriptDataParallel::options() const {
-  return state_->options;
+  return state_->engine.options();
 }
 
 const std::vector<c10::Device>& ScriptDataParallel::devices() const {
-  return state_->devices;
+  return state_->engine.devices();
 }
 
 c10::Device ScriptDataParallel::output_device() const {
-  if (state_->options.output_device()) {
-    return *state_->options.output_device();
-  }
-  TORCH_DP_CHECK(!state_->devices.empty(), "ScriptDataParallel: no devices");
-  return state_->devices[0];
+  return state_->engine.output_device();
 }
 
 WorkerPool& ScriptDataParallel::pool() {
-  return state_->pool;
+  return state_->engine.pool();
 }
 
 void detail::TestAccess::copy_everything(ScriptReplicas& replicas) {
@@ -261,7 +250,7 @@ void detail::TestAccess::copy_everything(ScriptReplicas& replicas) {
 }
 
 void detail::TestAccess::copy_everything(ScriptDataParallel& parallel) {
-  std::lock_guard<std::mutex> lock(parallel.state_->mutex);
+  auto lock = parallel.state_->engine.lock();
   copy_everything(parallel.state_->replicas);
 }
 

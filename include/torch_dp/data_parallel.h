@@ -2,14 +2,15 @@
 // data_parallel: torch_dp::DataParallel, a torch::nn module that runs the module it wraps in parallel over
 // devices, and torch_dp::data_parallel, a drop-in for torch::nn::parallel::data_parallel.
 
-#include <torch_dp/criterion.h>
+#include <torch_dp/data_parallel_options.h>
 #include <torch_dp/detail/gather_outputs.h>
 #include <torch_dp/detail/module_caller.h>
+#include <torch_dp/detail/parallel_engine.h>
 #include <torch_dp/detail/split_arguments.h>
-#include <torch_dp/parallel_apply.h>
+#include <torch_dp/scattered_outputs.h>
+#include <torch_dp/worker_pool.h>
 
 #include <ATen/core/ivalue.h>
-#include <torch/arg.h>
 #include <torch/nn/cloneable.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/container/any.h>
@@ -18,7 +19,6 @@
 
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -28,40 +28,9 @@
 
 namespace torch_dp {
 
-/// Options for DataParallel.
-struct DataParallelOptions {
-  DataParallelOptions() = default;
-  /* implicit */ DataParallelOptions(std::vector<c10::Device> devices) : devices_(std::move(devices)) {}
-
-  /// The replicas' devices, repeats allowed (several replicas per device) and CPU allowed. Empty: every
-  /// accelerator device; without any accelerator, forward calls the module directly.
-  TORCH_ARG(std::vector<c10::Device>, devices);
-  /// Where the outputs are gathered; default devices[0].
-  TORCH_ARG(std::optional<c10::Device>, output_device) = std::nullopt;
-  /// The dimension inputs are split along and outputs concatenated along.
-  TORCH_ARG(int64_t, dim) = 0;
-  /// Rows per device instead of torch.chunk's split (one per device, adding up to the batch). A device whose
-  /// size is 0 runs no replica; the first device's size must not be 0 (its replica is the module itself).
-  TORCH_ARG(std::optional<std::vector<int64_t>>, chunk_sizes) = std::nullopt;
-  /// How replicas are run: kThreads (at once, on persistent worker threads), kSerial (one after another on the
-  /// calling thread) or kAuto: threads across devices, and for replicas sharing one device whichever of the
-  /// two was faster over the first forwards (Note [Issuing replicas]).
-  TORCH_ARG(Issuing, issuing) = Issuing::kAuto;
-  /// Opt-in, for inference on several devices: copy the module's tensors to a replica again only when their
-  /// version counter or data pointer moved. Off by default because writes that move neither are missed:
-  /// fused optimizers (`fused=true`), BatchNorm's running statistics updated by the module itself, edits
-  /// through `.data()` or a raw pointer (Note [Stale copies]).
-  TORCH_ARG(bool, trust_version_counters) = false;
-  /// Two runs with the same seed give bitwise equal results, random ops in the forward (dropout) included:
-  /// replicas sharing a device run one after another in index order (on the calling thread for the first
-  /// device), so they draw from the device's generator as the chunks run one after another would; distinct
-  /// devices still run at once, and Issuing::kAuto measures nothing (Note [Reproducible replicas]).
-  TORCH_ARG(bool, reproducible) = false;
-};
-
 namespace detail {
 
-struct ReplicaSet;  // persistent replicas and workers, data_parallel.cpp
+struct ReplicaSet;  // persistent replicas, data_parallel.cpp
 struct TestAccess;  // test hooks, src/test_access.h
 
 }  // namespace detail
@@ -128,29 +97,26 @@ class DataParallelImpl : public torch::nn::Cloneable<DataParallelImpl> {
   template <typename ModuleType>
   auto module_as() const;
 
+  /// Read when the DataParallel is made and by reset(): change them, then call reset().
   DataParallelOptions options;
 
   /// The devices forward uses (the options' devices, or every accelerator device); empty means a direct call.
-  const std::vector<c10::Device>& devices() const { return devices_; }
-  c10::Device output_device() const;
+  const std::vector<c10::Device>& devices() const { return engine_->devices(); }
+  c10::Device output_device() const { return engine_->output_device(); }
 
   /// The worker pool the replicas run on; its settled_auto_issuing() says how Issuing::kAuto issues them.
-  WorkerPool& pool();
+  WorkerPool& pool() { return engine_->pool(); }
 
  private:
-  /// Ensures replicas for the first `count` devices are current and returns them (Note [C++ replicas]).
+  /// Replica i for the first `count` replica devices, current (Note [C++ replicas]): the front-end's one hook.
   std::vector<detail::ModuleCaller*> replicas(size_t count);
-  std::unique_lock<std::mutex> lock();
-  /// The pool, kept alive by its holder for as long as a ScatteredOutputs needs it.
-  std::shared_ptr<WorkerPool> shared_pool();
   /// Split, replicate, run: the outputs of the replicas that ran, in order (forward_as less the gather).
   template <typename ReturnType, typename... ArgumentTypes>
   std::vector<ReturnType> replica_outputs(const ArgumentTypes&... arguments);
   friend struct detail::TestAccess;
 
   detail::ModuleCaller module_;
-  std::vector<c10::Device> devices_;
-  std::vector<c10::Device> replica_devices_;  // devices_ less those whose chunk size is 0
+  std::shared_ptr<detail::ParallelEngine> engine_;  // devices, lock, pool, split and run (Note [One engine])
   std::shared_ptr<detail::ReplicaSet> replica_set_;
 };
 
@@ -171,29 +137,30 @@ auto DataParallelImpl::module_as() const {
 
 template <typename ReturnType, typename... ArgumentTypes>
 ReturnType DataParallelImpl::forward_as(const ArgumentTypes&... arguments) {
-  if (devices_.empty()) {
+  if (devices().empty()) {
     return module_.forward<ReturnType>(arguments...);
   }
   auto outputs = replica_outputs<ReturnType>(arguments...);
-  return detail::gather_outputs<ReturnType>(outputs, output_device(), options.dim());
+  return detail::gather_outputs<ReturnType>(outputs, output_device(), engine_->options().dim());
 }
 
 template <typename ReturnType, typename... ArgumentTypes>
 ScatteredOutputs<ReturnType> DataParallelImpl::forward_scattered(const ArgumentTypes&... arguments) {
   ScatteredOutputs<ReturnType> result;
-  result.dim = options.dim();
-  if (devices_.empty()) {  // no device: the module's own output, where it is
+  result.dim = engine_->options().dim();
+  if (devices().empty()) {  // no device: the module's own output, where it is
     result.outputs.push_back(module_.forward<ReturnType>(arguments...));
     auto first = detail::first_tensor(result.outputs.front());
     result.output_device = first.defined() ? first.device() : c10::Device(c10::kCPU);
     result.devices = {result.output_device};
   } else {
     result.outputs = replica_outputs<ReturnType>(arguments...);
-    result.devices.assign(replica_devices_.begin(), replica_devices_.begin() + result.outputs.size());
+    const auto& used = engine_->replica_devices();
+    result.devices.assign(used.begin(), used.begin() + result.outputs.size());
     result.output_device = output_device();
-    result.pool = shared_pool();
-    result.issuing = options.issuing();
-    result.reproducible = options.reproducible();
+    result.pool = engine_->shared_pool();
+    result.issuing = engine_->options().issuing();
+    result.reproducible = engine_->options().reproducible();
   }
   result.fill_chunk_sizes();
   return result;
@@ -201,38 +168,20 @@ ScatteredOutputs<ReturnType> DataParallelImpl::forward_scattered(const ArgumentT
 
 template <typename ReturnType, typename... ArgumentTypes>
 std::vector<ReturnType> DataParallelImpl::replica_outputs(const ArgumentTypes&... arguments) {
-  auto guard = lock();
-  detail::SplitPlan plan;
-  plan.devices = devices_;
-  plan.sizes = options.chunk_sizes();
-  plan.dim = options.dim();
   std::vector<at::Tensor> tensors;
   (detail::collect_argument(arguments, tensors), ...);
-  // Without tensor arguments, every device that runs a replica runs one on the same arguments.
-  detail::plan_split(plan, tensors);
-  // Braces, not make_tuple: the arguments take their chunks in order, and only a braced list orders its calls.
-  auto split = std::tuple{detail::split_argument(arguments, plan)...};
-  const auto count = static_cast<size_t>(plan.count);
-  auto modules = replicas(count);
-  std::vector<std::optional<ReturnType>> results(count);
-  std::vector<c10::Device> used(replica_devices_.begin(), replica_devices_.begin() + count);
-  run_replicas(
-      pool(), used,
-      [&](size_t i) {
-        results[i] = std::apply(
+  return engine_->run<ReturnType>(
+      tensors,
+      // Braces, not make_tuple: the arguments take their chunks in order, and only a braced list orders its calls.
+      [&](detail::SplitPlan& plan) { return std::tuple{detail::split_argument(arguments, plan)...}; },
+      [&](size_t count) { return replicas(count); },
+      [&](detail::ModuleCaller* replica, const auto& split, size_t i) {
+        return std::apply(
             [&](const auto&... per_replica) {
-              return modules[i]->template forward<ReturnType>(detail::replica_argument(arguments, per_replica, i)...);
+              return replica->template forward<ReturnType>(detail::replica_argument(arguments, per_replica, i)...);
             },
             split);
-      },
-      options.issuing(), options.reproducible());
-  guard.unlock();
-  std::vector<ReturnType> outputs;
-  outputs.reserve(count);
-  for (auto& result : results) {
-    outputs.push_back(std::move(*result));
-  }
-  return outputs;
+      });
 }
 
 /// A drop-in for torch::nn::parallel::data_parallel with the same signature, on torch_dp's engine: replicas
@@ -245,19 +194,6 @@ at::Tensor data_parallel(
     std::optional<c10::Device> output_device = std::nullopt, int64_t dim = 0);
 
 namespace detail {
-/// The devices a DataParallel's options name (every accelerator device when they name none), checked, and those
-/// of them that run a replica (less those whose chunk size is 0). `first_may_be_empty`: the first device may have
-/// a chunk size of 0 (not for a module's replicas, whose first is the module itself: Note [Empty chunks]).
-struct ParallelDevices {
-  std::vector<c10::Device> devices;
-  std::vector<c10::Device> replica_devices;
-};
-ParallelDevices resolve_devices(const DataParallelOptions& options, bool first_may_be_empty = false);
-
-/// Throws a c10::Error naming the device, the device count and the valid indices if a device or the output device
-/// has an index past its type's device count. Types this build of torch has no runtime for are left alone.
-void check_devices_exist(at::ArrayRef<c10::Device> devices, const std::optional<c10::Device>& output_device);
-
 /// The cached DataParallel for a module (weakly keyed by the module), made or updated for these options.
 DataParallel cached_data_parallel(const ModuleCaller& module, const DataParallelOptions& options);
 

@@ -2,7 +2,7 @@
 // package_data_parallel: torch_dp::PackageDataParallel, data-parallel inference over an AOTInductor package
 // (.pt2, torch._inductor.aoti_compile_and_package), with DataParallel's options.
 
-#include <torch_dp/data_parallel.h>
+#include <torch_dp/data_parallel_options.h>
 #include <torch_dp/parallel_apply.h>
 
 #include <ATen/core/Tensor.h>

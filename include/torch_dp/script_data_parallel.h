@@ -3,7 +3,7 @@
 // torch_dp::ScriptDataParallel, with DataParallel's options, and ScriptReplicas, the persistent replicas behind it
 // and behind the Python package's DataParallel over a ScriptModule.
 
-#include <torch_dp/data_parallel.h>
+#include <torch_dp/data_parallel_options.h>
 #include <torch_dp/parallel_apply.h>
 #include <torch_dp/replicate.h>
 
@@ -13,7 +13,6 @@
 
 #include <cstddef>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <unordered_map>
 #include <vector>

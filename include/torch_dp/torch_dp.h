@@ -6,7 +6,10 @@
 #include <torch_dp/comm.h>
 #include <torch_dp/criterion.h>
 #include <torch_dp/data_parallel.h>
+#include <torch_dp/data_parallel_options.h>
 #include <torch_dp/gather.h>
 #include <torch_dp/parallel_apply.h>
 #include <torch_dp/replicate.h>
 #include <torch_dp/scatter.h>
+#include <torch_dp/scattered_outputs.h>
+#include <torch_dp/worker_pool.h>
