@@ -3,6 +3,7 @@
 #include "message.h"
 #include "test_access.h"
 
+#include <torch_dp/detail/replica_slots.h>
 #include <torch_dp/replicate.h>
 
 #include <ATen/ATen.h>
@@ -34,21 +35,16 @@
 // whose edges lead to the module's parameters, so gradients accumulate in the module's .grad like the
 // unwrapped module's. If the module's parameters or buffers are replaced (other tensors, other count) or the
 // devices change, the replicas are built again.
+// The slots are a detail::ReplicaSlots (replica_slots.h), the container ScriptReplicas keeps too; what is
+// DataParallel's own is the clone (clone_slot) and train()/eval() carried over per submodule
+// (sync_training_modes). Clones are made only for the slots a forward uses, and kept.
 
 namespace torch_dp {
 namespace detail {
 
-struct ReplicaSet {
-  struct Slot {
-    ModuleCaller module;                                                   // the module itself, or a clone
-    std::vector<std::pair<torch::nn::Module*, torch::nn::Module*>> trees;  // (module's, replica's), pre-order
-  };
-
-  explicit ReplicaSet(bool trust_version_counters) : replicator(trust_version_counters) {}
-
-  Replicator replicator;
-  std::vector<c10::Device> devices;
-  std::vector<Slot> slots;
+// The module's replicas: the module itself and clones, their submodules paired with the module's (pre-order).
+struct ReplicaSet : ReplicaSlots<ModuleCaller, torch::nn::Module> {
+  using ReplicaSlots::ReplicaSlots;
 };
 
 namespace {
@@ -136,21 +132,17 @@ class KeepCpuGenerator {
   at::Tensor state_;
 };
 
-void build_slot(ReplicaSet& set, const ModuleCaller& module, size_t j) {
-  ReplicaSet::Slot slot;
-  if (set.replicator.uses_sources(j)) {
-    slot.module = module;
-    set.slots.push_back(std::move(slot));
-    return;
-  }
-  slot.module = clone_for_replica(module, set.devices[j]);
+// Makes slot's clone of the module for `device` and returns its parameters and buffers, for the Replicator.
+std::vector<at::Tensor> clone_slot(
+    ReplicaSet::Slot& slot, const ModuleCaller& module, const Replicator& replicator, c10::Device device) {
+  slot.module = clone_for_replica(module, device);
   auto original_root = module.ptr();
   auto replica_root = slot.module.ptr();
   auto tensors = replica_root->parameters();
   const auto num_params = tensors.size();
   auto replica_buffers = replica_root->buffers();
-  const auto& params = set.replicator.params();
-  const auto& buffers = set.replicator.buffers();
+  const auto& params = replicator.params();
+  const auto& buffers = replicator.buffers();
   TORCH_DP_CHECK(
       num_params == params.size() && replica_buffers.size() == buffers.size(), "DataParallel: the clone of the ",
       "module has ", num_params, " parameters and ", replica_buffers.size(), " buffers, but the module has ",
@@ -161,21 +153,20 @@ void build_slot(ReplicaSet& set, const ModuleCaller& module, size_t j) {
       original_modules.size() == replica_modules.size(), "DataParallel: the clone of the module has ",
       replica_modules.size(), " submodules, but the module has ", original_modules.size());
   for (size_t m = 0; m < original_modules.size(); ++m) {
-    slot.trees.emplace_back(original_modules[m].get(), replica_modules[m].get());
+    slot.parts.emplace_back(original_modules[m].get(), replica_modules[m].get());
   }
   tensors.insert(tensors.end(), replica_buffers.begin(), replica_buffers.end());
-  set.replicator.bind(j, std::move(tensors));
-  set.slots.push_back(std::move(slot));
+  return tensors;
 }
 
 // A clone follows the module's train()/eval(), per submodule.
 void sync_training_modes(const ReplicaSet::Slot& slot) {
   bool modes_differ = false;
-  for (const auto& [original, replica] : slot.trees) {
+  for (const auto& [original, replica] : slot.parts) {
     modes_differ = modes_differ || original->is_training() != replica->is_training();
   }
   if (modes_differ) {
-    for (const auto& [original, replica] : slot.trees) {  // pre-order: a child's own call comes last
+    for (const auto& [original, replica] : slot.parts) {  // pre-order: a child's own call comes last
       replica->train(original->is_training());
     }
   }
@@ -269,11 +260,8 @@ std::vector<detail::ModuleCaller*> DataParallelImpl::replicas(size_t count) {
   // tensors must be on the first device (a copy there instead would keep its BatchNorm updates from the module).
   // Checked before the replicas are laid out, which they are for tensors on that device.
   detail::check_module_device(params, buffers, replica_devices[0]);
-  if (!set.replicator.has_sources(params, buffers) || set.devices != replica_devices) {
-    set.slots.clear();
-    set.devices = replica_devices;
-    set.replicator.set_sources(std::move(params), std::move(buffers));
-    set.replicator.set_devices(set.devices);
+  if (!set.holds(params, buffers, replica_devices)) {
+    set.lay_out(std::move(params), std::move(buffers), replica_devices);
   }
   if (set.slots.size() < count) {
     std::optional<detail::KeepCpuGenerator> keep_generator;
@@ -281,16 +269,16 @@ std::vector<detail::ModuleCaller*> DataParallelImpl::replicas(size_t count) {
       keep_generator.emplace();
     }
     while (set.slots.size() < count) {
-      detail::build_slot(set, module_, set.slots.size());
+      set.add(module_, [&](detail::ReplicaSet::Slot& slot, c10::Device device) {
+        return detail::clone_slot(slot, module_, set.replicator, device);
+      });
     }
   }
-  // Fills every clone's tensors in place; their values are read by the clone's forward, not from the result.
-  set.replicator.replicate(set.devices, count, /*differentiable=*/true);
   std::vector<detail::ModuleCaller*> result;
-  for (size_t j = 0; j < count; ++j) {
-    detail::sync_training_modes(set.slots[j]);
-    result.push_back(&set.slots[j].module);
-  }
+  set.refresh(count, /*differentiable=*/true, [&](detail::ReplicaSet::Slot& slot, c10::Device) {
+    detail::sync_training_modes(slot);
+    result.push_back(&slot.module);
+  });
   return result;
 }
 

@@ -37,6 +37,8 @@
 //    makes the copies anew.
 // Replicas of one module share its compiled methods (and their graph executors, which are safe to run from several
 // threads), so running them at once on the worker pool needs nothing more.
+// The slots are a detail::ReplicaSlots (replica_slots.h), the container DataParallel keeps too; what is
+// TorchScript's own is the deep copy and the attributes copied over (copy_attributes).
 
 namespace torch_dp {
 
@@ -89,59 +91,49 @@ void copy_attributes(const c10::ivalue::Object& from, c10::ivalue::Object& to, c
 }  // namespace
 
 bool ScriptReplicas::needs_build(const torch::jit::Module& module, at::ArrayRef<c10::Device> devices) const {
-  return slots_.empty() || devices_.size() != devices.size() ||
-         !std::equal(devices_.begin(), devices_.end(), devices.begin()) || objects_of(module) != objects_ ||
-         !replicator_.has_sources(tensors_of(module, false), tensors_of(module, true));
+  return slots_.slots.empty() || !slots_.holds(tensors_of(module, false), tensors_of(module, true), devices) ||
+         objects_of(module) != objects_;
 }
 
 void ScriptReplicas::sync(const torch::jit::Module& module, at::ArrayRef<c10::Device> devices) {
   if (!needs_build(module, devices)) {
     return;
   }
-  slots_.clear();
-  replicator_.set_sources(tensors_of(module, false), tensors_of(module, true));
-  replicator_.set_devices(devices);
-  devices_.assign(devices.begin(), devices.end());
+  slots_.lay_out(tensors_of(module, false), tensors_of(module, true), devices);
   objects_ = objects_of(module);
-  for (size_t j = 0; j < devices_.size(); ++j) {
-    Slot slot;
-    if (replicator_.uses_sources(j)) {
-      slot.module = module;
-    } else {
+  while (slots_.slots.size() < devices.size()) {
+    slots_.add(module, [&](auto& slot, c10::Device) {
       // deepcopy() without a device: with one, a tensor already there is kept, not copied, and the copy would
       // share it with the module. The Replicator points every tensor at the right memory anyway.
       at::NoGradGuard no_grad;
       slot.module = module.deepcopy();
-      auto tensors = tensors_of(slot.module, false);
-      auto buffers = tensors_of(slot.module, true);
-      tensors.insert(tensors.end(), buffers.begin(), buffers.end());
-      replicator_.bind(j, std::move(tensors));
       const auto copies = objects_of(slot.module);
       TORCH_INTERNAL_ASSERT(
           copies.size() == objects_.size(), "a deep copy of a TorchScript module has other submodules");
       for (size_t m = 0; m < copies.size(); ++m) {
-        slot.objects.emplace_back(objects_[m], copies[m]);
+        slot.parts.emplace_back(objects_[m], copies[m]);
       }
-    }
-    slots_.push_back(std::move(slot));
+      auto tensors = tensors_of(slot.module, false);
+      auto buffers = tensors_of(slot.module, true);
+      tensors.insert(tensors.end(), buffers.begin(), buffers.end());
+      return tensors;
+    });
   }
   ++generation_;
 }
 
 std::vector<torch::jit::Module> ScriptReplicas::get(size_t count, bool differentiable) {
   TORCH_DP_CHECK(
-      count <= slots_.size(), "replicate: asked for ", count, " replicas but only ", slots_.size(),
+      count <= slots_.slots.size(), "replicate: asked for ", count, " replicas but only ", slots_.slots.size(),
       " devices were given");
-  // Fills the copies' parameters and buffers in place; their values are read by the copies' methods.
-  replicator_.replicate(devices_, count, differentiable);
   std::vector<torch::jit::Module> result;
   result.reserve(count);
-  for (size_t j = 0; j < count; ++j) {
-    for (const auto& [original, copy] : slots_[j].objects) {
-      copy_attributes(*original, *copy, devices_[j]);
+  slots_.refresh(count, differentiable, [&](auto& slot, c10::Device device) {
+    for (const auto& [original, copy] : slot.parts) {
+      copy_attributes(*original, *copy, device);
     }
-    result.push_back(slots_[j].module);
-  }
+    result.push_back(slot.module);
+  });
   return result;
 }
 
@@ -245,8 +237,8 @@ WorkerPool& ScriptDataParallel::pool() {
 }
 
 void detail::TestAccess::copy_everything(ScriptReplicas& replicas) {
-  copy_everything(replicas.replicator_);
-  replicas.slots_.clear();
+  copy_everything(replicas.slots_.replicator);
+  replicas.slots_.slots.clear();
 }
 
 void detail::TestAccess::copy_everything(ScriptDataParallel& parallel) {

@@ -4,6 +4,7 @@
 // and behind the Python package's DataParallel over a ScriptModule.
 
 #include <torch_dp/data_parallel_options.h>
+#include <torch_dp/detail/replica_slots.h>
 #include <torch_dp/parallel_apply.h>
 #include <torch_dp/replicate.h>
 
@@ -31,37 +32,31 @@ struct TestAccess;  // torch_dp's own tests, src/test_access.h
 /// are copied from the module's on every call. Replaced parameters, buffers or submodules make the copies anew.
 class ScriptReplicas {
  public:
-  explicit ScriptReplicas(bool trust_version_counters = false) : replicator_(trust_version_counters) {}
+  explicit ScriptReplicas(bool trust_version_counters = false) : slots_(trust_version_counters) {}
 
   /// Makes the replicas of `module` for `devices` anew if the module, its submodules, parameters or buffers, or
   /// the devices changed since the last call.
   void sync(const torch::jit::Module& module, at::ArrayRef<c10::Device> devices);
 
   /// Throws, with PyTorch's DataParallel message, if the module's parameters and buffers are not on `expected`.
-  void check_device(c10::Device expected) const { replicator_.check_device(expected); }
+  void check_device(c10::Device expected) const { slots_.replicator.check_device(expected); }
 
   /// The replicas for the first `count` devices of the last sync(), current. `differentiable`: with grad mode on,
   /// copies route their gradients to the module's parameters.
   std::vector<torch::jit::Module> get(size_t count, bool differentiable);
 
   /// Whether slot j's replica is the module itself (the first slot on the module's device).
-  bool uses_module(size_t slot) const { return replicator_.uses_sources(slot); }
+  bool uses_module(size_t slot) const { return slots_.replicator.uses_sources(slot); }
 
   /// How many times the replicas were made (anew); a caller that wraps them (Python) wraps them again when it moved.
   size_t generation() const { return generation_; }
 
  private:
   friend struct detail::TestAccess;
-  struct Slot {
-    torch::jit::Module module;                                                   // the module itself, or a copy
-    std::vector<std::pair<c10::ivalue::Object*, c10::ivalue::Object*>> objects;  // (module's, copy's), pre-order
-  };
   bool needs_build(const torch::jit::Module& module, at::ArrayRef<c10::Device> devices) const;
 
-  Replicator replicator_;
-  std::vector<c10::Device> devices_;
+  detail::ReplicaSlots<torch::jit::Module, c10::ivalue::Object> slots_;  // copies' objects paired with the module's
   std::vector<c10::ivalue::Object*> objects_;  // the module's submodule objects when built, pre-order
-  std::vector<Slot> slots_;
   size_t generation_ = 0;
 };
 
