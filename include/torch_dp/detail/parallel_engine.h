@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
 #include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
 
 #include <cstddef>
 #include <functional>
@@ -54,7 +55,7 @@ struct FrontEnd {
 /// and the kind of its arguments; run() strings them together (Note [One engine]).
 class ParallelEngine {
  public:
-  explicit ParallelEngine(DataParallelOptions options, FrontEnd front_end = {});
+  explicit ParallelEngine(DataParallelOptions options, FrontEnd front_end = FrontEnd());
   ParallelEngine(const ParallelEngine&) = delete;
   ParallelEngine& operator=(const ParallelEngine&) = delete;
 
@@ -108,6 +109,7 @@ std::vector<Output> ParallelEngine::run(
   std::vector<Output> outputs;
   outputs.reserve(count);
   for (auto& result : results) {
+    TORCH_INTERNAL_ASSERT(result.has_value(), "a replica did not run");
     outputs.push_back(std::move(*result));
   }
   return outputs;
