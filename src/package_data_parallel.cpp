@@ -161,7 +161,7 @@ struct PackageDataParallel::State {
   std::string path;
   std::unordered_map<std::string, std::string> metadata;
   c10::DeviceType device_type;
-  detail::ParallelEngine engine;  // devices, lock, pool, split and run (Note [One engine])
+  detail::ParallelEngine engine;  // devices, lock, pool, split and run (Note [One C++ engine])
   std::vector<size_t> running;    // the indices of the devices that run a replica (chunk size not 0)
   std::vector<std::unique_ptr<torch::inductor::AOTIModelPackageLoader>> loaders;  // one per device
   std::vector<std::string> call_spec;

@@ -11,8 +11,8 @@
 #include <string>
 #include <utility>
 
-// Note [One engine]
-// ~~~~~~~~~~~~~~~~~
+// Note [One C++ engine]
+// ~~~~~~~~~~~~~~~~~~~~~
 // DataParallel, ScriptDataParallel and PackageDataParallel run one pipeline: resolve and check the devices once,
 // then for every forward, one at a time, plan the split of every tensor argument, cut the arguments, make the
 // replicas current, run them as the issuing rules say, and gather. ParallelEngine holds everything of it that
@@ -36,8 +36,8 @@
 //    the resolved devices before they are checked to exist (a package's device type);
 //  - the gather of its outputs and its direct call when there is no device.
 // A change to how a batch is split or how replicas are issued is made in split_plan or issue, and every front-end
-// follows. The Python package strings the same C++ steps together in Python (python/torch_dp/data_parallel.py),
-// where its replicas are Python modules.
+// follows. The Python front-ends, whose replicas are Python modules, have their own engine on the same C++ steps
+// (Note [One engine] in python/torch_dp/engine.py).
 
 namespace torch_dp::detail {
 
@@ -91,7 +91,7 @@ ParallelDevices resolve_devices(const DataParallelOptions& options, bool first_m
       TORCH_DP_CHECK(
           sizes[i] >= 0, "DataParallel: chunk sizes must be non-negative, but chunk ", i, " has size ", sizes[i]);
     }
-    // Note [Empty chunks] (python/torch_dp/data_parallel.py): a device whose size is 0 runs no replica, except the
+    // Note [Empty chunks] (python/torch_dp/arguments.py): a device whose size is 0 runs no replica, except the
     // first, whose replica is the module itself and keeps its buffer updates.
     TORCH_DP_CHECK(
         first_may_be_empty || sizes.empty() || sizes[0] > 0,

@@ -144,7 +144,7 @@ struct ScriptDataParallel::State {
         replicas(engine.options().trust_version_counters()) {}
 
   torch::jit::Module module;
-  detail::ParallelEngine engine;  // devices, lock, pool, split and run (Note [One engine])
+  detail::ParallelEngine engine;  // devices, lock, pool, split and run (Note [One C++ engine])
   ScriptReplicas replicas;
 };
 

@@ -19,7 +19,7 @@ namespace torch_dp {
 namespace detail {
 
 // The indices of the devices that run a replica: all of them, less those whose chunk size is 0 (Note [Empty
-// chunks], python/torch_dp/data_parallel.py).
+// chunks], python/torch_dp/arguments.py).
 std::vector<size_t> devices_that_run(const std::optional<std::vector<int64_t>>& sizes, size_t num_devices) {
   std::vector<size_t> runs;
   for (size_t i = 0; i < num_devices; ++i) {

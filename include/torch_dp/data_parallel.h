@@ -116,7 +116,7 @@ class DataParallelImpl : public torch::nn::Cloneable<DataParallelImpl> {
   friend struct detail::TestAccess;
 
   detail::ModuleCaller module_;
-  std::shared_ptr<detail::ParallelEngine> engine_;  // devices, lock, pool, split and run (Note [One engine])
+  std::shared_ptr<detail::ParallelEngine> engine_;  // devices, lock, pool, split and run (Note [One C++ engine])
   std::shared_ptr<detail::ReplicaSet> replica_set_;
 };
 

@@ -52,7 +52,7 @@ struct FrontEnd {
 
 /// Split, run the replicas, hand their outputs back: one forward of any front-end less its gather, with the state
 /// it needs (the options, the resolved devices, the lock, the worker pool). The front-end supplies its replicas
-/// and the kind of its arguments; run() strings them together (Note [One engine]).
+/// and the kind of its arguments; run() strings them together (Note [One C++ engine]).
 class ParallelEngine {
  public:
   explicit ParallelEngine(DataParallelOptions options, FrontEnd front_end = FrontEnd());

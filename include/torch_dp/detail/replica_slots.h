@@ -24,7 +24,7 @@ namespace torch_dp::detail {
 template <typename Module, typename Part>
 struct ReplicaSlots {
   struct Slot {
-    Module module;                                // the module itself, or a copy
+    Module module;                               // the module itself, or a copy
     std::vector<std::pair<Part*, Part*>> parts;  // (module's, copy's), pre-order; empty for the module itself
   };
 
