@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What it costs torch_dp to find that nothing changed in a module tree between forwards: DictWatch.unchanged()
 on a ResNet-50-sized tree (161 modules, 644 dicts), mean over 2,000 calls after 100 warm-up calls, and how the
-answer is proven on this Python (Note [Watching a module tree] in python/csrc/bindings.cpp): a dict watcher
+answer is proven on this Python (Note [Watching a module tree] in python/csrc/dict_watch.cpp): a dict watcher
 (3.12+), version tags (before 3.12), or a walk over every entry (3.13.0, whose watchers miss module attributes).
 
     python benchmarks/bench_dict_watch.py

@@ -92,18 +92,6 @@ int64_t normalized(int64_t dim, int64_t ndim) {
   return ndim == 0 ? 0 : ((dim % ndim) + ndim) % ndim;
 }
 
-Issuing loss_issuing(Issuing issuing, WorkerPool& pool, const std::vector<c10::Device>& devices) {
-  if (issuing != Issuing::kAuto) {
-    return issuing;
-  }
-  if (resolve_issuing(Issuing::kAuto, devices) == Issuing::kThreads) {
-    return Issuing::kThreads;
-  }
-  // The forward's measurement is the pool's: the loss's tasks follow what it settled, threads until then.
-  const auto settled = pool.settled_auto_issuing();
-  return settled == Issuing::kAuto ? Issuing::kThreads : settled;
-}
-
 }  // namespace
 
 ParallelCriterion::ParallelCriterion(
@@ -311,7 +299,7 @@ at::Tensor ParallelCriterion::forward(const ScatteredOutputs<at::Tensor>& output
     static const auto shared = std::make_shared<WorkerPool>();
     pool = shared;
   }
-  run_replicas(*pool, devices, task, loss_issuing(outputs.issuing, *pool, devices), outputs.reproducible);
+  run_replicas(*pool, devices, task, issuing_after_forward(outputs.issuing, *pool, devices), outputs.reproducible);
 
   const auto destination = outputs.output_device;
   if (mode == LossReduction::kNone) {

@@ -41,7 +41,7 @@
 // caller's to order; and bitwise equal runs on a GPU also need deterministic kernels
 // (torch.use_deterministic_algorithms), a separate matter. Python's synchronized batch norm needs its replicas
 // running at once; there the replicas of each device take turns between the rendezvous instead (Note
-// [Reproducible synchronized batch norm] in sync_batchnorm.py).
+// [Reproducible synchronized batch norm] in sync_group.py).
 
 namespace torch_dp {
 

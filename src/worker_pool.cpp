@@ -295,6 +295,15 @@ Issuing resolve_issuing(Issuing issuing, at::ArrayRef<c10::Device> devices) {
   return Issuing::kAuto;  // replicas sharing one device: settled by the pool (Note [Issuing replicas])
 }
 
+Issuing issuing_after_forward(Issuing issuing, const WorkerPool& pool, at::ArrayRef<c10::Device> devices) {
+  const auto resolved = resolve_issuing(issuing, devices);
+  if (resolved != Issuing::kAuto) {
+    return resolved;
+  }
+  const auto settled = pool.settled_auto_issuing();
+  return settled == Issuing::kAuto ? Issuing::kThreads : settled;
+}
+
 const char* issuing_name(Issuing issuing) {
   switch (issuing) {
     case Issuing::kAuto:

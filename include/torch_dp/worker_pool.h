@@ -63,6 +63,12 @@ class WorkerPool {
 /// settles it by measurement). Other values are returned as they are.
 Issuing resolve_issuing(Issuing issuing, at::ArrayRef<c10::Device> devices);
 
+/// How work that follows a forward on its replicas' devices (a ParallelCriterion's loss) is issued on the forward's
+/// pool: as the forward's `issuing` says; kAuto is kThreads across distinct devices, and for replicas sharing one
+/// device what the pool settled on for the forward (kThreads while it is still measuring, so that the follow-up
+/// work is not timed as a forward). The one rule for both languages' criteria.
+Issuing issuing_after_forward(Issuing issuing, const WorkerPool& pool, at::ArrayRef<c10::Device> devices);
+
 /// "auto", "threads" or "serial".
 const char* issuing_name(Issuing issuing);
 

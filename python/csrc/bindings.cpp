@@ -174,6 +174,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<>())
       .def_property_readonly("num_threads", &torch_dp::WorkerPool::num_threads)
       .def_property_readonly("settled_auto_issuing", &torch_dp::WorkerPool::settled_auto_issuing);
+  m.def(
+      "issuing_after_forward",
+      [](torch_dp::Issuing issuing, const torch_dp::WorkerPool& pool, const std::vector<c10::Device>& devices) {
+        return torch_dp::issuing_after_forward(issuing, pool, devices);
+      },
+      py::arg("issuing"), py::arg("pool"), py::arg("devices"));
 
   m.def(
       "run_replicas",

@@ -54,6 +54,7 @@ class WorkerPool:
     @property
     def settled_auto_issuing(self) -> Issuing: ...
 
+def issuing_after_forward(issuing: Issuing, pool: WorkerPool, devices: Sequence[torch.device]) -> Issuing: ...
 def run_replicas(
     pool: WorkerPool,
     devices: Sequence[torch.device],

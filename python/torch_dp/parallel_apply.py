@@ -57,7 +57,7 @@ def _parallel_apply(
     compiled_sync_batchnorm: Sequence[str] = (),
 ) -> list[Any]:
     """Runs replica i on inputs[i] and kwargs_tup[i] on the pool, issued as `issuing` says (Note [Issuing
-    replicas] in parallel_apply.cpp). With `synchronize` (replicas holding SyncBatchNorm layers), those layers
+    replicas] in worker_pool.cpp). With `synchronize` (replicas holding SyncBatchNorm layers), those layers
     meet across replicas (Note [Synchronized batch norm]); only for a pool no other call can use at the same
     time, since replicas waiting for each other must all be running. `compiled` (replicas of a torch.compile
     wrapper) makes "auto" serial on one device (Note [Compiled replicas] in replicate.py). With `reproducible`,
@@ -172,7 +172,7 @@ def parallel_apply(
 # DataParallel in the middle of a forward on a background thread) would stay held there forever, and the
 # child's first forward would hang. The child gets fresh locks, and every _Replicas drops its watch so that its
 # next sync() rebuilds it (the other thread may have been half-way through updating it); the worker pools
-# notice the new process on their own (Note [Worker pool] in parallel_apply.cpp). Each module that keeps such
+# notice the new process on their own (Note [Worker pool] in worker_pool.cpp). Each module that keeps such
 # state resets its own with os.register_at_fork: this one the default pool's lock, replicate.py every
 # _Replicas, data_parallel.py the functional form's lock.
 #

@@ -127,7 +127,7 @@ def _is_compile_wrapper(module: torch.nn.Module) -> bool:
 
 class _Replicas:
     """Persistent replicas of one module over a list of devices (Note [Persistent replicas] in replicate.cpp,
-    Note [Watching a module tree] in bindings.cpp).
+    Note [Watching a module tree] in dict_watch.cpp).
 
     Replica modules are built with ``Module._replicate_for_data_parallel`` (as PyTorch does, so modules that
     customise it, such as RNNs, keep working) once, and again only when the module tree changed. Their tensors

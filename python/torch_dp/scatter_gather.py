@@ -73,7 +73,7 @@ def _check_sizes_fit(obj: Any, sizes: Sequence[int], dim: int, roots: tuple[str,
 #    every tensor and its chunk count.
 # With chunk_sizes the batch has sum(chunk_sizes) rows; a tensor of another size that holds one value per replica
 # is split as without chunk_sizes (torch.chunk over every device), and each replica that runs gets its device's
-# chunk. Replicas whose chunk_sizes entry is 0 do not run (Note [Empty chunks] in data_parallel.py).
+# chunk. Replicas whose chunk_sizes entry is 0 do not run (Note [Empty chunks] in arguments.py).
 # data_parallel.cpp applies the same rule to the C++ module's arguments.
 def _is_expanded(tensor: torch.Tensor, dim: int) -> bool:
     """Whether tensor's rows along dim are one row repeated by construction (expand, broadcast_to)."""
@@ -118,7 +118,7 @@ def _cut_to_batch(
 
 def _devices_that_run(sizes: Sequence[int]) -> list[int]:
     """The indices of the devices that run a replica: those whose chunk size is not 0 (Note [Empty chunks] in
-    data_parallel.py)."""
+    arguments.py)."""
     return [i for i, n in enumerate(sizes) if n > 0]
 
 

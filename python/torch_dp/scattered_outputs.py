@@ -90,18 +90,6 @@ class ScatteredOutputs(Sequence):
     def _run(self, tasks: list[Callable[[], Any]], devices: list[torch.device]) -> list[Any]:
         """tasks[i]() on devices[i], on the forward's worker pool (same thread-local state and streams)."""
         pool = self._pool if self._pool is not None else _default_pool()
-        issuing = _loss_issuing(self._issuing, pool, devices)
+        issuing = _C.issuing_after_forward(getattr(_C.Issuing, self._issuing), pool, devices).name
         extra = {"reproducible": True} if self._reproducible else {}  # as the forward ran
         return _parallel_apply(tasks, [()] * len(tasks), [{}] * len(tasks), devices, pool, issuing=issuing, **extra)
-
-
-def _loss_issuing(issuing: str, pool: Any, devices: list[torch.device]) -> str:
-    """How the loss's tasks run: as the forward's `issuing` says; "auto" resolves to threads across devices, and
-    to whatever the pool settled on for the forward where replicas share one device (threads while it is still
-    measuring, so that the loss's tasks do not count as forward timings)."""
-    if issuing != "auto":
-        return issuing
-    if len(set(devices)) > 1:
-        return "threads"
-    settled = pool.settled_auto_issuing
-    return "threads" if settled == _C.Issuing.auto else settled.name

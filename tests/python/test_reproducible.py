@@ -1,6 +1,6 @@
 """DataParallel(reproducible=True) and data_parallel(..., reproducible=True): two runs with the same seed are
 bitwise equal, random ops in the forward included, for replicas sharing a device (Note [Reproducible replicas]
-in parallel_apply.cpp, Note [Reproducible synchronized batch norm] in sync_batchnorm.py).
+in parallel_apply.cpp, Note [Reproducible synchronized batch norm] in sync_group.py).
 
 Thread timing is what makes runs differ without the option, and on a quiet machine it may happen to repeat. So
 the models sleep, before their random ops, for a time read from their chunk of a `delay` input: one run lets the
