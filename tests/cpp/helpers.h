@@ -85,6 +85,17 @@ inline std::vector<c10::Device> cpus(size_t n) {
   return std::vector<c10::Device>(n, kCpu);
 }
 
+/// What fn threw (its what()), or "(no error)": for CHECK_THAT on an error's text where a REQUIRE_THROWS_WITH would
+/// print a c10::Error's backtrace too.
+inline std::string error_of(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const std::exception& error) {
+    return error.what();
+  }
+  return "(no error)";
+}
+
 inline bool same_impl(const at::Tensor& a, const at::Tensor& b) {
   return a.unsafeGetTensorImpl() == b.unsafeGetTensorImpl();
 }

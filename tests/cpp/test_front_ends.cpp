@@ -20,6 +20,7 @@
 
 using tdp_test::Contains;
 using tdp_test::cpus;
+using tdp_test::error_of;
 using tdp_test::exported_dir;
 
 namespace {
@@ -63,18 +64,21 @@ torch::nn::Sequential eager_model() {
   return model;
 }
 
+/// Adds `value` to the last bias of an eager model, in place: the edit of the weights a user makes between calls.
+std::function<void(double)> add_to_last_bias(torch::nn::Sequential model) {
+  return [model](double value) {
+    torch::NoGradGuard no_grad;
+    model->parameters().back().add_(value);
+  };
+}
+
 std::vector<FrontEnd> front_ends() {
   return {
       {"DataParallel",
        [](const torch_dp::DataParallelOptions& options) {
          auto model = eager_model();
          auto parallel = torch_dp::DataParallel(model, options);
-         return Made{
-             [parallel](const at::Tensor& x) mutable { return parallel->forward(x); },
-             [model](double value) {
-               torch::NoGradGuard no_grad;
-               model->parameters().back().add_(value);
-             }};
+         return Made{[parallel](const at::Tensor& x) mutable { return parallel->forward(x); }, add_to_last_bias(model)};
        },
        true, false},
       {"data_parallel",
@@ -84,10 +88,7 @@ std::vector<FrontEnd> front_ends() {
              [model, options](const at::Tensor& x) {
                return torch_dp::data_parallel(model, x, options.devices(), options.output_device(), options.dim());
              },
-             [model](double value) {
-               torch::NoGradGuard no_grad;
-               model->parameters().back().add_(value);
-             }};
+             add_to_last_bias(model)};
        },
        false, false},
       {"ScriptDataParallel",
@@ -122,15 +123,6 @@ bool close(const at::Tensor& a, const at::Tensor& b) {
 
 torch_dp::DataParallelOptions cpu_options(size_t replicas) {
   return torch_dp::DataParallelOptions(cpus(replicas));
-}
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& error) {
-    return error.what();
-  }
-  return "(no error)";
 }
 
 }  // namespace

@@ -15,6 +15,7 @@
 
 using tdp_test::Contains;
 using tdp_test::cpus;
+using tdp_test::error_of;
 using tdp_test::exported_dir;
 
 namespace {
@@ -39,15 +40,6 @@ torch_dp::DataParallelOptions options_for(std::vector<c10::Device> devices) {
 
 bool same(const at::Tensor& a, const at::Tensor& b) {
   return a.sizes() == b.sizes() && a.device() == b.device() && at::allclose(a, b, 1e-5, 1e-6);
-}
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const std::exception& error) {
-    return error.what();
-  }
-  return "(no error)";
 }
 
 }  // namespace

@@ -34,7 +34,7 @@ def export_script():
     return module
 
 
-def exported(directory, *extra):
+def exported_files(directory, *extra):
     """`directory`, after export_model.py wrote its files there unless they are all present already."""
     if not all(os.path.exists(os.path.join(directory, name)) for name in EXPORTED_FILES):
         os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import torch_dp
-from exported import cache_dir, eager_model, exported
+from exported import cache_dir, eager_model, exported_files
 from helpers import cpus, run_in_threads
 
 
@@ -85,7 +85,7 @@ def front_ends(option=None):
 
 @pytest.fixture(scope="module")
 def files():
-    directory = exported(cache_dir())
+    directory = exported_files(cache_dir())
     return Files(directory, eager_model(directory))
 
 

@@ -6,14 +6,8 @@ exported-<version>, or $TORCH_DP_EXPORTED_DIR, which scripts/test.sh sets): exam
 the model of the examples, and this module adds a model with nested inputs and outputs. A missing file is compiled
 again (half a minute each on two CPU cores); a present one costs nothing."""
 
-import importlib.util
 import os
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
-import warnings
 import zipfile
 
 import pytest
@@ -21,39 +15,8 @@ import torch
 from torch import nn
 
 import torch_dp
+from exported import cache_dir, eager_model, exported_files
 from helpers import cpus, run_in_threads
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-EXPORT_SCRIPT = os.path.join(ROOT, "examples", "python", "export_model.py")
-EXPORTED_FILES = ("model.pt", "model.pt2", "input.pt", "expected.pt")
-
-
-def _cache_dir(device="cpu"):
-    """$TORCH_DP_EXPORTED_DIR ($TORCH_DP_EXPORTED_CUDA_DIR for CUDA), as scripts/lib/ensure_exported.sh sets them, else
-    the same default folder."""
-    variable, suffix = ("TORCH_DP_EXPORTED_DIR", "") if device == "cpu" else ("TORCH_DP_EXPORTED_CUDA_DIR", "-cuda")
-    default = os.path.join(os.path.expanduser("~"), ".cache", "torch_dp", f"exported-{torch.__version__}{suffix}")
-    return os.environ.get(variable) or default
-
-
-def _export_script():
-    spec = importlib.util.spec_from_file_location("export_model", EXPORT_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _exported(directory, *extra):
-    """`directory`, after export_model.py wrote its files there unless they are all present already."""
-    if not all(os.path.exists(os.path.join(directory, name)) for name in EXPORTED_FILES):
-        os.makedirs(os.path.dirname(os.path.abspath(directory)), exist_ok=True)
-        staging = tempfile.mkdtemp(prefix="exported-", dir=os.path.dirname(os.path.abspath(directory)))
-        subprocess.run([sys.executable, EXPORT_SCRIPT, staging, *extra], check=True, stdout=subprocess.DEVNULL)
-        os.makedirs(directory, exist_ok=True)
-        for name in EXPORTED_FILES:  # the package last: its presence says the rest is there
-            os.replace(os.path.join(staging, name), os.path.join(directory, name))
-        shutil.rmtree(staging, ignore_errors=True)
-    return directory
 
 
 class TreeModel(nn.Module):
@@ -92,12 +55,8 @@ def _tree_package(directory):
 @pytest.fixture(scope="session")
 def exported():
     """(folder, eager model): export_model.py's files, and its model with the package's weights."""
-    directory = _exported(_cache_dir())
-    model = _export_script().Model().eval()
-    with warnings.catch_warnings():  # torch.jit's deprecation warnings: the weights are all this reads
-        warnings.simplefilter("ignore", DeprecationWarning)
-        model.load_state_dict(torch.jit.load(os.path.join(directory, "model.pt")).state_dict())
-    return directory, model
+    directory = exported_files(cache_dir())
+    return directory, eager_model(directory)
 
 
 @pytest.fixture(scope="session")
@@ -339,7 +298,7 @@ def test_bad_arguments(package):
 
 @pytest.fixture(scope="session")
 def cuda_package():
-    return os.path.join(_exported(_cache_dir("cuda"), "--device", "cuda"), "model.pt2")
+    return os.path.join(exported_files(cache_dir("cuda"), "--device", "cuda"), "model.pt2")
 
 
 @pytest.mark.cuda(1)
