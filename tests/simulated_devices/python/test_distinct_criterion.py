@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import torch_dp
-from distinct import cpu
+from distinct import assert_gradients_match, cpu
 from simulated_devices import NAME
 
 DT = torch.float64
@@ -83,14 +83,7 @@ def train_side_by_side(device_ids, reduction, lean, chunk_sizes=None, output_dev
         torch.testing.assert_close(cpu(value), expected, msg=lambda m, step=step: f"step {step} loss: {m}", **TOL)
         value.backward()
         expected.backward()
-        torch.testing.assert_close(
-            cpu(x.grad), x_ref.grad, msg=lambda m, step=step: f"step {step} input grads: {m}", **TOL
-        )
-        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-            assert p.grad.device == source
-            torch.testing.assert_close(
-                cpu(p.grad), q.grad, msg=lambda m, step=step, name=name: f"step {step} {name}.grad: {m}", **TOL
-            )
+        assert_gradients_match(x, x_ref, model, reference, source, step, TOL)
         for o in (optimizer, reference_optimizer):
             o.step()
             o.zero_grad()

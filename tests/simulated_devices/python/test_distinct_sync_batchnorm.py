@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import torch_dp
-from distinct import cpu, sims
+from distinct import assert_gradients_match, cpu, sims
 from helpers import conv_bn_net as convnet, run_with_timeout
 
 DT = torch.float64
@@ -37,14 +37,7 @@ def assert_trains_like_whole_batch(device_ids, rows=10, steps=3, make_model=conv
         torch.testing.assert_close(cpu(out), out_ref, msg=lambda m, step=step: f"step {step} outputs: {m}", **TOL)
         out.square().sum().backward()
         out_ref.square().sum().backward()
-        torch.testing.assert_close(
-            cpu(x.grad), x_ref.grad, msg=lambda m, step=step: f"step {step} input grads: {m}", **TOL
-        )
-        for (name, p), p_ref in zip(model.named_parameters(), reference.parameters()):
-            assert p.grad.device == source
-            torch.testing.assert_close(
-                cpu(p.grad), p_ref.grad, msg=lambda m, step=step, name=name: f"step {step} {name}.grad: {m}", **TOL
-            )
+        assert_gradients_match(x, x_ref, model, reference, source, step, TOL)
         for o in (optimizer, reference_optimizer):
             o.step()
             o.zero_grad()
