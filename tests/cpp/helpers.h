@@ -138,20 +138,29 @@ inline void require_finishes(const std::function<void()>& fn, const char* what, 
 
 const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
 
-/// Every parameter of `a` has one of the same name in `b`, close64 up to `tol`.
-inline bool same_parameters(torch::nn::Module& a, torch::nn::Module& b, double tol = 1e-12) {
-  auto pa = a.named_parameters();
-  auto pb = b.named_parameters();
-  if (pa.size() != pb.size()) {
+/// `x` and `y` hold tensors of the same names (as many, whatever their order), and `same(mine, theirs)` holds for
+/// the two tensors of every name.
+template <typename Same>
+bool match_by_name(
+    const torch::OrderedDict<std::string, at::Tensor>& x, const torch::OrderedDict<std::string, at::Tensor>& y,
+    const Same& same) {
+  if (x.size() != y.size()) {
     return false;
   }
-  for (const auto& item : pa) {
-    const auto* other = pb.find(item.key());
-    if (other == nullptr || !close64(item.value(), *other, tol)) {
+  for (const auto& item : x) {
+    const auto* other = y.find(item.key());
+    if (other == nullptr || !same(item.value(), *other)) {
       return false;
     }
   }
   return true;
+}
+
+/// Every parameter of `a` has one of the same name in `b`, close64 up to `tol`.
+inline bool same_parameters(torch::nn::Module& a, torch::nn::Module& b, double tol = 1e-12) {
+  return match_by_name(a.named_parameters(), b.named_parameters(), [tol](const at::Tensor& x, const at::Tensor& y) {
+    return close64(x, y, tol);
+  });
 }
 
 /// The gradients of the parameters, in order: both undefined, or close64 up to `tol`.

@@ -32,6 +32,7 @@ using tdp_test::Contains;
 using tdp_test::ConvBn;
 using tdp_test::f64;
 using tdp_test::make_net;
+using tdp_test::match_by_name;
 using tdp_test::names;
 using tdp_test::Net;
 using tdp_test::on;
@@ -50,47 +51,22 @@ std::vector<c10::Device> device_list(int which) {
 /// Every parameter and buffer of `a` equals the one of the same name in `b` (floating ones up to `tol`), whatever
 /// their devices.
 bool same_state(torch::nn::Module& a, torch::nn::Module& b, double tol = 1e-12) {
-  for (const auto& [x, y] :
-       {std::pair{a.named_parameters(), b.named_parameters()}, std::pair{a.named_buffers(), b.named_buffers()}}) {
-    if (x.size() != y.size()) {
-      return false;
-    }
-    for (const auto& item : x) {
-      const auto* other = y.find(item.key());
-      if (other == nullptr) {
-        return false;
-      }
-      const auto mine = item.value().cpu();
-      const auto theirs = other->cpu();
-      const bool same =
-          mine.is_floating_point() ? close64(mine, theirs, tol) : mine.dtype() == theirs.dtype() && mine.equal(theirs);
-      if (!same) {
-        return false;
-      }
-    }
-  }
-  return true;
+  const auto same = [tol](const at::Tensor& x, const at::Tensor& y) {
+    const auto mine = x.cpu();
+    const auto theirs = y.cpu();
+    return mine.is_floating_point() ? close64(mine, theirs, tol) : mine.dtype() == theirs.dtype() && mine.equal(theirs);
+  };
+  return match_by_name(a.named_parameters(), b.named_parameters(), same) &&
+         match_by_name(a.named_buffers(), b.named_buffers(), same);
 }
 
 /// The parameters' gradients, by name: both undefined, or close64 up to `tol`, whatever their devices.
 bool grads_match(torch::nn::Module& a, torch::nn::Module& b, double tol = 1e-12) {
-  auto x = a.named_parameters();
-  auto y = b.named_parameters();
-  if (x.size() != y.size()) {
-    return false;
-  }
-  for (const auto& item : x) {
-    const auto* other = y.find(item.key());
-    if (other == nullptr) {
-      return false;
-    }
-    const auto& g = item.value().grad();
-    const auto& h = other->grad();
-    if (g.defined() != h.defined() || (g.defined() && !close_cpu(g, h, tol))) {
-      return false;
-    }
-  }
-  return true;
+  return match_by_name(a.named_parameters(), b.named_parameters(), [tol](const at::Tensor& x, const at::Tensor& y) {
+    const auto& g = x.grad();
+    const auto& h = y.grad();
+    return g.defined() == h.defined() && (!g.defined() || close_cpu(g, h, tol));
+  });
 }
 
 /// Every parameter and buffer of the module is on `device`.

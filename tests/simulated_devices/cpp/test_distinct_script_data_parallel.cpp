@@ -92,6 +92,19 @@ bool same_grads(const torch::jit::Module& a, const torch::jit::Module& b, double
   return true;
 }
 
+/// One training step's checks: the output on `device` and equal to the reference's; after a backward through
+/// both, equal gradients, parameters and buffers.
+void check_training_step(
+    const Tensor& output, const Tensor& expected, c10::Device device, const torch::jit::Module& module,
+    const torch::jit::Module& reference) {
+  REQUIRE(on(output, device));
+  REQUIRE(close_cpu(output, expected));
+  output.pow(2).sum().backward();
+  expected.pow(2).sum().backward();
+  REQUIRE(same_grads(module, reference));
+  REQUIRE(same_state(module, reference));
+}
+
 /// Parameters and buffers copied to the CPU, to check that nothing changed.
 std::vector<Tensor> snapshot(const torch::jit::Module& module) {
   std::vector<Tensor> result;
@@ -256,12 +269,7 @@ TEST_CASE(
       const auto input = torch::randn({6, 4}, f64);
       auto output = parallel.forward(input.to(devices[0]));
       auto expected = chunk_by_chunk(reference, input, devices.size(), sizes);
-      REQUIRE(on(output, output_device));
-      REQUIRE(close_cpu(output, expected));
-      output.pow(2).sum().backward();
-      expected.pow(2).sum().backward();
-      REQUIRE(same_grads(module, reference));
-      REQUIRE(same_state(module, reference));
+      check_training_step(output, expected, output_device, module, reference);
       sgd_step(module, 0.1);
       sgd_step(reference, 0.1);
     }
@@ -276,12 +284,7 @@ TEST_CASE(
       const auto input = torch::randn({rows, 4}, f64);
       auto output = parallel.forward(input);  // from the CPU
       auto expected = chunk_by_chunk(reference, input, devices.size());
-      REQUIRE(on(output, output_device));
-      REQUIRE(close_cpu(output, expected));
-      output.pow(2).sum().backward();
-      expected.pow(2).sum().backward();
-      REQUIRE(same_grads(module, reference));
-      REQUIRE(same_state(module, reference));
+      check_training_step(output, expected, output_device, module, reference);
     }
   }
 }
