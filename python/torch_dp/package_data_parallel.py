@@ -19,6 +19,7 @@ from torch_dp.arguments import (
     _checked_issuing,
     _public_id,
 )
+from torch_dp.parallel_apply import _ISSUING
 
 __all__ = ["PackageDataParallel"]
 
@@ -84,7 +85,7 @@ class PackageDataParallel:
             target,
             dim,
             list(self.chunk_sizes) if self.chunk_sizes is not None else None,
-            getattr(_C.Issuing, self.issuing),
+            _ISSUING[self.issuing],
         )
         in_spec, out_spec = self._impl.call_spec
         self._in_spec = _loaded_spec(in_spec, path, "inputs")

@@ -12,7 +12,7 @@ import torch.utils._pytree as pytree
 
 from torch_dp import _C
 from torch_dp.arguments import DeviceLike, _as_output_device, _checked_dim, _checked_issuing
-from torch_dp.parallel_apply import _default_pool, _parallel_apply
+from torch_dp.parallel_apply import _ISSUING, _default_pool, _parallel_apply
 from torch_dp.scatter_gather import _gather
 
 __all__ = ["ScatteredOutputs"]
@@ -90,6 +90,6 @@ class ScatteredOutputs(Sequence):
     def _run(self, tasks: list[Callable[[], Any]], devices: list[torch.device]) -> list[Any]:
         """tasks[i]() on devices[i], on the forward's worker pool (same thread-local state and streams)."""
         pool = self._pool if self._pool is not None else _default_pool()
-        issuing = _C.issuing_after_forward(getattr(_C.Issuing, self._issuing), pool, devices).name
+        issuing = _C.issuing_after_forward(_ISSUING[self._issuing], pool, devices).name
         extra = {"reproducible": True} if self._reproducible else {}  # as the forward ran
         return _parallel_apply(tasks, [()] * len(tasks), [{}] * len(tasks), devices, pool, issuing=issuing, **extra)
