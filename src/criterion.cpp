@@ -15,14 +15,8 @@
 #include <variant>
 #include <vector>
 
-// Note [Reducing a loss over chunks]
-// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-// The same rule as the Python package's ParallelCriterion (python/torch_dp/criterion.py, where the denominators
-// read from PyTorch's implementation are listed): the mean of a loss over a batch is a sum over its elements
-// divided by a denominator, both sums over the rows of the batch, so every replica computes its chunk's sum (the
-// loss with reduction "sum") and its chunk's denominator, and the result is sum(sums) / sum(denominators) on the
-// output device. Dividing the replicas' sum by their count (PyTorch-Encoding's DataParallelCriterion) is wrong
-// for uneven chunks, and for class weights or ignore_index even with equal chunks.
+// ParallelCriterion runs the exact rules of loss_rules.h (Note [Reducing a loss over chunks] there) or a callable on
+// every replica's chunk, and reduces the parts on the output device.
 
 namespace torch_dp {
 namespace {
@@ -45,171 +39,97 @@ std::string reduction_name(const Variant& reduction) {
       reduction);
 }
 
-at::Tensor count_of(int64_t n) {
-  return at::scalar_tensor(static_cast<double>(n), at::kDouble);
-}
-
-int64_t broadcast_numel(const at::Tensor& a, const at::Tensor& b) {
-  int64_t n = 1;
-  for (auto size : at::infer_size(a.sizes(), b.sizes())) {
-    n *= size;
-  }
-  return n;
-}
-
-std::optional<at::Tensor> on(const at::Tensor& tensor, const at::Tensor& like) {
-  if (!tensor.defined()) {
-    return std::nullopt;
-  }
-  return tensor.to(like.device());
-}
-
-// The denominator of NLL's and CrossEntropy's mean over class-index targets: the weights of the targets not
-// ignored (their count without weight).
-at::Tensor class_count(const at::Tensor& target, const at::Tensor& weight, int64_t ignore_index) {
-  auto keep = target.ne(ignore_index);
-  if (!weight.defined()) {
-    return keep.sum();
-  }
-  auto w = weight.to(target.device()).index_select(0, target.masked_fill(keep.logical_not(), 0).flatten());
-  return at::where(keep.flatten(), w, at::zeros({}, w.options())).sum();
-}
-
-// A BCE weight that differs along the split dimension would have to be split with the batch.
-void check_not_per_row(
-    const char* name, const char* what, const at::Tensor& tensor, const at::Tensor& input, int64_t dim) {
-  if (!tensor.defined() || tensor.dim() == 0 || input.dim() == 0) {
-    return;
-  }
-  const auto position = ((dim % input.dim()) + input.dim()) % input.dim() - (input.dim() - tensor.dim());
-  TORCH_CHECK(
-      position < 0 || tensor.size(position) == 1, "ParallelCriterion: ", name, "'s ", what, " has size ",
-      position >= 0 ? tensor.size(position) : 1, " along the dimension the batch is split on (dim ", dim,
-      " of the input), so it cannot be given to every replica whole; pass per-row weights to a callable instead");
-}
-
-int64_t normalized(int64_t dim, int64_t ndim) {
-  return ndim == 0 ? 0 : ((dim % ndim) + ndim) % ndim;
+// The rule of a torch::nn loss module: its name, and its options as they are when the rule is read.
+template <typename Loss>
+detail::RuleReader rule_of(std::string name, Loss loss, void (*fill)(const Loss&, detail::LossRule&)) {
+  return {[name = std::move(name), loss = std::move(loss), fill] {
+    detail::LossRule rule;
+    rule.name = name;
+    rule.reduction = reduction_name(loss->options.reduction());
+    if (fill != nullptr) {
+      fill(loss, rule);
+    }
+    return rule;
+  }};
 }
 
 }  // namespace
 
-ParallelCriterion::ParallelCriterion(
-    std::string name, detail::ExactRule rule, std::function<std::string()> reduction, bool drops_class_dim,
-    Options options)
-    : name_(std::move(name)),
-      exact_(std::move(rule)),
-      reduction_(std::move(reduction)),
-      drops_class_dim_(drops_class_dim),
-      options_(std::move(options)) {
-  TORCH_CHECK(
-      !options_.reduction().has_value(), "ParallelCriterion takes the reduction of ", name_,
-      " from the module (reduction \"", reduction_(), "\"); set it in the module's options instead");
-  const auto current = reduction_();
-  TORCH_CHECK(
-      current != "batchmean" || name_ == "KLDivLoss", "ParallelCriterion: reduction \"batchmean\" is KLDivLoss's only");
+ParallelCriterion::ParallelCriterion(detail::RuleReader rule, Options options)
+    : rule_(std::move(rule)), options_(std::move(options)) {
+  const auto current = rule_.read();
+  TORCH_CHECK_VALUE(
+      !options_.reduction().has_value(), "ParallelCriterion takes the reduction of ", current.name,
+      " from the module (reduction \"", current.reduction, "\"); set it in the module's options instead");
+  detail::check_loss_reduction(current);
 }
 
 ParallelCriterion::ParallelCriterion(torch::nn::CrossEntropyLoss loss, Options options)
     : ParallelCriterion(
-          "CrossEntropyLoss",
-          [loss](const at::Tensor& input, const at::Tensor& target, int64_t reduction, int64_t, bool) {
-            const auto& o = loss->options;
-            auto value = at::cross_entropy_loss(
-                input, target, on(loss->weight, input), reduction, o.ignore_index(), o.label_smoothing());
-            if (input.sizes() == target.sizes()) {  // class probabilities: divided by the number of samples
-              const auto classes = input.dim() > 1 ? input.size(1) : input.size(0);
-              return std::make_pair(value, count_of(classes == 0 ? 0 : input.numel() / classes));
-            }
-            return std::make_pair(value, class_count(target, loss->weight, o.ignore_index()));
-          },
-          [loss] { return reduction_name(loss->options.reduction()); }, true, std::move(options)) {}
+          rule_of<torch::nn::CrossEntropyLoss>(
+              "CrossEntropyLoss", std::move(loss),
+              [](const torch::nn::CrossEntropyLoss& m, detail::LossRule& rule) {
+                rule.weight = m->weight;
+                rule.ignore_index = m->options.ignore_index();
+                rule.label_smoothing = m->options.label_smoothing();
+              }),
+          std::move(options)) {}
 
 ParallelCriterion::ParallelCriterion(torch::nn::NLLLoss loss, Options options)
     : ParallelCriterion(
-          "NLLLoss",
-          [loss](const at::Tensor& input, const at::Tensor& target, int64_t reduction, int64_t, bool) {
-            const auto& o = loss->options;
-            auto value = at::nll_loss_nd(input, target, on(loss->weight, input), reduction, o.ignore_index());
-            return std::make_pair(value, class_count(target, loss->weight, o.ignore_index()));
-          },
-          [loss] { return reduction_name(loss->options.reduction()); }, true, std::move(options)) {}
+          rule_of<torch::nn::NLLLoss>(
+              "NLLLoss", std::move(loss),
+              [](const torch::nn::NLLLoss& m, detail::LossRule& rule) {
+                rule.weight = m->weight;
+                rule.ignore_index = m->options.ignore_index();
+              }),
+          std::move(options)) {}
 
 ParallelCriterion::ParallelCriterion(torch::nn::MSELoss loss, Options options)
-    : ParallelCriterion(
-          "MSELoss",
-          [](const at::Tensor& input, const at::Tensor& target, int64_t reduction, int64_t, bool) {
-            return std::make_pair(at::mse_loss(input, target, reduction), count_of(broadcast_numel(input, target)));
-          },
-          [loss] { return reduction_name(loss->options.reduction()); }, false, std::move(options)) {}
+    : ParallelCriterion(rule_of<torch::nn::MSELoss>("MSELoss", std::move(loss), nullptr), std::move(options)) {}
 
 ParallelCriterion::ParallelCriterion(torch::nn::L1Loss loss, Options options)
-    : ParallelCriterion(
-          "L1Loss",
-          [](const at::Tensor& input, const at::Tensor& target, int64_t reduction, int64_t, bool) {
-            return std::make_pair(at::l1_loss(input, target, reduction), count_of(broadcast_numel(input, target)));
-          },
-          [loss] { return reduction_name(loss->options.reduction()); }, false, std::move(options)) {}
+    : ParallelCriterion(rule_of<torch::nn::L1Loss>("L1Loss", std::move(loss), nullptr), std::move(options)) {}
 
 ParallelCriterion::ParallelCriterion(torch::nn::SmoothL1Loss loss, Options options)
     : ParallelCriterion(
-          "SmoothL1Loss",
-          [loss](const at::Tensor& input, const at::Tensor& target, int64_t reduction, int64_t, bool) {
-            const double beta = loss->options.beta().value_or(1.0);
-            return std::make_pair(
-                at::smooth_l1_loss(input, target, reduction, beta), count_of(broadcast_numel(input, target)));
-          },
-          [loss] { return reduction_name(loss->options.reduction()); }, false, std::move(options)) {}
+          rule_of<torch::nn::SmoothL1Loss>(
+              "SmoothL1Loss", std::move(loss),
+              [](const torch::nn::SmoothL1Loss& m, detail::LossRule& rule) {
+                rule.beta = m->options.beta().value_or(1.0);
+              }),
+          std::move(options)) {}
 
 ParallelCriterion::ParallelCriterion(torch::nn::HuberLoss loss, Options options)
     : ParallelCriterion(
-          "HuberLoss",
-          [loss](const at::Tensor& input, const at::Tensor& target, int64_t reduction, int64_t, bool) {
-            return std::make_pair(
-                at::huber_loss(input, target, reduction, loss->options.delta()),
-                count_of(broadcast_numel(input, target)));
-          },
-          [loss] { return reduction_name(loss->options.reduction()); }, false, std::move(options)) {}
+          rule_of<torch::nn::HuberLoss>(
+              "HuberLoss", std::move(loss),
+              [](const torch::nn::HuberLoss& m, detail::LossRule& rule) { rule.delta = m->options.delta(); }),
+          std::move(options)) {}
 
 ParallelCriterion::ParallelCriterion(torch::nn::BCELoss loss, Options options)
     : ParallelCriterion(
-          "BCELoss",
-          [loss](const at::Tensor& input, const at::Tensor& target, int64_t reduction, int64_t dim, bool) {
-            const auto& weight = loss->options.weight();
-            check_not_per_row("BCELoss", "weight", weight, input, dim);
-            return std::make_pair(
-                at::binary_cross_entropy(input, target, on(weight, input), reduction), count_of(input.numel()));
-          },
-          [loss] { return reduction_name(loss->options.reduction()); }, false, std::move(options)) {}
+          rule_of<torch::nn::BCELoss>(
+              "BCELoss", std::move(loss),
+              [](const torch::nn::BCELoss& m, detail::LossRule& rule) { rule.weight = m->options.weight(); }),
+          std::move(options)) {}
 
 ParallelCriterion::ParallelCriterion(torch::nn::BCEWithLogitsLoss loss, Options options)
     : ParallelCriterion(
-          "BCEWithLogitsLoss",
-          [loss](const at::Tensor& input, const at::Tensor& target, int64_t reduction, int64_t dim, bool) {
-            check_not_per_row("BCEWithLogitsLoss", "weight", loss->weight, input, dim);
-            check_not_per_row("BCEWithLogitsLoss", "pos_weight", loss->pos_weight, input, dim);
-            auto value = at::binary_cross_entropy_with_logits(
-                input, target, on(loss->weight, input), on(loss->pos_weight, input), reduction);
-            return std::make_pair(value, count_of(input.numel()));
-          },
-          [loss] { return reduction_name(loss->options.reduction()); }, false, std::move(options)) {}
+          rule_of<torch::nn::BCEWithLogitsLoss>(
+              "BCEWithLogitsLoss", std::move(loss),
+              [](const torch::nn::BCEWithLogitsLoss& m, detail::LossRule& rule) {
+                rule.weight = m->weight;
+                rule.pos_weight = m->pos_weight;
+              }),
+          std::move(options)) {}
 
 ParallelCriterion::ParallelCriterion(torch::nn::KLDivLoss loss, Options options)
     : ParallelCriterion(
-          "KLDivLoss",
-          [loss](const at::Tensor& input, const at::Tensor& target, int64_t reduction, int64_t dim, bool first) {
-            auto value = at::kl_div(input, target, reduction, loss->options.log_target());
-            if (reduction_name(loss->options.reduction()) != "batchmean") {
-              return std::make_pair(value, count_of(broadcast_numel(input, target)));
-            }
-            // batchmean divides by input.size(0): the sum of the chunks' when the batch is split along dim 0.
-            if (input.dim() == 0) {
-              return std::make_pair(value, count_of(first ? 1 : 0));
-            }
-            const bool rows = normalized(dim, input.dim()) == 0;
-            return std::make_pair(value, count_of(rows || first ? input.size(0) : 0));
-          },
-          [loss] { return reduction_name(loss->options.reduction()); }, false, std::move(options)) {}
+          rule_of<torch::nn::KLDivLoss>(
+              "KLDivLoss", std::move(loss),
+              [](const torch::nn::KLDivLoss& m, detail::LossRule& rule) { rule.log_target = m->options.log_target(); }),
+          std::move(options)) {}
 
 ParallelCriterion::ParallelCriterion(LossFn loss, Options options)
     : loss_(std::move(loss)), options_(std::move(options)) {
@@ -262,17 +182,16 @@ at::Tensor ParallelCriterion::forward(const ScatteredOutputs<at::Tensor>& output
     devices.push_back(outputs.devices[i]);
   }
 
-  const bool exact = static_cast<bool>(exact_);
-  const std::string reduction = exact ? reduction_() : "";
+  const bool exact = static_cast<bool>(rule_.read);
+  detail::LossRule rule;
   if (exact) {
-    TORCH_CHECK(
-        reduction == "mean" || reduction == "sum" || reduction == "none" ||
-            (reduction == "batchmean" && name_ == "KLDivLoss"),
-        "ParallelCriterion: unsupported reduction \"", reduction, "\" for ", name_);
+    rule = rule_.read();
+    detail::check_loss_reduction(rule);
   }
-  const auto mode = exact ? (reduction == "none" ? LossReduction::kNone
-                                                 : (reduction == "sum" ? LossReduction::kSum : LossReduction::kMean))
-                          : options_.reduction().value_or(LossReduction::kMean);
+  const auto mode =
+      exact ? (rule.reduction == "none" ? LossReduction::kNone
+                                        : (rule.reduction == "sum" ? LossReduction::kSum : LossReduction::kMean))
+            : options_.reduction().value_or(LossReduction::kMean);
 
   std::vector<at::Tensor> values(runs.size());
   std::vector<at::Tensor> counts(runs.size());
@@ -284,8 +203,7 @@ at::Tensor ParallelCriterion::forward(const ScatteredOutputs<at::Tensor>& output
       std::tie(input, chunk_target) = options_.prepare()(input, chunk_target);
     }
     if (exact) {
-      const auto at_reduction = mode == LossReduction::kNone ? at::Reduction::None : at::Reduction::Sum;
-      std::tie(values[slot], counts[slot]) = exact_(input, chunk_target, at_reduction, outputs.dim, slot == 0);
+      std::tie(values[slot], counts[slot]) = detail::loss_part(rule, input, chunk_target, outputs.dim, slot == 0);
     } else if (sum_and_count_) {
       auto result = sum_and_count_(input, chunk_target);
       values[slot] = result.total;
@@ -304,11 +222,7 @@ at::Tensor ParallelCriterion::forward(const ScatteredOutputs<at::Tensor>& output
   const auto destination = outputs.output_device;
   if (mode == LossReduction::kNone) {
     TORCH_CHECK(!sum_and_count_, "ParallelCriterion: LossReduction::kNone needs a callable returning a tensor");
-    auto gather_dim = dim;
-    if (drops_class_dim_ && dim > 0 && values[0].dim() < dim + 1) {
-      gather_dim = dim - 1;  // CrossEntropy and NLL drop the class dimension (1) of an input that has one
-    }
-    return torch_dp::gather(values, destination, gather_dim);
+    return torch_dp::gather(values, destination, exact ? detail::none_gather_dim(rule, values[0], dim) : dim);
   }
   if (mode == LossReduction::kMean && !exact && !sum_and_count_) {
     // A tensor per replica: weighted by the chunk's share of the batch.

@@ -2,6 +2,7 @@
 // criterion: ParallelCriterion, a loss computed on every replica's chunk (ScatteredOutputs, from
 // DataParallel::forward_scattered) and reduced to the loss of the whole batch.
 
+#include <torch_dp/detail/loss_rules.h>
 #include <torch_dp/parallel_apply.h>
 #include <torch_dp/scattered_outputs.h>
 
@@ -16,10 +17,8 @@
 #include <functional>
 #include <memory>
 #include <optional>
-#include <string>
 #include <tuple>
 #include <type_traits>
-#include <utility>
 #include <vector>
 
 namespace torch_dp {
@@ -56,15 +55,17 @@ struct ParallelCriterionOptions {
 };
 
 namespace detail {
-/// One chunk's loss under an exact rule: (the loss with the reduction given, the chunk's denominator).
-using ExactRule = std::function<std::pair<at::Tensor, at::Tensor>(
-    const at::Tensor& input, const at::Tensor& target, int64_t reduction, int64_t split_dim, bool first)>;
+/// Reads a torch::nn loss's rule with its options as they are now (a struct, so that no loss module converts to it
+/// while the constructors are being chosen).
+struct RuleReader {
+  std::function<LossRule()> read;
+};
 template <typename T>
 inline constexpr bool kAlwaysFalse = false;
 }  // namespace detail
 
 /// A loss computed where the replicas' outputs are, reduced on the output device to the loss of the whole batch
-/// (Note [Reducing a loss over chunks] in criterion.cpp). criterion(outputs, target) splits target along dim into
+/// (Note [Reducing a loss over chunks] in loss_rules.cpp). criterion(outputs, target) splits target along dim into
 /// the outputs' chunk_sizes on their devices, runs the loss for every replica on the DataParallel's worker pool
 /// (the caller's grad mode and autocast state, the replica's device and current stream), and reduces:
 ///  - for CrossEntropyLoss and NLLLoss (weight, ignore_index, label_smoothing, class-probability targets),
@@ -110,16 +111,11 @@ class ParallelCriterion {
   const Options& options() const { return options_; }
 
  private:
-  ParallelCriterion(
-      std::string name, detail::ExactRule rule, std::function<std::string()> reduction, bool gathers_rows_without_class,
-      Options options);
+  ParallelCriterion(detail::RuleReader rule, Options options);
 
-  std::string name_;
-  detail::ExactRule exact_;                 // a torch::nn loss ...
-  std::function<std::string()> reduction_;  // ... and its current reduction ("mean", "sum", "none", "batchmean")
-  bool drops_class_dim_ = false;            // CrossEntropy/NLL: "none" has no class dimension
-  LossFn loss_;                             // or a callable returning a tensor
-  SumAndCountFn sum_and_count_;             // or one returning SumAndCount
+  detail::RuleReader rule_;      // a torch::nn loss, its options read at every call (loss_rules.h) ...
+  LossFn loss_;                  // or a callable returning a tensor
+  SumAndCountFn sum_and_count_;  // or one returning SumAndCount
   Options options_;
   std::shared_ptr<WorkerPool> own_pool_;
 };

@@ -2,6 +2,7 @@
 // worker_threads.h).
 
 #include <torch_dp/comm.h>
+#include <torch_dp/detail/loss_rules.h>
 #include <torch_dp/gather.h>
 #include <torch_dp/package_data_parallel.h>
 #include <torch_dp/parallel_apply.h>
@@ -186,6 +187,50 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       // fn(i) runs replica i; what escapes it is re-raised after all replicas ran (worker_threads.h).
       &torch_dp::python::run_replicas, py::arg("pool"), py::arg("devices"), py::arg("fn"),
       py::arg("issuing") = torch_dp::Issuing::kThreads, py::arg("reproducible") = false);
+
+  // The exact rules of ParallelCriterion (loss_rules.h), for the Python ParallelCriterion.
+  py::class_<torch_dp::detail::LossRule>(m, "LossRule")
+      .def(
+          py::init([](std::string name, std::string reduction, std::optional<at::Tensor> weight,
+                      std::optional<at::Tensor> pos_weight, int64_t ignore_index, double label_smoothing, double beta,
+                      double delta, bool log_target) {
+            return torch_dp::detail::LossRule{
+                std::move(name),
+                std::move(reduction),
+                weight.value_or(at::Tensor()),
+                pos_weight.value_or(at::Tensor()),
+                ignore_index,
+                label_smoothing,
+                beta,
+                delta,
+                log_target};
+          }),
+          py::arg("name"), py::arg("reduction"), py::kw_only(), py::arg("weight") = py::none(),
+          py::arg("pos_weight") = py::none(), py::arg("ignore_index") = -100, py::arg("label_smoothing") = 0.0,
+          py::arg("beta") = 1.0, py::arg("delta") = 1.0, py::arg("log_target") = false)
+      .def_readonly("name", &torch_dp::detail::LossRule::name)
+      .def_readonly("reduction", &torch_dp::detail::LossRule::reduction);
+  m.def("has_exact_rule", &torch_dp::detail::has_exact_rule, py::arg("name"));
+  m.def("exact_rule_names", &torch_dp::detail::exact_rule_names);
+  m.def(
+      "check_loss_reduction",
+      [](const torch_dp::detail::LossRule& rule) {
+        HANDLE_TH_ERRORS
+        torch_dp::detail::check_loss_reduction(rule);
+        END_HANDLE_TH_ERRORS_PYBIND
+      },
+      py::arg("rule"));
+  m.def(
+      "loss_part",
+      [](const torch_dp::detail::LossRule& rule, const at::Tensor& input, const at::Tensor& target, int64_t split_dim,
+         bool first) {
+        HANDLE_TH_ERRORS
+        py::gil_scoped_release no_gil;  // replicas' losses run side by side; warnings and errors reach Python
+        return torch_dp::detail::loss_part(rule, input, target, split_dim, first);
+        END_HANDLE_TH_ERRORS_PYBIND
+      },
+      py::arg("rule"), py::arg("input"), py::arg("target"), py::arg("split_dim"), py::arg("first"));
+  m.def("none_gather_dim", &torch_dp::detail::none_gather_dim, py::arg("rule"), py::arg("part"), py::arg("split_dim"));
 
   m.def(
       "replica_location",

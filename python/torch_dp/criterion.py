@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from typing import Any, Callable, NamedTuple
 
 import torch
-import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
 from torch_dp import _C
@@ -33,159 +32,55 @@ class SumAndCount(NamedTuple):
 
 # ---- the losses with an exact rule --------------------------------------------------------------------------
 
-# Note [Reducing a loss over chunks]
-# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-# The mean of a loss over a batch is a sum over its elements divided by a denominator, and both are sums over the
-# rows of the batch, so each replica computes its chunk's sum (the loss with reduction="sum") and its chunk's
-# denominator, and the result is sum(sums) / sum(denominators) on the output device. Averaging the replicas'
-# means, or dividing their sum by the replica count (PyTorch-Encoding's DataParallelCriterion), weighs every
-# replica equally and is wrong for uneven chunks, and for class weights or ignore_index even with equal chunks.
-# The denominators, read from PyTorch's implementation:
-#  - MSE, L1, SmoothL1, Huber, BCE, BCEWithLogits, KLDiv "mean": the number of elements (weights and pos_weight
-#    rescale elements but do not enter the denominator);
-#  - KLDiv "batchmean": input.size(0), summed over the chunks when the batch is split along dim 0, once otherwise;
-#  - NLL and CrossEntropy with class indices: the sum of weight[target] over the targets not equal to
-#    ignore_index (their count without weight); CrossEntropy's label smoothing term is divided by the same sum
-#    (cross_entropy_loss_label_smoothing in aten/src/ATen/native/LossNLL.cpp), so the sum-reduced loss of a chunk
-#    and this denominator give the mean with label smoothing too;
-#  - CrossEntropy with class probabilities (target shaped like input): input.numel() / C, with or without weight.
-# reduction="sum" is sum(sums); reduction="none" gathers the per-element losses like DataParallel's gather.
+# The rules themselves, and Note [Reducing a loss over chunks], are written once, in C++ (src/loss_rules.cpp), for
+# both languages' ParallelCriterion. What is Python's: recognizing a torch.nn module, reading its options, and the
+# lean cross-entropy (lean_cross_entropy.py).
 
 
-def _class_count(target: torch.Tensor, weight: torch.Tensor | None, ignore_index: int) -> Any:
-    """The denominator of NLL's and CrossEntropy's mean over class-index targets."""
-    keep = target != ignore_index
-    if weight is None:
-        return keep.sum()
-    return torch.where(keep, weight[target.masked_fill(~keep, 0)], weight.new_zeros(())).sum()
-
-
-def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return None if tensor is None else tensor.to(device)
-
-
-def _elements(input: torch.Tensor, target: torch.Tensor) -> int:
-    return torch.broadcast_shapes(input.shape, target.shape).numel()
-
-
-def _check_not_per_row(name: str, what: str, tensor: torch.Tensor | None, input: torch.Tensor, dim: int) -> None:
-    """A BCE weight that differs along the split dimension would have to be split with the batch."""
-    if tensor is None or tensor.dim() == 0:
-        return
-    position = dim % input.dim() - (input.dim() - tensor.dim())
-    if position >= 0 and tensor.size(position) != 1:
-        raise ValueError(
-            f"ParallelCriterion: {name}'s {what} has size {tensor.size(position)} along the dimension the batch is "
-            f"split on (dim {dim} of the input), so it cannot be given to every replica whole; pass per-row weights "
-            "as a target to a callable instead (they are split with the batch)"
-        )
-
-
-def _mse(m: Any, input: Any, target: Any, reduction: str, dim: int, first: bool) -> Any:
-    return F.mse_loss(input, target, reduction=reduction), _elements(input, target)
-
-
-def _l1(m: Any, input: Any, target: Any, reduction: str, dim: int, first: bool) -> Any:
-    return F.l1_loss(input, target, reduction=reduction), _elements(input, target)
-
-
-def _smooth_l1(m: Any, input: Any, target: Any, reduction: str, dim: int, first: bool) -> Any:
-    return F.smooth_l1_loss(input, target, reduction=reduction, beta=m.beta), _elements(input, target)
-
-
-def _huber(m: Any, input: Any, target: Any, reduction: str, dim: int, first: bool) -> Any:
-    return F.huber_loss(input, target, reduction=reduction, delta=m.delta), _elements(input, target)
-
-
-def _bce(m: Any, input: Any, target: Any, reduction: str, dim: int, first: bool) -> Any:
-    _check_not_per_row("BCELoss", "weight", m.weight, input, dim)
-    loss = F.binary_cross_entropy(input, target, weight=_to(m.weight, input.device), reduction=reduction)
-    return loss, input.numel()
-
-
-def _bce_logits(m: Any, input: Any, target: Any, reduction: str, dim: int, first: bool) -> Any:
-    _check_not_per_row("BCEWithLogitsLoss", "weight", m.weight, input, dim)
-    _check_not_per_row("BCEWithLogitsLoss", "pos_weight", m.pos_weight, input, dim)
-    loss = F.binary_cross_entropy_with_logits(
-        input,
-        target,
-        weight=_to(m.weight, input.device),
-        pos_weight=_to(m.pos_weight, input.device),
-        reduction=reduction,
+def _exact_kind(loss: Any) -> type | None:
+    """The torch.nn class whose exact rule applies to `loss` (a subclass keeping its forward counts); None for
+    other callables; an error for other torch.nn losses, whose reduction has no exact rule here."""
+    if not isinstance(loss, torch.nn.modules.loss._Loss):
+        return None
+    for kind in type(loss).__mro__:
+        if kind.__module__ == "torch.nn.modules.loss" and _C.has_exact_rule(kind.__name__):
+            if type(loss).forward is kind.forward:
+                return kind
+            break
+    raise TypeError(
+        f"ParallelCriterion has no exact rule for {type(loss).__name__} (it has one for {_C.exact_rule_names()}); "
+        "wrap it in a callable that returns torch_dp.SumAndCount(sum over the chunk, the chunk's denominator), or "
+        "one returning a mean over the chunk's rows, which ParallelCriterion(fn, reduction='mean') weights by each "
+        "chunk's share of the batch"
     )
-    return loss, input.numel()
 
 
-def _kl_div(m: Any, input: Any, target: Any, reduction: str, dim: int, first: bool) -> Any:
-    loss = F.kl_div(input, target, reduction=reduction, log_target=m.log_target)
-    if m.reduction != "batchmean":
-        return loss, _elements(input, target)
-    if input.dim() == 0:
-        return loss, 1 if first else 0
-    # batchmean divides by input.size(0): the sum of the chunks' when the batch is split along dim 0.
-    return loss, input.size(0) if dim % input.dim() == 0 or first else 0
-
-
-def _nll(m: Any, input: Any, target: Any, reduction: str, dim: int, first: bool) -> Any:
-    weight = _to(m.weight, input.device)
-    loss = F.nll_loss(input, target, weight=weight, ignore_index=m.ignore_index, reduction=reduction)
-    return loss, _class_count(target, weight, m.ignore_index)
-
-
-def _cross_entropy(m: Any, input: Any, target: Any, reduction: str, dim: int, first: bool) -> Any:
-    weight = _to(m.weight, input.device)
-    loss = F.cross_entropy(
-        input,
-        target,
-        weight=weight,
-        ignore_index=m.ignore_index,
-        reduction=reduction,
-        label_smoothing=m.label_smoothing,
+def _rule_of(kind: type, loss: Any) -> _C.LossRule:
+    """The rule of a torch.nn loss with its options as they are now (the attributes it has; the rule's defaults
+    for those it lacks)."""
+    return _C.LossRule(
+        kind.__name__,
+        loss.reduction,
+        weight=getattr(loss, "weight", None),
+        pos_weight=getattr(loss, "pos_weight", None),
+        ignore_index=getattr(loss, "ignore_index", -100),
+        label_smoothing=getattr(loss, "label_smoothing", 0.0),
+        beta=getattr(loss, "beta", 1.0),
+        delta=getattr(loss, "delta", 1.0),
+        log_target=getattr(loss, "log_target", False),
     )
-    if input.shape == target.shape:  # class probabilities: divided by the number of samples
-        classes = input.size(1) if input.dim() > 1 else input.size(0)
-        return loss, input.numel() // classes if classes else 0
-    return loss, _class_count(target, weight, m.ignore_index)
 
 
-def _lean_cross_entropy(m: Any, input: Any, target: Any, reduction: str, dim: int, first: bool) -> Any:
-    """_cross_entropy without keeping log-probabilities (Note [A cross-entropy that keeps only the logits]), where
-    that is torch's definition exactly; torch's cross_entropy elsewhere."""
-    if reduction == "sum":
-        lean = lean_cross_entropy(input, target, _to(m.weight, input.device), m.ignore_index, m.label_smoothing)
-        if lean is not None:
-            return lean
-    return _cross_entropy(m, input, target, reduction, dim, first)
-
-
-_EXACT: dict[type, Callable[..., Any]] = {
-    torch.nn.MSELoss: _mse,
-    torch.nn.L1Loss: _l1,
-    torch.nn.SmoothL1Loss: _smooth_l1,
-    torch.nn.HuberLoss: _huber,
-    torch.nn.BCELoss: _bce,
-    torch.nn.BCEWithLogitsLoss: _bce_logits,
-    torch.nn.KLDivLoss: _kl_div,
-    torch.nn.NLLLoss: _nll,
-    torch.nn.CrossEntropyLoss: _cross_entropy,
-}
-
-
-def _exact_rule(loss: Any) -> Callable[..., Any] | None:
-    """The rule of a supported torch.nn loss (or a subclass that keeps its forward); None for other callables;
-    an error for other torch.nn losses, whose reduction has no exact rule here."""
-    for kind, rule in _EXACT.items():
-        if isinstance(loss, kind) and type(loss).forward is kind.forward:
-            return rule
-    if isinstance(loss, torch.nn.modules.loss._Loss):
-        supported = ", ".join(kind.__name__ for kind in _EXACT)
-        raise TypeError(
-            f"ParallelCriterion has no exact rule for {type(loss).__name__} (it has one for {supported}); wrap it "
-            "in a callable that returns torch_dp.SumAndCount(sum over the chunk, the chunk's denominator), or one "
-            "returning a mean over the chunk's rows, which ParallelCriterion(fn, reduction='mean') weights by each "
-            "chunk's share of the batch"
-        )
-    return None
+def _loss_part(rule: _C.LossRule, loss: Any, lean: bool, input: Any, target: Any, dim: int, first: bool) -> Any:
+    """A chunk's (part of the loss, denominator); for CrossEntropyLoss with lean, without keeping
+    log-probabilities (Note [A cross-entropy that keeps only the logits]) where that is torch's definition
+    exactly."""
+    if lean and rule.name == "CrossEntropyLoss" and rule.reduction != "none":
+        weight = None if loss.weight is None else loss.weight.to(input.device)
+        part = lean_cross_entropy(input, target, weight, loss.ignore_index, loss.label_smoothing)
+        if part is not None:
+            return part
+    return _C.loss_part(rule, input, target, dim, first)
 
 
 def _checked_reduction(reduction: Any, allowed: tuple[str, ...], whose: str) -> str:
@@ -249,16 +144,15 @@ class ParallelCriterion(torch.nn.Module):
         super().__init__()
         if not callable(loss):
             raise TypeError(f"ParallelCriterion needs a loss module or callable, but got {type(loss).__name__}")
-        self._rule = _exact_rule(loss)
-        if lean and self._rule is _cross_entropy:
-            self._rule = _lean_cross_entropy
-        if self._rule is not None:
+        self._kind = _exact_kind(loss)
+        self._lean = lean
+        if self._kind is not None:
             if reduction is not None:
                 raise ValueError(
                     f"ParallelCriterion takes the reduction of {type(loss).__name__} from the module "
                     f"(reduction={loss.reduction!r}); set it there instead of passing reduction={reduction!r}"
                 )
-            self._check_module_reduction(loss)
+            _C.check_loss_reduction(_rule_of(self._kind, loss))
         else:
             reduction = _checked_reduction(
                 "mean" if reduction is None else reduction, ("mean", "sum", "none"), "a callable"
@@ -271,12 +165,6 @@ class ParallelCriterion(torch.nn.Module):
         self.dim = dim
         self.reduction = reduction
         self.prepare = prepare
-
-    def _check_module_reduction(self, loss: Any) -> str:
-        allowed = (
-            ("mean", "sum", "none", "batchmean") if isinstance(loss, torch.nn.KLDivLoss) else ("mean", "sum", "none")
-        )
-        return _checked_reduction(loss.reduction, allowed, type(loss).__name__)
 
     def forward(self, outputs: ScatteredOutputs, *targets: Any, **kwargs: Any) -> Any:
         if not isinstance(outputs, ScatteredOutputs):
@@ -293,8 +181,11 @@ class ParallelCriterion(torch.nn.Module):
             )
         split = _split_targets((targets, kwargs), outputs.devices, list(sizes), dim)
         runs = [i for i, n in enumerate(sizes) if n > 0] or [0]
-        exact = self._rule is not None
-        reduction = self._check_module_reduction(self.loss) if exact else self.reduction
+        rule = None if self._kind is None else _rule_of(self._kind, self.loss)
+        exact = rule is not None
+        if exact:
+            _C.check_loss_reduction(rule)
+        reduction = rule.reduction if exact else self.reduction
         losses = self._losses_for([outputs.devices[i] for i in runs]) if not exact else None
 
         def task(slot: int, i: int) -> Any:
@@ -307,8 +198,7 @@ class ParallelCriterion(torch.nn.Module):
                         f"{type(self.loss).__name__} takes one target and no keyword arguments, but got "
                         f"{len(args)} targets and keywords {sorted(kw)}"
                     )
-                kind = "none" if reduction == "none" else "sum"
-                return self._rule(self.loss, out, args[0], kind, outputs.dim, slot == 0)
+                return _loss_part(rule, self.loss, self._lean, out, args[0], outputs.dim, slot == 0)
             return losses[slot](out, *args, **kw)
 
         tasks = [functools.partial(task, slot, i) for slot, i in enumerate(runs)]
@@ -316,7 +206,7 @@ class ParallelCriterion(torch.nn.Module):
         target = outputs.output_device
         if reduction == "none":
             parts = [r[0] for r in results] if exact else results
-            return _gather(parts, target, _none_dim(self.loss, parts[0], dim) if exact else dim, where="loss")
+            return _gather(parts, target, _C.none_gather_dim(rule, parts[0], dim) if exact else dim, where="loss")
         if exact:
             results = [SumAndCount(*r) for r in results]
         return _reduce(results, reduction, [sizes[i] for i in runs], target)
@@ -337,14 +227,6 @@ class ParallelCriterion(torch.nn.Module):
         if self.reduction is not None:
             parts.append(f"reduction={self.reduction!r}")
         return ", ".join(parts)
-
-
-def _none_dim(loss: Any, part: torch.Tensor, dim: int) -> int:
-    """Where the per-element losses of a reduction="none" chunk have their rows: CrossEntropy and NLL drop the
-    class dimension (1) of an input that has one."""
-    if isinstance(loss, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)) and dim > 0 and part.dim() < dim + 1:
-        return dim - 1
-    return dim
 
 
 def _split_targets(

@@ -230,6 +230,39 @@ TEST_CASE("dividing by the replica count would not pass these checks", "[criteri
   REQUIRE_FALSE(at::allclose(naive, exact, 1e-6, 0));
 }
 
+TEST_CASE("ParallelCriterion reads the module's options at every call", "[criterion]") {
+  torch::manual_seed(2);
+  auto net = make_net();
+  torch_dp::DataParallel dp(net, torch_dp::DataParallelOptions(cpus(3)));
+  auto x = torch::randn({7, 10}, f64);
+  auto y = torch::tensor({0, 1, 2, 3, 4, 1, 1}, torch::kLong);
+  torch::nn::CrossEntropyLoss loss;
+  ParallelCriterion criterion(loss);
+  const std::vector<std::function<void()>> changes = {
+      [] {},
+      [&] { loss->options.ignore_index(1); },
+      [&] { loss->options.label_smoothing(0.3); },
+      [&] { loss->options.reduction(torch::kSum); },
+  };
+  for (const auto& change : changes) {
+    change();
+    REQUIRE(close64(criterion(dp->forward_scattered(x), y), loss(net->forward(x), y)));
+  }
+}
+
+TEST_CASE("ParallelCriterion checks target sizes as torch.nn.functional does", "[criterion]") {
+  auto net = make_net();
+  torch_dp::DataParallel dp(net, torch_dp::DataParallelOptions(cpus(3)));
+  auto x = torch::randn({7, 10}, f64);
+  auto y = torch::rand({7, 1}, f64);
+  REQUIRE_THROWS_WITH(
+      ParallelCriterion(torch::nn::BCELoss())(dp->forward_scattered(x), y),
+      Contains("BCELoss needs a target of the input's size, but got target size [3, 1] for input size [3, 5]"));
+  REQUIRE_THROWS_WITH(
+      ParallelCriterion(torch::nn::BCEWithLogitsLoss())(dp->forward_scattered(x), y),
+      Contains("BCEWithLogitsLoss needs a target of the input's size"));
+}
+
 TEST_CASE("forward_scattered keeps the outputs on their replicas", "[criterion]") {
   auto net = make_net();
   torch_dp::DataParallel dp(net, torch_dp::DataParallelOptions(cpus(3)).chunk_sizes(std::vector<int64_t>{2, 0, 5}));

@@ -189,6 +189,65 @@ def test_dividing_by_the_replica_count_would_fail_these_checks():
     assert not torch.allclose(naive, exact, rtol=1e-6, atol=0)
 
 
+def test_options_changed_between_calls_are_seen():
+    """The rule reads the module's options at every call, as calling the module itself does."""
+    model = Net().to(DT)
+    dp = torch_dp.DataParallel(model, cpus(3))
+    loss = torch.nn.CrossEntropyLoss()
+    criterion = ParallelCriterion(loss)
+    x = torch.randn(7, 6, dtype=DT)
+    y = torch.tensor([0, 1, 2, 3, 4, 1, 1])
+    for change in [{}, {"ignore_index": 1}, {"label_smoothing": 0.3}, {"reduction": "sum"}, {"weight": weight()}]:
+        for name, value in change.items():
+            setattr(loss, name, value)
+        torch.testing.assert_close(criterion(dp.forward_scattered(x), y), loss(model(x), y), rtol=1e-12, atol=0)
+
+
+def test_target_sizes_warned_and_checked_as_torch_does():
+    """A target that broadcasts against the output gets torch's warning (the loss is torch's, broadcast); the BCE
+    losses refuse it, as torch.nn.functional does."""
+    model = Net().to(DT)
+    dp = torch_dp.DataParallel(model, cpus(3))
+    x, y = torch.randn(7, 6, dtype=DT), torch.randn(7, 1, dtype=DT)
+    with pytest.warns(UserWarning, match="different to the input size"):
+        expected = torch.nn.MSELoss()(model(x), y)
+    with pytest.warns(
+        UserWarning, match=r"mse_loss: using a target size \(\[\d, 1\]\) that is different to the input size"
+    ):
+        got = ParallelCriterion(torch.nn.MSELoss())(dp.forward_scattered(x), y)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+    for loss in [torch.nn.BCELoss(), torch.nn.BCEWithLogitsLoss()]:
+        with pytest.raises(ValueError, match=r"needs a target of the input.s size, but got target size \[\d, 1\]"):
+            ParallelCriterion(loss)(dp.forward_scattered(x), y.sigmoid())
+
+
+def test_the_callers_autocast_reaches_the_rule_on_every_replica():
+    """Autocast casts the loss's input to float32 as it does for the module called on the whole batch."""
+    model = Net()
+    dp = torch_dp.DataParallel(model, cpus(3))
+    x, y = torch.randn(7, 6), class_targets(7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scattered = dp.forward_scattered(x)
+        got = ParallelCriterion(torch.nn.CrossEntropyLoss())(scattered, y)
+        expected = torch.nn.CrossEntropyLoss()(model(x), y)
+    assert scattered[0].dtype == torch.bfloat16
+    assert got.dtype == expected.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_smooth_l1_with_beta_0_is_l1_as_in_torch():
+    """Where input equals target, L1's gradient is 0; smooth L1's own kernel with beta 0 would give -1."""
+    dp = torch_dp.DataParallel(torch.nn.Identity(), cpus(2))
+    loss = torch.nn.SmoothL1Loss(beta=0.0)
+    y = torch.tensor([[0.0, 1.0], [2.0, -3.0], [0.5, 0.0]], dtype=DT)
+    x_ref = torch.tensor([[0.0, 2.0], [2.0, -1.0], [0.0, 0.0]], dtype=DT, requires_grad=True)
+    x_dp = x_ref.detach().clone().requires_grad_()
+    loss(x_ref, y).backward()
+    ParallelCriterion(loss)(dp.forward_scattered(x_dp), y).backward()
+    assert x_ref.grad[0, 0] == 0
+    torch.testing.assert_close(x_dp.grad, x_ref.grad, rtol=0, atol=0)
+
+
 # ---- forward_scattered --------------------------------------------------------------------------------------
 
 
