@@ -112,6 +112,14 @@ std::vector<at::Tensor> scatter(
         device.is_cpu() || device.has_index(), "scatter: device ", device.str(),
         " has no index; give every accelerator device an index");
   }
+  if (used.size() == 1 && used[0] == input.device()) {
+    // Note [One chunk where the input is]
+    // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    // The whole tensor on the device it is on: the input itself, as the module called directly gets it. A split
+    // into one view would cost more than the rest of the step (a view op and its autograd node) for the same
+    // values and gradients; one-device DataParallels, the commonest, scatter every forward.
+    return {input};
+  }
   return detail::scatter_function(input, used, split, dim);
 }
 

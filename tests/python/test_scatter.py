@@ -80,6 +80,24 @@ def test_chunks_on_the_same_device_are_views():
     assert x[16, 0].item() == 1234.5
 
 
+def test_one_chunk_where_the_input_is_is_the_input():
+    """Note [One chunk where the input is]: a one-device DataParallel hands its module the input itself, as a
+    direct call does."""
+    x = torch.randn(6, 2, requires_grad=True)
+    assert torch_dp.scatter(x, cpus(1))[0] is x
+    assert torch_dp._C.scatter(x, [torch.device("cpu")], [6], 0)[0] is x
+    seen = []
+
+    class Record(torch.nn.Module):
+        def forward(self, t):
+            seen.append(t)
+            return t * 2
+
+    torch_dp.DataParallel(Record(), ["cpu"])(x).sum().backward()
+    assert seen[0] is x
+    torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
+
+
 def test_kwargs_chunks_are_views_too():
     x = torch.randn(8, 2)
     _, kwargs = torch_dp.scatter_kwargs((), {"x": x}, cpus(4))
