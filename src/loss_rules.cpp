@@ -32,9 +32,9 @@
 namespace torch_dp::detail {
 namespace {
 
-constexpr std::array<const char*, 9> kExactRules = {
-    "CrossEntropyLoss", "NLLLoss",           "MSELoss",  "L1Loss", "SmoothL1Loss",
-    "HuberLoss",        "BCELoss",           "BCEWithLogitsLoss",  "KLDivLoss"};
+constexpr std::array<const char*, 9> kExactRules = {"CrossEntropyLoss", "NLLLoss",           "MSELoss",
+                                                    "L1Loss",           "SmoothL1Loss",      "HuberLoss",
+                                                    "BCELoss",          "BCEWithLogitsLoss", "KLDivLoss"};
 
 at::Tensor count_of(int64_t n) {
   return at::scalar_tensor(static_cast<double>(n), at::kDouble);
@@ -139,8 +139,7 @@ std::pair<at::Tensor, at::Tensor> loss_part(
   const int64_t reduction = rule.reduction == "none" ? at::Reduction::None : at::Reduction::Sum;
   if (name == "CrossEntropyLoss") {
     const auto weight = on(rule.weight, input);
-    auto value =
-        at::cross_entropy_loss(input, target, weight, reduction, rule.ignore_index, rule.label_smoothing);
+    auto value = at::cross_entropy_loss(input, target, weight, reduction, rule.ignore_index, rule.label_smoothing);
     if (input.sizes() == target.sizes()) {  // class probabilities: divided by the number of samples
       const auto classes = input.dim() > 1 ? input.size(1) : input.size(0);
       return {value, count_of(classes == 0 ? 0 : input.numel() / classes)};
