@@ -224,34 +224,13 @@ at::Tensor ParallelCriterion::forward(const ScatteredOutputs<at::Tensor>& output
     TORCH_CHECK(!sum_and_count_, "ParallelCriterion: LossReduction::kNone needs a callable returning a tensor");
     return torch_dp::gather(values, destination, exact ? detail::none_gather_dim(rule, values[0], dim) : dim);
   }
-  if (mode == LossReduction::kMean && !exact && !sum_and_count_) {
-    // A tensor per replica: weighted by the chunk's share of the batch.
-    at::Tensor weighted;
-    for (size_t slot = 0; slot < runs.size(); ++slot) {
-      TORCH_CHECK(values[slot].defined(), "ParallelCriterion: the loss returned an undefined tensor");
-      const double share =
-          total_rows == 0 ? 1.0 : static_cast<double>(sizes[runs[slot]]) / static_cast<double>(total_rows);
-      auto part = values[slot].to(destination) * share;
-      weighted = weighted.defined() ? weighted + part : part;
-    }
-    return weighted;
+  std::vector<int64_t> rows;
+  for (auto i : runs) {
+    rows.push_back(sizes[i]);
   }
-  at::Tensor total;
-  for (auto& value : values) {
-    TORCH_CHECK(value.defined(), "ParallelCriterion: the loss returned an undefined tensor");
-    auto moved = value.to(destination);
-    total = total.defined() ? total + moved : moved;
-  }
-  if (mode == LossReduction::kSum) {
-    return total;
-  }
-  at::Tensor count;
-  for (auto& c : counts) {
-    TORCH_CHECK(c.defined(), "ParallelCriterion: SumAndCount::count is undefined");
-    auto moved = c.to(destination);
-    count = count.defined() ? count + moved : moved;
-  }
-  return total / count.to(total.scalar_type());
+  const bool with_counts = exact || static_cast<bool>(sum_and_count_);
+  return detail::reduce_loss_parts(
+      values, with_counts ? counts : std::vector<at::Tensor>{}, mode == LossReduction::kSum, rows, destination);
 }
 
 }  // namespace torch_dp

@@ -209,4 +209,39 @@ int64_t none_gather_dim(const LossRule& rule, const at::Tensor& part, int64_t sp
   return split_dim;
 }
 
+at::Tensor reduce_loss_parts(
+    const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& counts, bool sum,
+    const std::vector<int64_t>& rows, c10::Device destination) {
+  TORCH_CHECK(!values.empty(), "ParallelCriterion: no replica's loss to reduce");
+  TORCH_CHECK(
+      rows.size() == values.size(), "ParallelCriterion: ", values.size(), " losses but ", rows.size(), " chunk sizes");
+  TORCH_CHECK(
+      counts.empty() || counts.size() == values.size(), "ParallelCriterion: ", values.size(), " losses but ",
+      counts.size(), " counts");
+  const bool weighted = !sum && counts.empty();
+  int64_t all_rows = 0;
+  for (auto n : rows) {
+    all_rows += n;
+  }
+  at::Tensor total;
+  for (size_t i = 0; i < values.size(); ++i) {
+    TORCH_CHECK(values[i].defined(), "ParallelCriterion: the loss returned an undefined tensor");
+    auto part = values[i].to(destination);
+    if (weighted) {
+      part = part * (all_rows == 0 ? 1.0 : static_cast<double>(rows[i]) / static_cast<double>(all_rows));
+    }
+    total = total.defined() ? total + part : part;
+  }
+  if (sum || weighted) {
+    return total;
+  }
+  at::Tensor count;
+  for (const auto& c : counts) {
+    TORCH_CHECK(c.defined(), "ParallelCriterion: a chunk's count is undefined");
+    auto moved = c.to(destination);
+    count = count.defined() ? count + moved : moved;
+  }
+  return total / count.to(total.scalar_type());
+}
+
 }  // namespace torch_dp::detail

@@ -230,6 +230,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         END_HANDLE_TH_ERRORS_PYBIND
       },
       py::arg("rule"), py::arg("input"), py::arg("target"), py::arg("split_dim"), py::arg("first"));
+  m.def(
+      "reduce_loss_parts",
+      [](const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& counts, bool sum,
+         const std::vector<int64_t>& rows, c10::Device destination) {
+        HANDLE_TH_ERRORS
+        return torch_dp::detail::reduce_loss_parts(values, counts, sum, rows, destination);
+        END_HANDLE_TH_ERRORS_PYBIND
+      },
+      py::arg("values"), py::arg("counts"), py::arg("sum"), py::arg("rows"), py::arg("destination"));
   m.def("none_gather_dim", &torch_dp::detail::none_gather_dim, py::arg("rule"), py::arg("part"), py::arg("split_dim"));
 
   m.def(

@@ -257,27 +257,14 @@ def _split_targets(
 
 
 def _reduce(results: list[Any], reduction: str, sizes: list[int], target: torch.device) -> torch.Tensor:
-    """The replicas' results on `target`, reduced (Note [Reducing a loss over chunks])."""
-
-    def add(values: list[Any]) -> Any:
-        moved = [v.to(target) if isinstance(v, torch.Tensor) else v for v in values]
-        return functools.reduce(lambda a, b: a + b, moved)
-
-    if all(isinstance(r, SumAndCount) for r in results):
-        total = add([r.total for r in results])
-        if reduction == "sum":
-            return total
-        count = add([r.count for r in results])
-        if not isinstance(count, torch.Tensor):
-            count = torch.tensor(count, dtype=total.dtype, device=target)
-        return total / count.to(total.dtype)
-    if any(isinstance(r, SumAndCount) for r in results) or not all(isinstance(r, torch.Tensor) for r in results):
+    """The replicas' results on `target`, reduced (Note [Reducing a loss over chunks], C++'s reduce_loss_parts)."""
+    if all(isinstance(r, SumAndCount) and isinstance(r.total, torch.Tensor) for r in results):
+        counts = [c if isinstance(c, torch.Tensor) else torch.tensor(c, dtype=torch.float64) for _, c in results]
+        return _C.reduce_loss_parts([r.total for r in results], counts, reduction == "sum", sizes, target)
+    if not all(isinstance(r, torch.Tensor) for r in results):
         kinds = sorted({type(r).__name__ for r in results})
         raise TypeError(
-            f"ParallelCriterion: the loss must return a tensor or a torch_dp.SumAndCount on every replica, but the "
-            f"replicas returned {', '.join(kinds)}"
+            "ParallelCriterion: the loss must return a tensor or a torch_dp.SumAndCount (whose total is a tensor) on "
+            f"every replica, but the replicas returned {', '.join(kinds)}"
         )
-    if reduction == "sum":
-        return add(results)
-    whole = sum(sizes)
-    return add([r * (n / whole) for r, n in zip(results, sizes)])
+    return _C.reduce_loss_parts(results, [], reduction == "sum", sizes, target)

@@ -363,6 +363,9 @@ def test_callable_returning_sum_and_count_is_exact():
     check_grads(model, dp, x, got, expected)
     summed = ParallelCriterion(loss, reduction="sum")(dp.forward_scattered(x), y, mask=mask)
     torch.testing.assert_close(summed, expected * mask.sum())
+    # counts may be Python numbers
+    numbers = ParallelCriterion(lambda o, t, mask: SumAndCount(loss(o, t, mask).total, int(mask.sum())))
+    torch.testing.assert_close(numbers(dp.forward_scattered(x), y, mask=mask), expected.detach())
 
 
 def test_callable_none_gathers():
@@ -516,5 +519,8 @@ def test_call_errors():
         bce(dp.forward_scattered(x), unit_targets(6))
     mixed = ParallelCriterion(lambda o, t: SumAndCount(o.sum(), 1) if o.shape[0] == 3 and t[0] > 0 else o.sum())
     y = torch.tensor([1.0, 1, 1, -1, -1, -1])
-    with pytest.raises(TypeError, match="tensor or a torch_dp.SumAndCount on every replica"):
+    whose_total = r"tensor or a torch_dp.SumAndCount \(whose total is a tensor\) on every replica"
+    with pytest.raises(TypeError, match=whose_total + ", but the replicas returned SumAndCount, Tensor"):
         mixed(dp.forward_scattered(x), y)
+    with pytest.raises(TypeError, match=whose_total):
+        ParallelCriterion(lambda o, t: SumAndCount(1.0, 1))(dp.forward_scattered(x), y)

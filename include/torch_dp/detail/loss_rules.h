@@ -3,10 +3,12 @@
 // chunks] in loss_rules.cpp): for each torch.nn loss with one, a chunk's part of the loss and its denominator.
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 
 #include <cstdint>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace torch_dp::detail {
 
@@ -46,5 +48,12 @@ std::pair<at::Tensor, at::Tensor> loss_part(
 /// The dimension the chunks' per-element losses of reduction "none" are gathered along: `split_dim`, less one for
 /// CrossEntropyLoss and NLLLoss, which drop the class dimension (1) of an input that has one.
 int64_t none_gather_dim(const LossRule& rule, const at::Tensor& part, int64_t split_dim);
+
+/// The replicas' parts of a loss reduced on `destination` to the loss of the whole batch: sum(values) when `sum`;
+/// else sum(values) / sum(counts) where counts are given (an exact rule's, or a callable's SumAndCount), and
+/// without counts the values weighted by their chunk's share of the batch, sum(values[i] * rows[i] / sum(rows)).
+at::Tensor reduce_loss_parts(
+    const std::vector<at::Tensor>& values, const std::vector<at::Tensor>& counts, bool sum,
+    const std::vector<int64_t>& rows, c10::Device destination);
 
 }  // namespace torch_dp::detail
