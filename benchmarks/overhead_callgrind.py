@@ -2,21 +2,24 @@
 """Per-forward CPU overhead of torch_dp.DataParallel over the plain module, in instructions (callgrind) and in
 a wall-clock ratio measured in one run.
 
-    python benchmarks/overhead_callgrind.py [--model tiny|deep] [--n 200] [--replicas 2] [--json PATH] [--no-wall]
+    python benchmarks/overhead_callgrind.py [--model tiny|deep|steps] [--n 200] [--replicas 2] [--json PATH]
+                                            [--no-wall]
 
 Instructions are counted with `valgrind --tool=callgrind`, under torch.no_grad() with one intra-op thread, for
   plain              the module on the whole batch,
   python wrapper     an nn.Module whose forward calls the module: the floor of any wrapper written in Python,
   ideal xk           the k chunks DataParallel makes, one after another through the module (same compute),
   torch_dp cpu xk    torch_dp.DataParallel(module, ["cpu"] * k),
-with --model tiny (default): Linear(5, 2), batch 30, where everything but the matmul is overhead; or --model
-deep: a module tree the size of ResNet-50's with tiny tensors, where per-module work (watching the tree,
-installing replica tensors) shows. Each variant runs n and then 2n forwards between zeroing and dumping
-callgrind's counters, and (I(2n) - I(n)) / n is its count per forward: start-up, warm-up and the cost of
-switching the counters on and off cancel. Every thread is counted, so the replicas' worker threads are
-included. Instruction counts barely move with machine load (0.1 % between runs here), which makes them the
-figure to watch for regressions; the wall-clock ratio (the variants interleaved in one process, medians) shows
-what they mean in time on the machine at hand, and is as noisy as that machine.
+with --model tiny (default): Linear(5, 2), batch 30, where everything but the matmul is overhead; or --model deep:
+a module tree the size of ResNet-50's with tiny tensors, where per-module work (watching the tree, installing
+replica tensors) shows; or --model steps: the steps of the tiny forward (the profiler event, the checks, the
+split, and for two replicas the replicas, their run and the gather), each called on its own, which shows where the
+overhead goes (it uses torch_dp's internals, so it measures this checkout). Each variant runs n and then 2n
+forwards between zeroing and dumping callgrind's counters, and (I(2n) - I(n)) / n is its count per forward:
+start-up, warm-up and the cost of switching the counters on and off cancel. Every thread is counted, so the
+replicas' worker threads are included. Instruction counts barely move with machine load (0.1 % between runs here),
+which makes them the figure to watch for regressions; the wall-clock ratio (the variants interleaved in one
+process, medians) shows what they mean in time on the machine at hand, and is as noisy as that machine.
 
 Counting switches on only around the measured loops: a 5-line helper built with the system C compiler issues
 callgrind's client requests (CALLGRIND_START_INSTRUMENTATION, ...), so Python and torch start up without
@@ -83,6 +86,7 @@ MODELS = {
     "tiny": "Linear(5, 2), batch 30",
     "deep": "a module tree the size of ResNet-50's (53 x Conv2d(4, 4, 1) + BatchNorm2d + ReLU: 213 modules, "
     "318 tensors) on a 30 x 4 x 2 x 2 batch, in eval mode",
+    "steps": "the steps of torch_dp's forward of Linear(5, 2), batch 30, each called on its own",
 }
 
 
@@ -122,6 +126,67 @@ def make_models(replicas: list[int], model: str = "tiny"):
     return variants, x
 
 
+def make_steps(replicas: list[int]):
+    """The steps of DataParallel(Linear(5, 2), ["cpu"] * k).forward, each a callable of the batch, run on their
+    own against the same engine and replicas the forward uses (torch_dp's internals: adjust with them)."""
+    import torch
+
+    torch_dp = _import_torch_dp()
+    from torch_dp import _C
+    from torch_dp.data_parallel import _own_steps, _record_function
+    from torch_dp.engine import _split_tensors
+    from torch_dp.scatter_gather import _gather
+
+    torch.manual_seed(0)
+    module = torch.nn.Linear(5, 2)
+    x = torch.randn(30, 5)
+    steps: dict[str, Any] = {"plain": module}
+    for k in replicas:
+        dp = torch_dp.DataParallel(module, ["cpu"] * k)
+        with torch.no_grad():
+            dp(x)
+        engine, devices = dp._get_engine(), dp._devices
+        replicas_, replica_devices = engine.replicas, dp._replica_devices
+        with torch.no_grad():
+            split = _split_tensors((x,), devices, dp.dim)[0]
+            outputs = [module(*args) for args in split]
+            modules = replicas_.get(k, differentiable=False)
+
+        def profiler_event(batch: Any) -> None:
+            with _record_function("DataParallel.forward"):
+                pass
+
+        def lock(batch: Any, replicas_: Any = replicas_) -> None:
+            with replicas_.lock:
+                pass
+
+        steps.update(
+            {
+                f"x{k} forward": dp,
+                f"x{k} profiler event": profiler_event,
+                f"x{k} own-steps check": lambda batch, dp=dp: _own_steps(dp),
+                f"x{k} lock": lock,
+                f"x{k} module tree sync": lambda batch, r=replicas_, d=replica_devices: r.sync(module, d),
+                f"x{k} device check": lambda batch, r=replicas_, d=replica_devices: r.check_device(d[0]),
+                f"x{k} split": lambda batch, d=devices, dim=dp.dim: _split_tensors((batch,), d, dim),
+                f"x{k} of which _C.scatter": lambda batch, d=devices, dim=dp.dim: _C.scatter(batch, d, None, dim),
+            }
+        )
+        if k > 1:
+            kwargs = ({},) * k
+            steps.update(
+                {
+                    f"x{k} replicas": lambda batch, r=replicas_, k=k: r.get(k, differentiable=False),
+                    f"x{k} run": lambda batch, e=engine, m=modules, s=split, d=replica_devices, kw=kwargs, dp=dp: e.run(
+                        m, s, kw, d, dp.issuing, False
+                    ),
+                    f"x{k} gather": lambda batch, o=outputs, d=devices[0], dim=dp.dim: _gather(o, d, dim),
+                    f"x{k} of which _C.gather": lambda batch, o=outputs, d=devices[0], dim=dp.dim: _C.gather(o, d, dim),
+                }
+            )
+    return steps, x
+
+
 # ---- inside valgrind ---------------------------------------------------------------------------------------
 
 
@@ -129,7 +194,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(1)
-    variants, x = make_models(args.replicas, args.model)
+    variants, x = make_steps(args.replicas) if args.model == "steps" else make_models(args.replicas, args.model)
     if args.helper:
         lib = ctypes.CDLL(args.helper)
         start, zero, dump = lib.cg_start, lib.cg_zero, lib.cg_dump
@@ -290,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         choices=sorted(MODELS),
         default="tiny",
         help="tiny: Linear(5, 2) (default); "
-        "deep: a ResNet-50-sized module tree with tiny tensors (per-module overheads)",
+        "deep: a ResNet-50-sized module tree with tiny tensors (per-module overheads); "
+        "steps: the steps of the tiny forward, each on its own (no wall clock)",
     )
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--no-wall", action="store_true", help="skip the wall-clock ratio")
@@ -343,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         "callgrind": counts,
         "overhead_instructions": overheads,
     }
-    if not args.no_wall:
+    if not args.no_wall and args.model != "steps":
         wall = wall_ratio(args.replicas, args.model)
         report["wall"] = wall
         print(

@@ -58,6 +58,21 @@ def test_overhead_instructions_per_forward(tmp_path):
         )
 
 
+def test_the_steps_the_benchmark_measures_still_run():
+    """overhead_callgrind.py --model steps calls torch_dp's internals: each step runs as the forward would."""
+    sys.path.insert(0, os.path.dirname(SCRIPT))
+    try:
+        import overhead_callgrind
+    finally:
+        sys.path.pop(0)
+    steps, x = overhead_callgrind.make_steps([1, 2])
+    assert {"x1 forward", "x2 split", "x2 run", "x2 gather"} <= set(steps)
+    with torch.no_grad():
+        results = {name: step(x) for name, step in steps.items()}
+    torch.testing.assert_close(results["x2 gather"], results["plain"])
+    torch.testing.assert_close(torch.cat([out for out in results["x2 run"]]), results["plain"])
+
+
 # ---- the cheap paths keep their behaviour (fast tests) -------------------------------------------------------
 
 
