@@ -10,8 +10,8 @@
 #   build (about 4.7 GB, downloaded once); it runs on the CPU, and its CMake package needs the CUDA toolkit (nvcc).
 # - Its own build folder, build-pyVERSION/ (e.g. build-py313/): the library and torch_dp._C only, no C++ tests,
 #   examples or sanitizers; ccache is shared with the other builds.
-# - The tests run in a copy of what they read (pyproject.toml, python/torch_dp, tests/python, examples/python, and
-#   python/csrc/bindings.cpp, where tests/python/test_stub.py finds the test-only hooks) in
+# - The tests run in a copy of what they read (pyproject.toml, python/torch_dp, tests/python, examples/python,
+#   benchmarks/*.py, and python/csrc/bindings.cpp, where tests/python/test_stub.py finds the test-only hooks) in
 #   build-pyVERSION/tree/, into which the build puts _C, libtorch_dp.so and _build_info.py: python/torch_dp/ holds
 #   python3's build (same file names but _C's), and some tests start the examples with <checkout>/python first on
 #   PYTHONPATH.
@@ -57,9 +57,10 @@ fi
 build=build-$tag
 tree=$build/tree
 package=$tree/python/torch_dp
-rm -rf "$tree/tests" "$tree/examples" "$tree/python/csrc"
-mkdir -p "$package" "$tree/tests" "$tree/examples" "$tree/python/csrc"
+rm -rf "$tree/tests" "$tree/examples" "$tree/benchmarks" "$tree/python/csrc"
+mkdir -p "$package" "$tree/tests" "$tree/examples" "$tree/benchmarks" "$tree/python/csrc"
 cp pyproject.toml "$tree/"
+cp benchmarks/*.py "$tree/benchmarks/"  # test_overhead.py runs the steps overhead_callgrind.py measures
 cp python/csrc/bindings.cpp "$tree/python/csrc/"
 cp -r tests/python "$tree/tests/"
 cp -r examples/python "$tree/examples/"
