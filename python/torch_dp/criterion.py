@@ -60,7 +60,7 @@ def _rule_of(kind: type, loss: Any) -> _C.LossRule:
     for those it lacks)."""
     return _C.LossRule(
         kind.__name__,
-        loss.reduction,
+        str(loss.reduction),  # anything else than the strings torch takes is refused by name
         weight=getattr(loss, "weight", None),
         pos_weight=getattr(loss, "pos_weight", None),
         ignore_index=getattr(loss, "ignore_index", -100),

@@ -490,12 +490,18 @@ def test_failure_names_the_replica():
 # ---- errors -------------------------------------------------------------------------------------------------
 
 
+def _with_reduction(loss, reduction):
+    loss.reduction = reduction
+    return loss
+
+
 @pytest.mark.parametrize(
     "loss, kwargs, error, match",
     [
         (torch.nn.MarginRankingLoss(), {}, TypeError, "no exact rule for MarginRankingLoss"),
         (torch.nn.CrossEntropyLoss(), {"reduction": "sum"}, ValueError, "takes the reduction of CrossEntropyLoss"),
         (torch.nn.MSELoss(reduction="batchmean"), {}, ValueError, "reduction 'mean', 'sum', 'none' for MSELoss"),
+        (_with_reduction(torch.nn.L1Loss(), None), {}, ValueError, "for L1Loss, but got 'None'"),
         (lambda o, t: o, {"reduction": "batchmean"}, ValueError, "for a callable"),
         (3, {}, TypeError, "needs a loss module or callable"),
         (lambda o, t: o, {"prepare": 1}, TypeError, "prepare must be callable"),
