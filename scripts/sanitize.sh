@@ -46,8 +46,9 @@ if [[ $which == all || $which == asan ]]; then
   #                                  worker running after run() returned); costs some speed, which is fine here.
   #   check_initialization_order, strict_init_order   static initialisation order problems across libraries.
   #   detect_odr_violation=2         one definition rule violations between libtorch_dp and the tests.
-  # No option turns a check off, with one exception below: the PackageDataParallel tests ([package]) run in a
-  # second process without LeakSanitizer. LSan's exit-time scan crashes there ("Tracer caught signal 11" while
+  # No option turns a check off, with one exception below: the tests that load AOTInductor packages (tagged
+  # [package]: PackageDataParallel's, and the contract over every front-end) run in a second process without
+  # LeakSanitizer. LSan's exit-time scan crashes there ("Tracer caught signal 11" while
   # it walks the main thread's dynamic TLS) once a process has loaded and unloaded a few AOTInductor model
   # libraries (dlopen/dlclose, one per loader): its tracer reads the TLS block of a library already unloaded.
   # It happens with those tests alone, after every test passed, and with no torch_dp code on the stack; the

@@ -4,7 +4,8 @@
 // export_model.py's model with one set of weights (model.pt and model.pt2, written by scripts/test.sh), so one
 // reference, the TorchScript module on the whole batch, checks them all. Where the front-ends differ by design
 // (which options they take, whether the first chunk may be empty, whether they hold editable weights), the
-// difference is a column of the table, not another test.
+// difference is a column of the table, not another test. Tagged [package] as every test that loads an AOTInductor
+// package is: scripts/sanitize.sh runs those without LeakSanitizer (its exit-time scan crashes in such a process).
 #include "helpers.h"
 
 #include <torch_dp/data_parallel.h>
@@ -127,7 +128,8 @@ torch_dp::DataParallelOptions cpu_options(size_t replicas) {
 
 }  // namespace
 
-TEST_CASE("Every front-end: the module on the whole batch, over 1 to 3 replicas and 1 to 10 rows", "[front_ends]") {
+TEST_CASE(
+    "Every front-end: the module on the whole batch, over 1 to 3 replicas and 1 to 10 rows", "[front_ends][package]") {
   for (const auto& front_end : front_ends()) {
     for (size_t replicas : {1, 2, 3}) {
       auto made = front_end.make(cpu_options(replicas));
@@ -142,7 +144,8 @@ TEST_CASE("Every front-end: the module on the whole batch, over 1 to 3 replicas 
 }
 
 TEST_CASE(
-    "Every front-end that takes chunk sizes: the same output, and a batch that does not fit refused", "[front_ends]") {
+    "Every front-end that takes chunk sizes: the same output, and a batch that does not fit refused",
+    "[front_ends][package]") {
   for (const auto& front_end : front_ends()) {
     if (!front_end.takes_options) {
       continue;
@@ -160,7 +163,7 @@ TEST_CASE(
   }
 }
 
-TEST_CASE("An empty first chunk: refused where the first replica is the module itself", "[front_ends]") {
+TEST_CASE("An empty first chunk: refused where the first replica is the module itself", "[front_ends][package]") {
   for (const auto& front_end : front_ends()) {
     if (!front_end.takes_options) {
       continue;
@@ -179,7 +182,7 @@ TEST_CASE("An empty first chunk: refused where the first replica is the module i
   }
 }
 
-TEST_CASE("Every issuing gives the same output", "[front_ends]") {
+TEST_CASE("Every issuing gives the same output", "[front_ends][package]") {
   for (const auto& front_end : front_ends()) {
     if (!front_end.takes_options) {
       continue;
@@ -198,7 +201,7 @@ TEST_CASE("Every issuing gives the same output", "[front_ends]") {
   }
 }
 
-TEST_CASE("Calls from four threads at once each get their own batch's output", "[front_ends]") {
+TEST_CASE("Calls from four threads at once each get their own batch's output", "[front_ends][package]") {
   for (const auto& front_end : front_ends()) {
     INFO(front_end.name);
     auto made = front_end.make(cpu_options(2));
@@ -229,7 +232,7 @@ TEST_CASE("Calls from four threads at once each get their own batch's output", "
   }
 }
 
-TEST_CASE("Weights edited between calls are seen by every replica", "[front_ends]") {
+TEST_CASE("Weights edited between calls are seen by every replica", "[front_ends][package]") {
   for (const auto& front_end : front_ends()) {
     auto made = front_end.make(cpu_options(3));
     if (!made.add_to_last_bias) {
@@ -244,7 +247,7 @@ TEST_CASE("Weights edited between calls are seen by every replica", "[front_ends
   }
 }
 
-TEST_CASE("The same error for the same mistake, before anything runs", "[front_ends]") {
+TEST_CASE("The same error for the same mistake, before anything runs", "[front_ends][package]") {
   struct Mistake {
     std::function<void(torch_dp::DataParallelOptions&)> make;
     std::string message;
