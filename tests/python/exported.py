@@ -54,3 +54,14 @@ def eager_model(directory):
         warnings.simplefilter("ignore", DeprecationWarning)
         model.load_state_dict(torch.jit.load(os.path.join(directory, "model.pt")).state_dict())
     return model
+
+
+def compile_package(exported, package_path):
+    """torch._inductor.aoti_compile_and_package, for the tests that write their own package into this cache once
+    per torch version. On the way torch's compiler warns of its own deprecations (torch 2.13: pytree's LeafSpec
+    check as fx deep-copies a graph with pytree inputs, torch.jit.script_method). They are torch's, and show only
+    when the cache is cold, so here they are reported rather than made errors by the suite's
+    filterwarnings = error; what the tests then check runs under that filter."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        return torch._inductor.aoti_compile_and_package(exported, package_path=package_path)

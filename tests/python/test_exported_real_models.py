@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_dp
+from exported import compile_package
 from helpers import cpus
 from tiny_transformers import bert_config, gpt2_config, t5_config
 
@@ -240,7 +241,7 @@ def bert_package():
                 {"attention_mask": mask},
                 dynamic_shapes={"input_ids": {0: batch}, "attention_mask": {0: batch}},
             )
-            torch._inductor.aoti_compile_and_package(exported, package_path=staging)
+            compile_package(exported, staging)
         os.replace(staging, path)
     return path
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import torch_dp
-from exported import cache_dir, eager_model, exported_files
+from exported import cache_dir, compile_package, eager_model, exported_files
 from helpers import cpus, run_in_threads
 
 
@@ -44,7 +44,7 @@ def _tree_package(directory):
         staging = path + f".{os.getpid()}.tmp.pt2"
         with torch.no_grad():
             exported = torch.export.export(model, example, {"extra": torch.randn(6, 3)}, dynamic_shapes=shapes)
-            torch._inductor.aoti_compile_and_package(exported, package_path=staging)
+            compile_package(exported, staging)
         torch.save(model.state_dict(), path + ".state.pt")
         os.replace(staging, path)
     model = TreeModel().eval()
