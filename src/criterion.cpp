@@ -4,12 +4,9 @@
 #include <torch_dp/scatter.h>
 
 #include <ATen/ATen.h>
-#include <ATen/ExpandUtils.h>
 #include <c10/util/Exception.h>
 #include <torch/enum.h>
 
-#include <algorithm>
-#include <set>
 #include <string>
 #include <utility>
 #include <variant>
